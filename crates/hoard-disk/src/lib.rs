@@ -1,0 +1,603 @@
+//! hoard-disk: the local tier of hoard, a size-bounded LRU of content-addressed
+//! blobs in bazel-remote's directory layout.
+//!
+//! What it owns: files under the cache directory, the in-memory index of them,
+//! eviction, and the casblob format. What it must not do: talk to the network
+//! or know about S3 or HTTP. It reports each newly committed blob through a
+//! [`CommitHook`]; whoever wires the daemon decides what happens next (upload,
+//! accounting).
+//!
+//! # Layout
+//!
+//! ```text
+//! <dir>/{ac.v2,cas.v2,raw.v2}/<hh>/<file>     default namespace (bazel-remote's)
+//! <dir>/ns.v1/<name>/{ac.v2,cas.v2,raw.v2}/<hh>/<file>
+//! ```
+//!
+//! File names are bazel-remote's: `<hash>-<size>-<suffix>` for casblobs (the
+//! logical size is in the name so that startup never opens a file),
+//! `<hash>-<suffix>.v1` for uncompressed CAS files, `<hash>-<suffix>` for AC.
+//!
+//! # Crash safety
+//!
+//! * A blob is written to `<hash>-<random>.tmp` in its final directory, while
+//!   being hashed and compressed, then (if `fsync` is on) `fsync`ed, then
+//!   renamed to its final name. A final name therefore only ever names
+//!   complete, verified content; a crash leaves at most `.tmp` files, which
+//!   are deleted at the next start.
+//! * The directory is not `fsync`ed after the rename: a crash may forget a
+//!   blob committed just before it, which is a cache miss, never a corrupt hit.
+//! * Reads check every casblob header against the file length and every
+//!   chunk's decompressed length (and zstd checksum); a file failing a check
+//!   is dropped from the index and deleted, and the read answers a miss.
+//! * An evicted file is unlinked only after it left the index. A reader that
+//!   opened it before keeps a valid descriptor (POSIX unlink semantics), so a
+//!   blob is never deleted under a reader; a reader that comes later misses.
+//!
+//! Filesystem assumptions: `rename` within a directory is atomic; `unlink` of
+//! an open file leaves the open descriptor readable.
+//!
+//! # Locking
+//!
+//! One mutex guards the index, and no I/O is done while holding it. The
+//! namespace registry has its own lock, taken after the index lock when both
+//! are needed and never the other way round.
+
+pub mod casblob;
+mod error;
+mod index;
+mod key;
+mod load;
+mod read;
+mod write;
+
+pub use error::Error;
+pub use key::{
+    EMPTY_SHA256, Hash, HashError, Kind, NamespaceError, NamespaceId, validate_namespace,
+};
+pub use load::LoadReport;
+pub use read::Blob;
+pub use write::{Writer, WriteOutcome};
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::hash::BuildHasher;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use index::{Format, Index};
+
+/// Sizes are counted in blocks of this many bytes, like bazel-remote does.
+pub const BLOCK_SIZE: u64 = 4096;
+
+pub(crate) fn round_up_block(n: u64) -> u64 {
+    n.div_ceil(BLOCK_SIZE) * BLOCK_SIZE
+}
+
+/// How CAS blobs are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StorageMode {
+    /// casblob files: 1 MiB chunks, each an independent zstd frame.
+    Zstd,
+    /// Raw bytes in `.v1` files.
+    Uncompressed,
+}
+
+/// Settings of a [`DiskCache`].
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub dir: PathBuf,
+    /// Evict least recently used blobs while SizeOnDisk exceeds this.
+    pub max_size_bytes: u64,
+    /// Refuse writes (with [`Error::HardLimit`]) that would take SizeOnDisk
+    /// plus in-flight reservations plus pending deletions above this.
+    pub hard_limit_bytes: Option<u64>,
+    pub storage_mode: StorageMode,
+    /// `fsync` each blob before it becomes visible.
+    pub fsync: bool,
+    /// Upper bound on the number of namespaces (at most 2048).
+    pub max_namespaces: usize,
+}
+
+/// A blob that was newly committed to disk; given to the [`CommitHook`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    pub namespace: NamespaceId,
+    pub kind: Kind,
+    pub hash: Hash,
+    pub logical_size: u64,
+    /// Stored bytes rounded up to 4 KiB: the unit of the LRU and of billing.
+    pub size_on_disk: u64,
+}
+
+/// Called once for each newly committed blob (not for a write that found
+/// the blob already present), after it is visible to readers.
+pub type CommitHook = Box<dyn Fn(&Committed) + Send + Sync>;
+
+/// Point-in-time figures for `/status` and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub entries: u64,
+    pub size_on_disk: u64,
+    pub logical_bytes: u64,
+    pub reserved: u64,
+    pub pending_deletion: u64,
+    pub max_size: u64,
+    pub hard_limit: Option<u64>,
+    pub evicted_bytes_total: u64,
+    pub corrupt_dropped_total: u64,
+    pub index_heap_bytes: u64,
+    pub loaded: bool,
+    pub load_fraction: f64,
+}
+
+/// The disk LRU. Cheap to clone; all clones share one cache.
+#[derive(Clone)]
+pub struct DiskCache {
+    shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    pub cfg: Config,
+    pub state: Mutex<State>,
+    pub evict_cv: Condvar,
+    pub namespaces: RwLock<Namespaces>,
+    pub loaded: AtomicBool,
+    pub dirs_total: AtomicU64,
+    pub dirs_done: AtomicU64,
+    pub evicted_bytes: AtomicU64,
+    pub corrupt_dropped: AtomicU64,
+    pub hook: OnceLock<CommitHook>,
+    random: std::hash::RandomState,
+    counter: AtomicU64,
+    _lock: File,
+}
+
+pub(crate) struct State {
+    pub index: Index,
+    pub reserved: u64,
+    /// Bytes of files that left the index but are not yet unlinked.
+    pub pending_deletion: u64,
+    /// Files to unlink, with their SizeOnDisk.
+    pub doomed: Vec<(PathBuf, u64)>,
+    pub stop: bool,
+    /// While the index loads: per slot, the file's atime in seconds, or
+    /// `u32::MAX` for entries used since start (they must stay hot).
+    pub load_atime: Option<Vec<u32>>,
+}
+
+impl State {
+    pub(crate) fn mark_hot(&mut self, slot: u32) {
+        if let Some(at) = &mut self.load_atime {
+            let s = slot as usize;
+            if at.len() <= s {
+                at.resize(s + 1, u32::MAX);
+            }
+            at[s] = u32::MAX;
+        }
+    }
+}
+
+pub(crate) struct Namespaces {
+    pub names: Vec<String>,
+    pub roots: Vec<Arc<Path>>,
+    pub by_name: HashMap<String, NamespaceId>,
+}
+
+/// Where an entry's file is, copied out of the index so the path can be
+/// built without holding the lock.
+#[derive(Clone, Debug)]
+pub(crate) struct Location {
+    pub ns: NamespaceId,
+    pub kind: Kind,
+    pub hash: Hash,
+    pub format: Format,
+    pub logical: u64,
+    pub suffix: Suffix,
+    pub size_on_disk: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Suffix {
+    Num(u32),
+    Odd(Box<str>),
+}
+
+impl Location {
+    pub(crate) fn of(index: &Index, slot: u32) -> Location {
+        let e = index.entry(slot);
+        Location {
+            ns: e.ns(),
+            kind: e.kind(),
+            hash: Hash(e.hash),
+            format: e.format(),
+            logical: e.logical(),
+            suffix: match index.odd_suffix(slot) {
+                Some(s) if e.odd_suffix() => Suffix::Odd(s.into()),
+                _ => Suffix::Num(e.suffix),
+            },
+            size_on_disk: e.size_on_disk(),
+        }
+    }
+
+    fn same_file(&self, index: &Index, slot: u32) -> bool {
+        let e = index.entry(slot);
+        let cur = match index.odd_suffix(slot) {
+            Some(s) if e.odd_suffix() => Suffix::Odd(s.into()),
+            _ => Suffix::Num(e.suffix),
+        };
+        cur == self.suffix && e.format() == self.format
+    }
+
+    pub(crate) fn file_name(&self) -> String {
+        let suffix = match &self.suffix {
+            Suffix::Num(n) => format!("{n:09}"),
+            Suffix::Odd(s) => s.to_string(),
+        };
+        match self.format {
+            Format::Casblob if self.logical > 0 => {
+                format!("{}-{}-{}", self.hash, self.logical, suffix)
+            }
+            Format::Casblob | Format::Plain => format!("{}-{}", self.hash, suffix),
+            Format::RawV1 => format!("{}-{}.v1", self.hash, suffix),
+        }
+    }
+}
+
+const SUBDIRS: usize = 256;
+const NS_DIR: &str = "ns.v1";
+const LOCK_FILE: &str = ".hoard.lock";
+
+impl DiskCache {
+    /// Opens (creating if needed) the cache directory and starts the
+    /// eviction thread. The index starts empty: call [`DiskCache::load`]
+    /// (typically on a background thread) to index the files already there.
+    /// Requests may be served meanwhile; blobs not yet indexed are misses.
+    pub fn open(cfg: Config) -> Result<DiskCache, Error> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { path, source }
+        };
+        fs::create_dir_all(&cfg.dir).map_err(io(&cfg.dir))?;
+        let dir = fs::canonicalize(&cfg.dir).map_err(io(&cfg.dir))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        if lock.try_lock().is_err() {
+            return Err(Error::Locked { dir });
+        }
+        create_layout(&dir)?;
+        let mut cfg = cfg;
+        cfg.dir = dir.clone();
+        cfg.max_namespaces = cfg.max_namespaces.clamp(1, index::MAX_NAMESPACES);
+        let namespaces = Namespaces {
+            names: vec![String::new()],
+            roots: vec![Arc::from(dir.as_path())],
+            by_name: HashMap::from([(String::new(), NamespaceId::DEFAULT)]),
+        };
+        let shared = Arc::new(Shared {
+            cfg,
+            state: Mutex::new(State {
+                index: Index::with_capacity(0),
+                reserved: 0,
+                pending_deletion: 0,
+                doomed: Vec::new(),
+                stop: false,
+                load_atime: None,
+            }),
+            evict_cv: Condvar::new(),
+            namespaces: RwLock::new(namespaces),
+            loaded: AtomicBool::new(false),
+            dirs_total: AtomicU64::new(0),
+            dirs_done: AtomicU64::new(0),
+            evicted_bytes: AtomicU64::new(0),
+            corrupt_dropped: AtomicU64::new(0),
+            hook: OnceLock::new(),
+            random: std::hash::RandomState::new(),
+            counter: AtomicU64::new(0),
+            _lock: lock,
+        });
+        let evictor = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("hoard-evictor".into())
+            .spawn(move || evict_loop(&evictor))
+            .map_err(io(&dir))?;
+        Ok(DiskCache { shared })
+    }
+
+    /// The canonical cache directory.
+    pub fn dir(&self) -> &Path {
+        &self.shared.cfg.dir
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.cfg
+    }
+
+    /// Installs the hook called for each newly committed blob. Only the
+    /// first call has an effect.
+    pub fn set_commit_hook(&self, hook: CommitHook) {
+        let _ = self.shared.hook.set(hook);
+    }
+
+    /// True once [`DiskCache::load`] has indexed every file found at start.
+    pub fn is_loaded(&self) -> bool {
+        self.shared.loaded.load(Ordering::Acquire)
+    }
+
+    /// Resolves a namespace name, creating its directories on first use.
+    /// The empty name is the default namespace.
+    pub fn namespace(&self, name: &str) -> Result<NamespaceId, Error> {
+        if name.is_empty() {
+            return Ok(NamespaceId::DEFAULT);
+        }
+        if let Some(id) = self.shared.namespaces.read().by_name.get(name) {
+            return Ok(*id);
+        }
+        validate_namespace(name)?;
+        let mut ns = self.shared.namespaces.write();
+        if let Some(id) = ns.by_name.get(name) {
+            return Ok(*id);
+        }
+        if ns.names.len() >= self.shared.cfg.max_namespaces {
+            return Err(NamespaceError::TooMany(name.into(), self.shared.cfg.max_namespaces).into());
+        }
+        let root = self
+            .shared
+            .cfg
+            .dir
+            .join(NS_DIR)
+            .join(key::namespace_dir_name(name));
+        create_layout(&root)?;
+        Ok(register(&mut ns, name, root))
+    }
+
+    /// The name of a namespace id handed out by this cache.
+    pub fn namespace_name(&self, id: NamespaceId) -> String {
+        self.shared
+            .namespaces
+            .read()
+            .names
+            .get(id.index())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Every namespace known so far.
+    pub fn namespaces(&self) -> Vec<String> {
+        self.shared.namespaces.read().names.clone()
+    }
+
+    /// The logical size of a blob if it is in the cache, marking it used.
+    pub fn contains(&self, ns: NamespaceId, kind: Kind, hash: &Hash) -> Option<u64> {
+        let mut st = self.shared.state.lock();
+        let slot = st.index.find(ns, kind, hash)?;
+        st.index.touch(slot);
+        st.mark_hot(slot);
+        Some(st.index.entry(slot).logical())
+    }
+
+    /// Opens a blob for reading, marking it used. `Ok(None)` is a miss,
+    /// including when the file turned out to be missing or corrupt (it is
+    /// then dropped from the index).
+    pub fn get(&self, ns: NamespaceId, kind: Kind, hash: &Hash) -> Result<Option<Blob>, Error> {
+        let loc = {
+            let mut st = self.shared.state.lock();
+            let Some(slot) = st.index.find(ns, kind, hash) else {
+                return Ok(None);
+            };
+            st.index.touch(slot);
+            st.mark_hot(slot);
+            Location::of(&st.index, slot)
+        };
+        read::open(self.clone(), loc)
+    }
+
+    /// Removes a blob from the cache (for example an action-cache entry
+    /// whose outputs are gone). Returns whether it was present.
+    pub fn remove(&self, ns: NamespaceId, kind: Kind, hash: &Hash) -> bool {
+        let mut st = self.shared.state.lock();
+        let Some(slot) = st.index.find(ns, kind, hash) else {
+            return false;
+        };
+        let loc = Location::of(&st.index, slot);
+        st.index.remove(slot);
+        let path = self.path_of(&loc);
+        st.pending_deletion += loc.size_on_disk;
+        st.doomed.push((path, loc.size_on_disk));
+        self.shared.evict_cv.notify_one();
+        true
+    }
+
+    /// Starts writing a blob of `logical_size` bytes. For CAS the bytes are
+    /// verified against `hash` at commit. If a CAS blob is already present,
+    /// the writer only verifies what it is given and stores nothing.
+    pub fn writer(
+        &self,
+        ns: NamespaceId,
+        kind: Kind,
+        hash: Hash,
+        logical_size: u64,
+    ) -> Result<Writer, Error> {
+        write::Writer::start(self.clone(), ns, kind, hash, logical_size)
+    }
+
+    /// Current figures.
+    pub fn stats(&self) -> Stats {
+        let st = self.shared.state.lock();
+        let total = self.shared.dirs_total.load(Ordering::Relaxed);
+        let loaded = self.is_loaded();
+        Stats {
+            entries: st.index.len() as u64,
+            size_on_disk: st.index.size_on_disk,
+            logical_bytes: st.index.logical_bytes,
+            reserved: st.reserved,
+            pending_deletion: st.pending_deletion,
+            max_size: self.shared.cfg.max_size_bytes,
+            hard_limit: self.shared.cfg.hard_limit_bytes,
+            evicted_bytes_total: self.shared.evicted_bytes.load(Ordering::Relaxed),
+            corrupt_dropped_total: self.shared.corrupt_dropped.load(Ordering::Relaxed),
+            index_heap_bytes: st.index.heap_bytes() as u64,
+            loaded,
+            load_fraction: if loaded {
+                1.0
+            } else if total == 0 {
+                0.0
+            } else {
+                self.shared.dirs_done.load(Ordering::Relaxed) as f64 / total as f64
+            },
+        }
+    }
+
+    /// Stops the eviction thread after it has deleted what is queued.
+    pub fn shutdown(&self) {
+        let mut st = self.shared.state.lock();
+        st.stop = true;
+        self.shared.evict_cv.notify_all();
+    }
+
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    pub(crate) fn dir_of(&self, ns: NamespaceId, kind: Kind, hash: &Hash) -> PathBuf {
+        self.shared.dir_of(ns, kind, hash)
+    }
+
+    pub(crate) fn path_of(&self, loc: &Location) -> PathBuf {
+        self.shared.path_of(loc)
+    }
+
+    /// A fresh 9-digit file-name suffix.
+    pub(crate) fn random_suffix(&self) -> u32 {
+        let n = self.shared.counter.fetch_add(1, Ordering::Relaxed);
+        (self.shared.random.hash_one(n) % 1_000_000_000) as u32
+    }
+
+    /// Forgets an entry whose file vanished, if the index still names that
+    /// same file.
+    pub(crate) fn forget(&self, loc: &Location) {
+        let mut st = self.shared.state.lock();
+        if let Some(slot) = st.index.find(loc.ns, loc.kind, &loc.hash) {
+            if loc.same_file(&st.index, slot) {
+                st.index.remove(slot);
+            }
+        }
+    }
+
+    /// Drops an entry whose file failed a format check, and deletes the file.
+    pub(crate) fn discard(&self, loc: &Location, reason: &dyn std::fmt::Display) {
+        let path = self.path_of(loc);
+        tracing::warn!(path = %path.display(), %reason, "dropping corrupt cache file");
+        self.shared.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.shared.state.lock();
+        if let Some(slot) = st.index.find(loc.ns, loc.kind, &loc.hash) {
+            if loc.same_file(&st.index, slot) {
+                st.index.remove(slot);
+                st.pending_deletion += loc.size_on_disk;
+                st.doomed.push((path, loc.size_on_disk));
+                self.shared.evict_cv.notify_one();
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn root_of(&self, ns: NamespaceId) -> Arc<Path> {
+        let n = self.namespaces.read();
+        n.roots
+            .get(ns.index())
+            .cloned()
+            .unwrap_or_else(|| Arc::from(self.cfg.dir.as_path()))
+    }
+
+    pub(crate) fn dir_of(&self, ns: NamespaceId, kind: Kind, hash: &Hash) -> PathBuf {
+        let mut p = self.root_of(ns).join(kind.dir_name());
+        p.push(&hash.to_hex()[..2]);
+        p
+    }
+
+    pub(crate) fn path_of(&self, loc: &Location) -> PathBuf {
+        self.dir_of(loc.ns, loc.kind, &loc.hash).join(loc.file_name())
+    }
+}
+
+pub(crate) fn register(ns: &mut Namespaces, name: &str, root: PathBuf) -> NamespaceId {
+    let id = NamespaceId(ns.names.len() as u16);
+    ns.names.push(name.to_string());
+    ns.roots.push(Arc::from(root.as_path()));
+    ns.by_name.insert(name.to_string(), id);
+    id
+}
+
+/// Creates `{ac.v2,cas.v2,raw.v2}/00..ff` under `root`.
+fn create_layout(root: &Path) -> Result<(), Error> {
+    for kind in Kind::ALL {
+        let kdir = root.join(kind.dir_name());
+        fs::create_dir_all(&kdir).map_err(|source| Error::Io {
+            path: kdir.clone(),
+            source,
+        })?;
+        for i in 0..SUBDIRS {
+            let d = kdir.join(format!("{i:02x}"));
+            match fs::create_dir(&d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(source) => return Err(Error::Io { path: d, source }),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Evicts least recently used entries while over `max_size`, and unlinks
+/// files that left the index. Runs on its own thread so that no request
+/// waits for a deletion.
+fn evict_loop(shared: &Shared) {
+    const BATCH: usize = 512;
+    loop {
+        let batch = {
+            let mut st = shared.state.lock();
+            loop {
+                let over = st.index.size_on_disk > shared.cfg.max_size_bytes;
+                if !st.doomed.is_empty() || over {
+                    break;
+                }
+                if st.stop {
+                    return;
+                }
+                shared.evict_cv.wait(&mut st);
+            }
+            while st.index.size_on_disk > shared.cfg.max_size_bytes && st.doomed.len() < BATCH {
+                let Some(slot) = st.index.lru() else { break };
+                let loc = Location::of(&st.index, slot);
+                st.index.remove(slot);
+                let path = shared.path_of(&loc);
+                st.pending_deletion += loc.size_on_disk;
+                shared
+                    .evicted_bytes
+                    .fetch_add(loc.size_on_disk, Ordering::Relaxed);
+                st.doomed.push((path, loc.size_on_disk));
+            }
+            std::mem::take(&mut st.doomed)
+        };
+        let mut freed = 0;
+        for (path, size) in batch {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "could not delete cache file"),
+            }
+            freed += size;
+        }
+        shared.state.lock().pending_deletion -= freed;
+    }
+}

@@ -1,0 +1,365 @@
+//! Startup: index the files already in the cache directory.
+//!
+//! Only directory listings and `stat` are used; no blob file is opened (the
+//! logical size of a casblob is in its name). Files ending in `.tmp` are
+//! writes a crash interrupted and are deleted. Anything else that is not a
+//! cache file is logged and left alone: a stray file must never keep the
+//! cache from starting.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::index::{Entry, Format};
+use crate::key::{self, Hash};
+use crate::{DiskCache, Kind, Location, NS_DIR, NamespaceId, SUBDIRS, Suffix, register};
+
+/// What [`DiskCache::load`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    pub entries: u64,
+    pub size_on_disk: u64,
+    pub temp_files_removed: u64,
+    pub foreign_files: u64,
+    pub duplicates_removed: u64,
+    pub elapsed: Duration,
+}
+
+struct Found {
+    entry: Entry,
+    odd: Option<Box<str>>,
+    atime: u32,
+}
+
+const ROOT_NAMES: &[&str] = &[
+    "ac.v2",
+    "cas.v2",
+    "raw.v2",
+    NS_DIR,
+    crate::LOCK_FILE,
+    "lost+found",
+    ".DS_Store",
+];
+
+impl DiskCache {
+    /// Indexes every cache file under the directory. Blocking; meant for a
+    /// background thread while the daemon already serves. Entries found here
+    /// are ordered by access time, colder than anything used since start.
+    pub fn load(&self) -> LoadReport {
+        let started = Instant::now();
+        let mut report = LoadReport::default();
+        let root = self.dir().to_path_buf();
+        self.shared().state.lock().load_atime = Some(Vec::new());
+
+        report.foreign_files += check_root(&root);
+        let mut work: Vec<(NamespaceId, Kind, PathBuf)> = Vec::new();
+        let mut roots = vec![(NamespaceId::DEFAULT, root.clone())];
+        roots.extend(self.discover_namespaces(&root, &mut report));
+        for (ns, nsroot) in roots {
+            for kind in Kind::ALL {
+                for i in 0..SUBDIRS {
+                    work.push((ns, kind, nsroot.join(kind.dir_name()).join(format!("{i:02x}"))));
+                }
+            }
+        }
+        let shared = self.shared();
+        shared.dirs_total.store(work.len() as u64, Ordering::Relaxed);
+        let next = AtomicUsize::new(0);
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get() * 2)
+            .unwrap_or(4)
+            .clamp(2, 16);
+        let totals: Vec<LoadReport> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| s.spawn(|| self.scan_worker(&work, &next)))
+                .collect();
+            let mut last_log = Instant::now();
+            while handles.iter().any(|h| !h.is_finished()) {
+                std::thread::sleep(Duration::from_millis(50));
+                if last_log.elapsed() >= Duration::from_secs(2) {
+                    last_log = Instant::now();
+                    let done = shared.dirs_done.load(Ordering::Relaxed);
+                    tracing::info!(
+                        entries = shared.state.lock().index.len(),
+                        directories = format!("{done}/{}", work.len()),
+                        "loading cache index"
+                    );
+                }
+            }
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        });
+        for t in totals {
+            report.temp_files_removed += t.temp_files_removed;
+            report.foreign_files += t.foreign_files;
+            report.duplicates_removed += t.duplicates_removed;
+        }
+
+        {
+            let mut st = shared.state.lock();
+            let atimes = st.load_atime.take().unwrap_or_default();
+            let mut order = st.index.slots_cold_to_hot();
+            // Stable: entries used since start keep their relative order at
+            // the hot end.
+            order.sort_by_key(|s| atimes.get(*s as usize).copied().unwrap_or(u32::MAX));
+            st.index.relink(&order);
+            report.entries = st.index.len() as u64;
+            report.size_on_disk = st.index.size_on_disk;
+        }
+        shared.loaded.store(true, Ordering::Release);
+        shared.evict_cv.notify_one();
+        report.elapsed = started.elapsed();
+        tracing::info!(
+            entries = report.entries,
+            size_on_disk = report.size_on_disk,
+            temp_files_removed = report.temp_files_removed,
+            foreign_files = report.foreign_files,
+            duplicates_removed = report.duplicates_removed,
+            seconds = report.elapsed.as_secs_f64(),
+            "cache index loaded"
+        );
+        report
+    }
+
+    fn discover_namespaces(&self, root: &Path, report: &mut LoadReport) -> Vec<(NamespaceId, PathBuf)> {
+        let mut out = Vec::new();
+        let Ok(rd) = fs::read_dir(root.join(NS_DIR)) else {
+            return out;
+        };
+        for de in rd.flatten() {
+            let name = de.file_name().to_string_lossy().into_owned();
+            let ns_name = key::namespace_from_dir_name(&name);
+            let is_dir = de.file_type().map(|t| t.is_dir()).unwrap_or(false);
+            if !is_dir || key::validate_namespace(&ns_name).is_err() {
+                tracing::warn!(path = %de.path().display(), "ignoring foreign entry in namespace directory");
+                report.foreign_files += 1;
+                continue;
+            }
+            let mut reg = self.shared().namespaces.write();
+            let id = match reg.by_name.get(&ns_name) {
+                Some(id) => *id,
+                None if reg.names.len() < self.shared().cfg.max_namespaces => {
+                    register(&mut reg, &ns_name, de.path())
+                }
+                None => {
+                    tracing::warn!(namespace = %ns_name, "namespace limit reached; not loading it");
+                    continue;
+                }
+            };
+            out.push((id, de.path()));
+        }
+        out
+    }
+
+    fn scan_worker(&self, work: &[(NamespaceId, Kind, PathBuf)], next: &AtomicUsize) -> LoadReport {
+        let mut report = LoadReport::default();
+        let mut batch: Vec<Found> = Vec::new();
+        let mut foreign_logged = 0;
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some((ns, kind, dir)) = work.get(i) else {
+                return report;
+            };
+            batch.clear();
+            if let Ok(rd) = fs::read_dir(dir) {
+                for de in rd.flatten() {
+                    let name = de.file_name();
+                    let name = name.to_string_lossy();
+                    if name.ends_with(".tmp") {
+                        if fs::remove_file(de.path()).is_ok() {
+                            report.temp_files_removed += 1;
+                        }
+                        continue;
+                    }
+                    let parsed = parse_name(&name, *kind);
+                    let meta = de.metadata().ok().filter(|m| m.is_file());
+                    match (parsed, meta) {
+                        (Some(p), Some(m)) => {
+                            let logical = p.logical.unwrap_or(m.len());
+                            let odd = match &p.suffix {
+                                Suffix::Odd(s) => Some(s.clone()),
+                                Suffix::Num(_) => None,
+                            };
+                            let entry = Entry::new(
+                                *ns,
+                                *kind,
+                                p.hash,
+                                p.format,
+                                logical,
+                                m.len().div_ceil(crate::BLOCK_SIZE) as u32,
+                                match p.suffix {
+                                    Suffix::Num(n) => n,
+                                    Suffix::Odd(_) => 0,
+                                },
+                                odd.is_some(),
+                            );
+                            let atime = m.atime().clamp(0, u32::MAX as i64 - 1) as u32;
+                            batch.push(Found { entry, odd, atime });
+                        }
+                        _ => {
+                            report.foreign_files += 1;
+                            if foreign_logged < 20 {
+                                foreign_logged += 1;
+                                tracing::warn!(path = %de.path().display(), "ignoring foreign file in cache directory");
+                            }
+                        }
+                    }
+                }
+            }
+            report.duplicates_removed += self.insert_found(&mut batch);
+            self.shared().dirs_done.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds a directory's worth of found files to the index. A key already
+    /// present (written since start, or a duplicate file) keeps its entry;
+    /// the other file is deleted.
+    fn insert_found(&self, batch: &mut Vec<Found>) -> u64 {
+        let mut dupes = Vec::new();
+        {
+            let mut st = self.shared().state.lock();
+            st.index.reserve(batch.len());
+            for f in batch.drain(..) {
+                let hash = Hash(f.entry.hash);
+                if let Some(slot) = st.index.find(f.entry.ns(), f.entry.kind(), &hash) {
+                    let existing = Location::of(&st.index, slot);
+                    let this = found_location(&f);
+                    if existing.suffix != this.suffix || existing.format != this.format {
+                        dupes.push(self.path_of(&this));
+                    }
+                    continue;
+                }
+                let slot = st.index.insert(f.entry, f.odd, true);
+                if let Some(at) = &mut st.load_atime {
+                    let s = slot as usize;
+                    if at.len() <= s {
+                        at.resize(s + 1, u32::MAX);
+                    }
+                    at[s] = f.atime;
+                }
+            }
+        }
+        for p in &dupes {
+            tracing::info!(path = %p.display(), "removing duplicate cache file");
+            let _ = fs::remove_file(p);
+        }
+        dupes.len() as u64
+    }
+}
+
+fn found_location(f: &Found) -> Location {
+    Location {
+        ns: f.entry.ns(),
+        kind: f.entry.kind(),
+        hash: Hash(f.entry.hash),
+        format: f.entry.format(),
+        logical: f.entry.logical(),
+        suffix: match &f.odd {
+            Some(s) => Suffix::Odd(s.clone()),
+            None => Suffix::Num(f.entry.suffix),
+        },
+        size_on_disk: f.entry.size_on_disk(),
+    }
+}
+
+fn check_root(root: &Path) -> u64 {
+    let mut foreign = 0;
+    if let Ok(rd) = fs::read_dir(root) {
+        for de in rd.flatten() {
+            let name = de.file_name();
+            if !ROOT_NAMES.iter().any(|n| name == *n) {
+                foreign += 1;
+                tracing::warn!(path = %de.path().display(), "ignoring foreign entry in cache directory");
+            }
+        }
+    }
+    foreign
+}
+
+pub(crate) struct ParsedName {
+    pub hash: Hash,
+    pub logical: Option<u64>,
+    pub suffix: Suffix,
+    pub format: Format,
+}
+
+/// Parses bazel-remote's file names:
+/// `^([a-f0-9]{64})(?:-([1-9][0-9]*))?-([0-9a-zA-Z]+)(\.v1)?$`.
+pub(crate) fn parse_name(name: &str, kind: Kind) -> Option<ParsedName> {
+    let b = name.as_bytes();
+    if b.len() < 66 || b[64] != b'-' {
+        return None;
+    }
+    let hash = Hash::parse_bytes(&b[..64]).ok()?;
+    let rest = &name[65..];
+    let (rest, v1) = match rest.strip_suffix(".v1") {
+        Some(r) => (r, true),
+        None => (rest, false),
+    };
+    let (size, suffix) = match rest.split_once('-') {
+        Some((size, suffix)) => (Some(size), suffix),
+        None => (None, rest),
+    };
+    if suffix.is_empty() || !suffix.bytes().all(|c| c.is_ascii_alphanumeric()) {
+        return None;
+    }
+    let logical = match size {
+        Some(s) if !s.starts_with('0') && !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()) => {
+            Some(s.parse::<u64>().ok()?)
+        }
+        Some(_) => return None,
+        None => None,
+    };
+    let format = match (kind, v1, logical) {
+        (Kind::Cas, true, None) => Format::RawV1,
+        (Kind::Cas, false, _) => Format::Casblob,
+        (Kind::Ac | Kind::Raw, false, None) => Format::Plain,
+        _ => return None,
+    };
+    let logical = match format {
+        Format::Casblob => Some(logical.unwrap_or(0)),
+        _ => None,
+    };
+    let suffix = match suffix.parse::<u32>() {
+        Ok(n) if suffix.len() == 9 && suffix.bytes().all(|c| c.is_ascii_digit()) => Suffix::Num(n),
+        _ => Suffix::Odd(suffix.into()),
+    };
+    Some(ParsedName {
+        hash,
+        logical,
+        suffix,
+        format,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn bazel_remote_file_names_parse() {
+        let p = parse_name(&format!("{H}-1234-000000042"), Kind::Cas).unwrap();
+        assert_eq!(p.logical, Some(1234));
+        assert_eq!(p.suffix, Suffix::Num(42));
+        assert_eq!(p.format, Format::Casblob);
+        let p = parse_name(&format!("{H}-abcXYZ.v1"), Kind::Cas).unwrap();
+        assert_eq!(p.format, Format::RawV1);
+        assert_eq!(p.suffix, Suffix::Odd("abcXYZ".into()));
+        let p = parse_name(&format!("{H}-123456789"), Kind::Ac).unwrap();
+        assert_eq!(p.format, Format::Plain);
+        for bad in [
+            format!("{H}-0123-1"),
+            format!("{H}-12-1.v1"),
+            format!("{H}-"),
+            format!("{H}-1-a_b"),
+            "README".to_string(),
+            format!("{}-1", &H[..63]),
+        ] {
+            assert!(parse_name(&bad, Kind::Cas).is_none(), "{bad} parsed");
+        }
+        assert!(parse_name(&format!("{H}-1-1"), Kind::Ac).is_none());
+    }
+}

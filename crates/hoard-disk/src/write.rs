@@ -1,0 +1,372 @@
+//! Writing a blob: stream to a temp file while hashing and compressing, then
+//! verify, fsync, rename and index. See the crate doc's crash-safety notes.
+
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::casblob::{self, CHUNK_SIZE, Header};
+use crate::index::{Entry, Format, MAX_LOGICAL};
+use crate::{
+    Committed, DiskCache, Error, Hash, Kind, Location, NamespaceId, StorageMode, Suffix,
+    round_up_block,
+};
+
+const PLAIN_BUFFER: usize = 256 * 1024;
+
+/// The result of a successful [`Writer::commit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// False when an identical CAS blob was already present (nothing new
+    /// was stored and the commit hook was not called).
+    pub created: bool,
+    /// SizeOnDisk of the stored file (0 when nothing was stored).
+    pub size_on_disk: u64,
+}
+
+/// An in-progress write. Dropping it without [`Writer::commit`] removes the
+/// temp file and releases the reserved space, so an aborted upload (client
+/// gone, bad digest, full disk) leaves nothing behind.
+pub struct Writer {
+    cache: DiskCache,
+    ns: NamespaceId,
+    kind: Kind,
+    hash: Hash,
+    expected: u64,
+    hasher: Option<Sha256>,
+    received: u64,
+    sink: Option<Sink>,
+    reservation: u64,
+}
+
+struct Sink {
+    tmp: PathBuf,
+    file: File,
+    format: Format,
+    /// Next write offset in the file.
+    pos: u64,
+    /// Pending bytes: one uncompressed chunk (casblob) or a write buffer.
+    buf: Vec<u8>,
+    offsets: Vec<u64>,
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+    compressed: Vec<u8>,
+    renamed: bool,
+}
+
+impl Writer {
+    pub(crate) fn start(
+        cache: DiskCache,
+        ns: NamespaceId,
+        kind: Kind,
+        hash: Hash,
+        expected: u64,
+    ) -> Result<Writer, Error> {
+        let cfg = cache.config().clone();
+        let hasher = (kind == Kind::Cas).then(Sha256::new);
+        let mut w = Writer {
+            cache,
+            ns,
+            kind,
+            hash,
+            expected,
+            hasher,
+            received: 0,
+            sink: None,
+            reservation: 0,
+        };
+        if kind == Kind::Cas && w.cache.contains(ns, kind, &hash).is_some() {
+            // Already stored: only verify the bytes, store nothing.
+            return Ok(w);
+        }
+        let format = match (kind, cfg.storage_mode) {
+            (Kind::Cas, StorageMode::Zstd) => Format::Casblob,
+            (Kind::Cas, StorageMode::Uncompressed) => Format::RawV1,
+            _ => Format::Plain,
+        };
+        let chunks = casblob::num_chunks(expected, CHUNK_SIZE) as u64;
+        let estimate = match format {
+            // zstd never grows a chunk by more than a few dozen bytes.
+            Format::Casblob => round_up_block(
+                expected
+                    .saturating_add(casblob::header_len(expected) as u64)
+                    .saturating_add(64 * chunks),
+            ),
+            _ => round_up_block(expected),
+        };
+        if expected > MAX_LOGICAL || estimate > cfg.max_size_bytes {
+            return Err(Error::TooLarge {
+                size: expected,
+                max_size: cfg.max_size_bytes,
+            });
+        }
+        {
+            let mut st = w.cache.shared().state.lock();
+            if let Some(limit) = cfg.hard_limit_bytes {
+                let used = st.index.size_on_disk + st.reserved + st.pending_deletion;
+                if used.saturating_add(estimate) > limit {
+                    return Err(Error::HardLimit {
+                        needed: estimate,
+                        limit,
+                    });
+                }
+            }
+            st.reserved += estimate;
+            w.reservation = estimate;
+        }
+        let dir = w.cache.dir_of(ns, kind, &hash);
+        let tmp = dir.join(format!("{}-{:09}.tmp", hash, w.cache.random_suffix()));
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| Error::io(&tmp, e))?;
+        let (pos, buf_cap, compressor) = match format {
+            Format::Casblob => {
+                let mut c =
+                    zstd::bulk::Compressor::new(1).map_err(|e| Error::io(&tmp, e))?;
+                c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+                    .map_err(|e| Error::io(&tmp, e))?;
+                let first = (expected as usize).min(CHUNK_SIZE);
+                (casblob::header_len(expected) as u64, first, Some(c))
+            }
+            _ => (0, (expected as usize).min(PLAIN_BUFFER), None),
+        };
+        w.sink = Some(Sink {
+            tmp,
+            file,
+            format,
+            pos,
+            buf: Vec::with_capacity(buf_cap),
+            offsets: Vec::with_capacity(chunks as usize + 1),
+            compressor,
+            compressed: Vec::new(),
+            renamed: false,
+        });
+        Ok(w)
+    }
+
+    /// Bytes accepted so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// Appends content. Fails as soon as more bytes arrive than declared.
+    pub fn write(&mut self, mut data: &[u8]) -> Result<(), Error> {
+        let received = self.received + data.len() as u64;
+        if received > self.expected {
+            return Err(Error::SizeMismatch {
+                expected: self.expected,
+                received,
+            });
+        }
+        self.received = received;
+        if let Some(h) = &mut self.hasher {
+            h.update(data);
+        }
+        let Some(sink) = &mut self.sink else {
+            return Ok(());
+        };
+        match sink.format {
+            Format::Casblob => {
+                while !data.is_empty() {
+                    let room = CHUNK_SIZE - sink.buf.len();
+                    let take = room.min(data.len());
+                    sink.buf.extend_from_slice(&data[..take]);
+                    data = &data[take..];
+                    if sink.buf.len() == CHUNK_SIZE {
+                        sink.flush_chunk()?;
+                    }
+                }
+            }
+            Format::RawV1 | Format::Plain => {
+                if sink.buf.len() + data.len() > PLAIN_BUFFER {
+                    sink.flush_plain()?;
+                }
+                if data.len() >= PLAIN_BUFFER {
+                    sink.write_at_end(data)?;
+                } else {
+                    sink.buf.extend_from_slice(data);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Verifies size and digest, makes the blob durable and visible, and
+    /// reports it to the commit hook if it is new.
+    pub fn commit(mut self) -> Result<WriteOutcome, Error> {
+        if self.received != self.expected {
+            return Err(Error::SizeMismatch {
+                expected: self.expected,
+                received: self.received,
+            });
+        }
+        if let Some(h) = self.hasher.take() {
+            let actual = Hash(h.finalize().into());
+            if actual != self.hash {
+                return Err(Error::DigestMismatch {
+                    expected: self.hash,
+                    actual,
+                    size: self.expected,
+                });
+            }
+        }
+        let Some(sink) = self.sink.as_mut() else {
+            return Ok(WriteOutcome {
+                created: false,
+                size_on_disk: 0,
+            });
+        };
+        match sink.format {
+            Format::Casblob => {
+                if !sink.buf.is_empty() {
+                    sink.flush_chunk()?;
+                }
+                sink.offsets.push(sink.pos);
+                let header = Header::encode(self.expected, &sink.offsets);
+                sink.file
+                    .write_all_at(&header, 0)
+                    .map_err(|e| Error::io(&sink.tmp, e))?;
+            }
+            Format::RawV1 | Format::Plain => sink.flush_plain()?,
+        }
+        let cfg = self.cache.config();
+        if cfg.fsync {
+            // Content reaches the disk before the name does: a final name
+            // never points at a partial file, even after a power cut.
+            sink.file.sync_data().map_err(|e| Error::io(&sink.tmp, e))?;
+        }
+        let file_len = sink.pos;
+        let size_on_disk = round_up_block(file_len);
+        let loc = Location {
+            ns: self.ns,
+            kind: self.kind,
+            hash: self.hash,
+            format: sink.format,
+            logical: self.expected,
+            suffix: Suffix::Num(self.cache.random_suffix()),
+            size_on_disk,
+        };
+        let path = self.cache.path_of(&loc);
+        // Atomic within the directory: readers see the old state or the
+        // complete new file.
+        fs::rename(&sink.tmp, &path).map_err(|e| Error::io(&path, e))?;
+        sink.renamed = true;
+
+        let entry = Entry::new(
+            self.ns,
+            self.kind,
+            self.hash,
+            sink.format,
+            self.expected,
+            (size_on_disk / crate::BLOCK_SIZE) as u32,
+            match loc.suffix {
+                Suffix::Num(n) => n,
+                Suffix::Odd(_) => 0,
+            },
+            false,
+        );
+        let shared = self.cache.shared();
+        let created = {
+            let mut st = shared.state.lock();
+            st.reserved -= self.reservation;
+            self.reservation = 0;
+            let created = match st.index.find(self.ns, self.kind, &self.hash) {
+                Some(slot) if self.kind != Kind::Ac => {
+                    // Another writer committed the same content first.
+                    st.index.touch(slot);
+                    st.mark_hot(slot);
+                    false
+                }
+                existing => {
+                    if let Some(slot) = existing {
+                        // A newer action result replaces the older one.
+                        let old = Location::of(&st.index, slot);
+                        st.index.remove(slot);
+                        st.pending_deletion += old.size_on_disk;
+                        st.doomed.push((shared.path_of(&old), old.size_on_disk));
+                    }
+                    let slot = st.index.insert(entry, None, false);
+                    st.mark_hot(slot);
+                    true
+                }
+            };
+            if !st.doomed.is_empty() || st.index.size_on_disk > shared.cfg.max_size_bytes {
+                shared.evict_cv.notify_one();
+            }
+            created
+        };
+        if !created {
+            // Never indexed, so no reader can have it open by name.
+            let _ = fs::remove_file(&path);
+            return Ok(WriteOutcome {
+                created: false,
+                size_on_disk: 0,
+            });
+        }
+        if let Some(hook) = shared.hook.get() {
+            hook(&Committed {
+                namespace: self.ns,
+                kind: self.kind,
+                hash: self.hash,
+                logical_size: self.expected,
+                size_on_disk,
+            });
+        }
+        Ok(WriteOutcome {
+            created: true,
+            size_on_disk,
+        })
+    }
+}
+
+impl Sink {
+    fn flush_chunk(&mut self) -> Result<(), Error> {
+        let Some(c) = self.compressor.as_mut() else {
+            return Ok(());
+        };
+        self.compressed.clear();
+        self.compressed
+            .reserve(zstd::zstd_safe::compress_bound(self.buf.len()));
+        c.compress_to_buffer(&self.buf, &mut self.compressed)
+            .map_err(|e| Error::io(&self.tmp, e))?;
+        self.offsets.push(self.pos);
+        self.file
+            .write_all_at(&self.compressed, self.pos)
+            .map_err(|e| Error::io(&self.tmp, e))?;
+        self.pos += self.compressed.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    fn flush_plain(&mut self) -> Result<(), Error> {
+        let buf = std::mem::take(&mut self.buf);
+        self.write_at_end(&buf)?;
+        self.buf = buf;
+        self.buf.clear();
+        Ok(())
+    }
+
+    fn write_at_end(&mut self, data: &[u8]) -> Result<(), Error> {
+        self.file
+            .write_all_at(data, self.pos)
+            .map_err(|e| Error::io(&self.tmp, e))?;
+        self.pos += data.len() as u64;
+        Ok(())
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if self.reservation > 0 {
+            self.cache.shared().state.lock().reserved -= self.reservation;
+        }
+        if let Some(sink) = &self.sink {
+            if !sink.renamed {
+                let _ = fs::remove_file(&sink.tmp);
+            }
+        }
+    }
+}

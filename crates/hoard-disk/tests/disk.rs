@@ -1,0 +1,288 @@
+//! Black-box tests of the disk cache through its public API.
+
+use std::fs;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use hoard_disk::casblob::{self, CHUNK_SIZE, Header};
+use hoard_disk::{Committed, Config, DiskCache, Error, Hash, Kind, NamespaceId, StorageMode};
+use sha2::{Digest, Sha256};
+
+fn cfg(dir: &Path, max: u64) -> Config {
+    Config {
+        dir: dir.to_path_buf(),
+        max_size_bytes: max,
+        hard_limit_bytes: None,
+        storage_mode: StorageMode::Zstd,
+        fsync: false,
+        max_namespaces: 16,
+    }
+}
+
+fn sha(data: &[u8]) -> Hash {
+    Hash(Sha256::digest(data).into())
+}
+
+fn put(c: &DiskCache, ns: NamespaceId, kind: Kind, data: &[u8]) -> Result<bool, Error> {
+    let h = sha(data);
+    let mut w = c.writer(ns, kind, h, data.len() as u64)?;
+    for piece in data.chunks(7919) {
+        w.write(piece)?;
+    }
+    Ok(w.commit()?.created)
+}
+
+fn read(c: &DiskCache, ns: NamespaceId, kind: Kind, h: &Hash) -> Option<Vec<u8>> {
+    c.get(ns, kind, h).unwrap().map(|mut b| b.read_to_vec().unwrap())
+}
+
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path().strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out.retain(|p| p != ".hoard.lock");
+    out.sort();
+    out
+}
+
+fn data(n: usize, seed: u8) -> Vec<u8> {
+    (0..n).map(|i| ((i * 31 + seed as usize) % 253) as u8).collect()
+}
+
+#[test]
+fn blobs_round_trip_in_both_storage_modes_and_survive_a_restart() {
+    for mode in [StorageMode::Zstd, StorageMode::Uncompressed] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path(), 1 << 30);
+        c.storage_mode = mode;
+        let blobs: Vec<Vec<u8>> = vec![data(1, 1), data(4096, 2), data(CHUNK_SIZE * 2 + 5, 3)];
+        {
+            let cache = DiskCache::open(c.clone()).unwrap();
+            for b in &blobs {
+                assert!(put(&cache, NamespaceId::DEFAULT, Kind::Cas, b).unwrap());
+                assert_eq!(read(&cache, NamespaceId::DEFAULT, Kind::Cas, &sha(b)).unwrap(), *b);
+            }
+            cache.shutdown();
+        }
+        let cache = DiskCache::open(c).unwrap();
+        assert!(read(&cache, NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[0])).is_none());
+        let report = cache.load();
+        assert_eq!(report.entries, 3);
+        for b in &blobs {
+            let mut blob = cache.get(NamespaceId::DEFAULT, Kind::Cas, &sha(b)).unwrap().unwrap();
+            assert_eq!(blob.logical_size(), b.len() as u64);
+            assert_eq!(blob.is_zstd_stream(), mode == StorageMode::Zstd);
+            assert_eq!(blob.read_to_vec().unwrap(), *b);
+        }
+    }
+}
+
+#[test]
+fn a_directory_written_the_way_bazel_remote_writes_it_loads_and_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = data(CHUNK_SIZE + 100, 9);
+    let h = sha(&content);
+    // A casblob built from the format's facts, named <hash>-<size>-<random>.
+    let hl = casblob::header_len(content.len() as u64);
+    let mut body = vec![];
+    let mut offsets = vec![];
+    for chunk in content.chunks(CHUNK_SIZE) {
+        offsets.push((hl + body.len()) as u64);
+        body.extend(zstd::bulk::compress(chunk, 1).unwrap());
+    }
+    offsets.push((hl + body.len()) as u64);
+    let mut file = Header::encode(content.len() as u64, &offsets);
+    file.extend(&body);
+    let hx = h.to_hex();
+    let cas_dir = dir.path().join("cas.v2").join(&hx[..2]);
+    fs::create_dir_all(&cas_dir).unwrap();
+    fs::write(cas_dir.join(format!("{hx}-{}-123456789", content.len())), &file).unwrap();
+    // An uncompressed legacy file and an AC entry.
+    let small = b"legacy bytes".to_vec();
+    let sh = sha(&small).to_hex();
+    let d = dir.path().join("cas.v2").join(&sh[..2]);
+    fs::create_dir_all(&d).unwrap();
+    fs::write(d.join(format!("{sh}-987654321.v1")), &small).unwrap();
+    let ak = "ab".repeat(32);
+    let d = dir.path().join("ac.v2").join("ab");
+    fs::create_dir_all(&d).unwrap();
+    fs::write(d.join(format!("{ak}-000000001")), b"\x08\x01").unwrap();
+    // Foreign files do not stop the load.
+    fs::create_dir_all(dir.path().join("cas.v2/00")).unwrap();
+    fs::write(dir.path().join("cas.v2/00/README"), b"x").unwrap();
+    fs::create_dir_all(dir.path().join("lost+found")).unwrap();
+    fs::write(dir.path().join("notes.txt"), b"x").unwrap();
+    // A temp file left by a crash is reaped.
+    fs::write(cas_dir.join(format!("{hx}-000000007.tmp")), b"partial").unwrap();
+
+    let cache = DiskCache::open(cfg(dir.path(), 1 << 30)).unwrap();
+    let report = cache.load();
+    assert_eq!(report.entries, 3);
+    assert_eq!(report.temp_files_removed, 1);
+    assert_eq!(report.foreign_files, 2);
+    assert_eq!(read(&cache, NamespaceId::DEFAULT, Kind::Cas, &h).unwrap(), content);
+    assert_eq!(read(&cache, NamespaceId::DEFAULT, Kind::Cas, &sha(&small)).unwrap(), small);
+    let ac = Hash::parse(&ak).unwrap();
+    assert_eq!(read(&cache, NamespaceId::DEFAULT, Kind::Ac, &ac).unwrap(), b"\x08\x01");
+    assert!(!cas_dir.join(format!("{hx}-000000007.tmp")).exists());
+}
+
+#[test]
+fn a_digest_mismatch_or_short_body_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = DiskCache::open(cfg(dir.path(), 1 << 30)).unwrap();
+    let good = data(10_000, 1);
+    let wrong = sha(b"something else");
+    let mut w = cache.writer(NamespaceId::DEFAULT, Kind::Cas, wrong, good.len() as u64).unwrap();
+    w.write(&good).unwrap();
+    match w.commit() {
+        Err(Error::DigestMismatch { expected, actual, .. }) => {
+            assert_eq!(expected, wrong);
+            assert_eq!(actual, sha(&good));
+        }
+        other => panic!("expected a digest mismatch, got {other:?}"),
+    }
+    let mut w = cache.writer(NamespaceId::DEFAULT, Kind::Cas, sha(&good), good.len() as u64).unwrap();
+    w.write(&good[..100]).unwrap();
+    assert!(matches!(w.commit(), Err(Error::SizeMismatch { .. })));
+    let mut w = cache.writer(NamespaceId::DEFAULT, Kind::Cas, sha(&good), 10).unwrap();
+    assert!(matches!(w.write(&good), Err(Error::SizeMismatch { .. })));
+    drop(w);
+    let w = cache.writer(NamespaceId::DEFAULT, Kind::Cas, sha(&good), good.len() as u64).unwrap();
+    drop(w); // a client that went away
+    assert_eq!(files_under(dir.path()), Vec::<String>::new());
+    assert_eq!(cache.stats().reserved, 0);
+    assert_eq!(cache.stats().entries, 0);
+}
+
+#[test]
+fn concurrent_writers_of_one_blob_leave_one_file_and_one_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = DiskCache::open(cfg(dir.path(), 1 << 30)).unwrap();
+    let commits = Arc::new(Mutex::new(Vec::<Committed>::new()));
+    let c2 = commits.clone();
+    cache.set_commit_hook(Box::new(move |c| c2.lock().unwrap().push(c.clone())));
+    let blob = data(300_000, 4);
+    std::thread::scope(|s| {
+        for _ in 0..16 {
+            s.spawn(|| put(&cache, NamespaceId::DEFAULT, Kind::Cas, &blob).unwrap());
+        }
+    });
+    assert_eq!(files_under(dir.path()).len(), 1);
+    assert_eq!(commits.lock().unwrap().len(), 1);
+    assert_eq!(read(&cache, NamespaceId::DEFAULT, Kind::Cas, &sha(&blob)).unwrap(), blob);
+}
+
+#[test]
+fn eviction_keeps_the_size_under_max_and_removes_least_recently_used_first() {
+    let dir = tempfile::tempdir().unwrap();
+    // Room for about four 16 KiB blobs of incompressible-ish data.
+    let cache = DiskCache::open(cfg(dir.path(), 70 * 1024)).unwrap();
+    let blobs: Vec<Vec<u8>> = (0..8u32)
+        .map(|i| {
+            let mut s = i.wrapping_mul(2654435761);
+            (0..16_000)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 17;
+                    s ^= s << 5;
+                    s as u8
+                })
+                .collect()
+        })
+        .collect();
+    for (i, b) in blobs.iter().enumerate() {
+        put(&cache, NamespaceId::DEFAULT, Kind::Cas, b).unwrap();
+        // Keep blob 0 hot.
+        if i > 0 {
+            assert!(cache.contains(NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[0])).is_some());
+        }
+    }
+    for _ in 0..100 {
+        if cache.stats().size_on_disk <= 70 * 1024 && cache.stats().pending_deletion == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let st = cache.stats();
+    assert!(st.size_on_disk <= 70 * 1024, "{st:?}");
+    assert!(st.evicted_bytes_total > 0);
+    assert!(cache.contains(NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[0])).is_some());
+    assert!(cache.contains(NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[1])).is_none());
+    assert!(cache.contains(NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[7])).is_some());
+    assert_eq!(files_under(dir.path()).len() as u64, st.entries);
+}
+
+#[test]
+fn a_corrupt_file_is_a_miss_and_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = DiskCache::open(cfg(dir.path(), 1 << 30)).unwrap();
+    let blob = data(50_000, 5);
+    put(&cache, NamespaceId::DEFAULT, Kind::Cas, &blob).unwrap();
+    let path = dir.path().join(&files_under(dir.path())[0]);
+    let mut bytes = fs::read(&path).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 0xff; // inside the compressed chunk
+    fs::write(&path, &bytes).unwrap();
+    let mut b = cache.get(NamespaceId::DEFAULT, Kind::Cas, &sha(&blob)).unwrap().unwrap();
+    assert!(matches!(b.read_to_vec(), Err(Error::Corrupt { .. })));
+    assert!(cache.get(NamespaceId::DEFAULT, Kind::Cas, &sha(&blob)).unwrap().is_none());
+
+    put(&cache, NamespaceId::DEFAULT, Kind::Cas, &blob).unwrap();
+    let path = dir.path().join(&files_under(dir.path())[0]);
+    fs::write(&path, b"truncated").unwrap();
+    assert!(cache.get(NamespaceId::DEFAULT, Kind::Cas, &sha(&blob)).unwrap().is_none());
+    assert_eq!(cache.stats().entries, 0);
+}
+
+#[test]
+fn namespaces_are_isolated_and_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = data(1000, 6);
+    {
+        let cache = DiskCache::open(cfg(dir.path(), 1 << 30)).unwrap();
+        let ns = cache.namespace("team/a").unwrap();
+        put(&cache, ns, Kind::Cas, &blob).unwrap();
+        assert!(read(&cache, NamespaceId::DEFAULT, Kind::Cas, &sha(&blob)).is_none());
+        assert!(cache.namespace("../x").is_err());
+        cache.shutdown();
+    }
+    assert!(dir.path().join("ns.v1/team+a/cas.v2").is_dir());
+    let cache = DiskCache::open(cfg(dir.path(), 1 << 30)).unwrap();
+    cache.load();
+    let ns = cache.namespace("team/a").unwrap();
+    assert_eq!(read(&cache, ns, Kind::Cas, &sha(&blob)).unwrap(), blob);
+}
+
+#[test]
+fn the_hard_limit_refuses_writes_and_a_blob_larger_than_the_cache_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path(), 1 << 20);
+    c.hard_limit_bytes = Some(64 * 1024);
+    let cache = DiskCache::open(c).unwrap();
+    let h = sha(b"x");
+    assert!(matches!(
+        cache.writer(NamespaceId::DEFAULT, Kind::Cas, h, 2 << 20),
+        Err(Error::TooLarge { .. })
+    ));
+    let _w = cache.writer(NamespaceId::DEFAULT, Kind::Cas, h, 40 * 1024).unwrap();
+    assert!(matches!(
+        cache.writer(NamespaceId::DEFAULT, Kind::Cas, h, 40 * 1024),
+        Err(Error::HardLimit { .. })
+    ));
+}
+
+#[test]
+fn a_second_process_cannot_open_the_same_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let _a = DiskCache::open(cfg(dir.path(), 1 << 20)).unwrap();
+    assert!(matches!(DiskCache::open(cfg(dir.path(), 1 << 20)), Err(Error::Locked { .. })));
+}

@@ -1,0 +1,1 @@
+//! Support code for hoard's end-to-end tests.
