@@ -154,6 +154,7 @@ pub(crate) struct Shared {
     pub hook: OnceLock<CommitHook>,
     random: std::hash::RandomState,
     counter: AtomicU64,
+    evictor: Mutex<Option<std::thread::JoinHandle<()>>>,
     _lock: File,
 }
 
@@ -303,13 +304,15 @@ impl DiskCache {
             hook: OnceLock::new(),
             random: std::hash::RandomState::new(),
             counter: AtomicU64::new(0),
+            evictor: Mutex::new(None),
             _lock: lock,
         });
         let evictor = Arc::clone(&shared);
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("hoard-evictor".into())
             .spawn(move || evict_loop(&evictor))
             .map_err(io(&dir))?;
+        *shared.evictor.lock() = Some(handle);
         Ok(DiskCache { shared })
     }
 
@@ -457,11 +460,19 @@ impl DiskCache {
         }
     }
 
-    /// Stops the eviction thread after it has deleted what is queued.
+    /// Stops the eviction thread after it has deleted what is queued, and
+    /// waits for it. The directory lock is released when the last clone of
+    /// this cache is dropped.
     pub fn shutdown(&self) {
-        let mut st = self.shared.state.lock();
-        st.stop = true;
-        self.shared.evict_cv.notify_all();
+        {
+            let mut st = self.shared.state.lock();
+            st.stop = true;
+            self.shared.evict_cv.notify_all();
+        }
+        let handle = self.shared.evictor.lock().take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
     }
 
     pub(crate) fn shared(&self) -> &Shared {

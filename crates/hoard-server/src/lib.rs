@@ -1,1 +1,20 @@
-//! placeholder
+//! hoard-server: the front ends of hoard and the cache facade they share.
+//!
+//! * [`cache`]: the facade. Every rule about what may be stored and served
+//!   (namespaces, the empty blob, size limits, digest verification, action
+//!   result validation and completeness) lives there, once.
+//! * [`http`]: the bazel-remote-compatible HTTP API over hyper.
+//! * [`metrics`], [`access_log`]: what operators see.
+//!
+//! This crate does no disk I/O of its own; it calls `hoard-disk`.
+
+pub mod access_log;
+pub mod cache;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod validate;
+
+pub use cache::{Cache, Encoding, Found, Limits, NamespacePolicy};
+pub use error::{CacheError, ErrorKind};
+pub use metrics::Metrics;

@@ -1,0 +1,425 @@
+//! The cache facade: every rule a request must follow, shared by the HTTP and
+//! gRPC front ends. Front ends parse, call one of these methods, and map the
+//! result to their wire format; nothing here knows about HTTP or gRPC.
+//!
+//! Rules enforced here and nowhere else:
+//! * namespaces: the request's instance name (or the default) is resolved
+//!   and, when the namespace list is restricted, checked;
+//! * the empty blob always exists and is never stored;
+//! * size limits (`max_blob_size`) and in-flight byte limits;
+//! * CAS bytes must hash to their digest (checked by the disk writer while
+//!   streaming, before the blob becomes visible);
+//! * action results are validated on upload and only served while every
+//!   blob they reference is present (completeness); a stale entry is
+//!   removed.
+
+use std::collections::HashSet;
+use std::io::Write as _;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use hoard_disk::{Blob, DiskCache, Hash, Kind, NamespaceId, WriteOutcome};
+use hoard_proto::prost::Message;
+use hoard_proto::reapi::{ActionResult, Tree};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+use crate::error::{CacheError, ErrorKind};
+use crate::metrics::Metrics;
+use crate::validate::{BlobDigest, parse_digest, references, validate_action_result};
+
+/// Which namespaces requests may use.
+#[derive(Clone, Debug, Default)]
+pub struct NamespacePolicy {
+    /// Used when a request names no instance.
+    pub default: String,
+    /// When set, only these instance names (and the default) are served.
+    pub allowed: Option<HashSet<String>>,
+}
+
+/// Limits the facade enforces.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest blob accepted, in logical bytes.
+    pub max_blob_size: u64,
+    /// Largest action result accepted, in bytes.
+    pub max_action_result_size: u64,
+    /// Request and response body bytes held in memory at once, across all
+    /// requests. Requests wait (backpressure) rather than fail when it is
+    /// reached.
+    pub max_inflight_bytes: u64,
+}
+
+/// Content-encoding of an upload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    Identity,
+    Zstd,
+}
+
+/// A CAS read hit.
+pub enum Found {
+    /// The empty blob, which is never stored.
+    Empty,
+    Blob(Blob),
+}
+
+/// The shared cache API.
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    disk: DiskCache,
+    policy: NamespacePolicy,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    inflight: Arc<Semaphore>,
+    inflight_budget: u32,
+}
+
+impl Cache {
+    pub fn new(disk: DiskCache, policy: NamespacePolicy, limits: Limits, metrics: Arc<Metrics>) -> Cache {
+        let budget = limits.max_inflight_bytes.clamp(1 << 20, u32::MAX as u64) as u32;
+        Cache {
+            inner: Arc::new(Inner {
+                disk,
+                policy,
+                limits,
+                metrics,
+                inflight: Arc::new(Semaphore::new(budget as usize)),
+                inflight_budget: budget,
+            }),
+        }
+    }
+
+    pub fn disk(&self) -> &DiskCache {
+        &self.inner.disk
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// Bytes currently held under the in-flight budget.
+    pub fn inflight_bytes(&self) -> u64 {
+        (self.inner.inflight_budget as u64)
+            .saturating_sub(self.inner.inflight.available_permits() as u64)
+    }
+
+    /// Waits until `n` bytes fit the in-flight budget. The permit releases
+    /// them when dropped.
+    pub async fn reserve_inflight(&self, n: usize) -> Result<OwnedSemaphorePermit, CacheError> {
+        let n = (n as u64).clamp(1, self.inner.inflight_budget as u64) as u32;
+        let p = Arc::clone(&self.inner.inflight)
+            .acquire_many_owned(n)
+            .await
+            .map_err(|_| CacheError::new(ErrorKind::Unavailable, "server is shutting down"))?;
+        Ok(p)
+    }
+
+    /// Resolves a request's instance name to a namespace.
+    pub fn namespace(&self, instance: &str) -> Result<NamespaceId, CacheError> {
+        let policy = &self.inner.policy;
+        let name = if instance.is_empty() {
+            policy.default.as_str()
+        } else {
+            instance
+        };
+        if let Some(allowed) = &policy.allowed {
+            if name != policy.default && !allowed.contains(name) {
+                return Err(CacheError::new(
+                    ErrorKind::UnknownNamespace,
+                    format!("unknown namespace {name:?}: this server only serves the configured namespaces"),
+                ));
+            }
+        }
+        self.inner.disk.namespace(name).map_err(CacheError::from)
+    }
+
+    /// Checks a declared blob size against `max_blob_size`.
+    pub fn check_blob_size(&self, size: u64) -> Result<(), CacheError> {
+        let max = self.inner.limits.max_blob_size;
+        if size > max {
+            return Err(CacheError::new(
+                ErrorKind::TooLarge,
+                format!("blob size {size} exceeds max_blob_size {max}"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn count(&self, method: &str, kind: Kind, hit: bool) {
+        self.inner
+            .metrics
+            .incoming_requests
+            .with_label_values(&[method, kind.as_str(), if hit { "hit" } else { "miss" }])
+            .inc();
+    }
+
+    /// Records a refused upload.
+    pub fn count_rejected(&self, kind: Kind, err: &CacheError) {
+        self.inner
+            .metrics
+            .rejected_uploads
+            .with_label_values(&[kind.as_str(), err.reason()])
+            .inc();
+    }
+
+    /// Opens a CAS blob. Reads only the header of large files, so it is
+    /// cheap enough to call from an async task.
+    pub fn cas_get(&self, ns: NamespaceId, hash: &Hash) -> Result<Option<Found>, CacheError> {
+        if hash.is_empty_blob() {
+            self.count("get", Kind::Cas, true);
+            return Ok(Some(Found::Empty));
+        }
+        let found = self.inner.disk.get(ns, Kind::Cas, hash)?;
+        self.count("get", Kind::Cas, found.is_some());
+        Ok(found.map(Found::Blob))
+    }
+
+    /// The logical size of a CAS blob if present (marking it used).
+    pub fn cas_contains(&self, ns: NamespaceId, hash: &Hash) -> Option<u64> {
+        let size = if hash.is_empty_blob() {
+            Some(0)
+        } else {
+            self.inner.disk.contains(ns, Kind::Cas, hash)
+        };
+        self.count("contains", Kind::Cas, size.is_some());
+        size
+    }
+
+    fn present(&self, ns: NamespaceId, d: &BlobDigest) -> bool {
+        d.is_empty_blob() || self.inner.disk.contains(ns, Kind::Cas, &d.hash) == Some(d.size)
+    }
+
+    /// Whether every blob `ar` references is present: output files, stdout,
+    /// stderr, each output directory's tree and every file in it.
+    pub fn is_complete(&self, ns: NamespaceId, ar: &ActionResult) -> Result<bool, CacheError> {
+        let refs = match references(ar) {
+            Ok(r) => r,
+            Err(_) => return Ok(false),
+        };
+        if !refs.files.iter().all(|d| self.present(ns, d)) {
+            return Ok(false);
+        }
+        for t in &refs.trees {
+            if t.is_empty_blob() {
+                continue;
+            }
+            let Some(mut blob) = self.inner.disk.get(ns, Kind::Cas, &t.hash)? else {
+                return Ok(false);
+            };
+            if blob.logical_size() != t.size {
+                return Ok(false);
+            }
+            let bytes = match blob.read_to_vec() {
+                Ok(b) => b,
+                Err(hoard_disk::Error::Corrupt { .. }) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            };
+            let Ok(tree) = Tree::decode(bytes.as_slice()) else {
+                return Ok(false);
+            };
+            for dir in tree.root.iter().chain(&tree.children) {
+                for f in &dir.files {
+                    let ok = f
+                        .digest
+                        .as_ref()
+                        .and_then(|d| parse_digest(d).ok())
+                        .is_some_and(|d| self.present(ns, &d));
+                    if !ok {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Looks up an action result and returns it (stored bytes and parsed
+    /// form) only if it is complete. An incomplete or unreadable entry is
+    /// removed and answers a miss.
+    pub fn ac_get(&self, ns: NamespaceId, hash: &Hash) -> Result<Option<(Vec<u8>, ActionResult)>, CacheError> {
+        let Some(mut blob) = self.inner.disk.get(ns, Kind::Ac, hash)? else {
+            self.count("get", Kind::Ac, false);
+            return Ok(None);
+        };
+        let bytes = match blob.read_to_vec() {
+            Ok(b) => b,
+            Err(hoard_disk::Error::Corrupt { .. }) => {
+                self.count("get", Kind::Ac, false);
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let complete = match ActionResult::decode(bytes.as_slice()) {
+            Ok(ar) => {
+                if self.is_complete(ns, &ar)? {
+                    self.count("get", Kind::Ac, true);
+                    return Ok(Some((bytes, ar)));
+                }
+                false
+            }
+            Err(_) => false,
+        };
+        if !complete {
+            self.inner.metrics.ac_completeness_misses.inc();
+            tracing::info!(action = %hash, "action result references missing blobs; removed");
+        }
+        self.inner.disk.remove(ns, Kind::Ac, hash);
+        self.count("get", Kind::Ac, false);
+        Ok(None)
+    }
+
+    /// Validates and stores an action result given in binary form. The
+    /// bytes are stored as received, so fields this server does not know
+    /// survive the round trip.
+    pub async fn ac_put(&self, ns: NamespaceId, hash: Hash, bytes: Bytes) -> Result<(), CacheError> {
+        let ar = ActionResult::decode(bytes.as_ref())
+            .map_err(|e| CacheError::invalid(format!("invalid ActionResult: {e}")))?;
+        validate_action_result(&ar)?;
+        let size = bytes.len() as u64;
+        let body = futures_util::stream::iter([Ok(bytes)]);
+        self.put(ns, Kind::Ac, hash, size, Encoding::Identity, body)
+            .await
+            .map(|_| ())
+    }
+
+    /// Streams a blob into the cache. The bytes are hashed (CAS) and written
+    /// on the blocking pool while the body still arrives; memory use is
+    /// bounded by the in-flight budget. Nothing becomes visible unless the
+    /// whole body arrived and matched. Dropping the future (client gone)
+    /// aborts the write and removes its temp file.
+    pub async fn put<S>(
+        &self,
+        ns: NamespaceId,
+        kind: Kind,
+        hash: Hash,
+        size: u64,
+        encoding: Encoding,
+        mut body: S,
+    ) -> Result<WriteOutcome, CacheError>
+    where
+        S: Stream<Item = Result<Bytes, CacheError>> + Unpin,
+    {
+        self.check_blob_size(size)?;
+        if kind == Kind::Cas && size == 0 {
+            if !hash.is_empty_blob() {
+                return Err(CacheError::invalid(format!(
+                    "invalid empty blob hash {hash}: a blob of size 0 has hash {}",
+                    hoard_disk::EMPTY_SHA256
+                )));
+            }
+            let mut received = 0usize;
+            while let Some(chunk) = body.next().await {
+                received += chunk?.len();
+            }
+            if received > 0 && encoding == Encoding::Identity {
+                return Err(CacheError::invalid(format!(
+                    "size mismatch: expected 0 bytes, received {received}"
+                )));
+            }
+            return Ok(WriteOutcome {
+                created: false,
+                size_on_disk: 0,
+            });
+        }
+        let writer = self.inner.disk.writer(ns, kind, hash, size)?;
+        let (tx, rx) = mpsc::channel::<(Bytes, OwnedSemaphorePermit)>(4);
+        let task = tokio::task::spawn_blocking(move || write_stream(writer, encoding, rx));
+        let mut body_err = None;
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(b) if b.is_empty() => {}
+                Ok(b) => {
+                    let permit = self.reserve_inflight(b.len()).await?;
+                    if tx.send((b, permit)).await.is_err() {
+                        break; // the writer already failed; its error wins
+                    }
+                }
+                Err(e) => {
+                    body_err = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        if let Some(e) = body_err {
+            task.abort();
+            return Err(e);
+        }
+        let res = task
+            .await
+            .map_err(|e| CacheError::internal(format!("write task failed: {e}")))?;
+        res
+    }
+}
+
+/// Passes decompressed bytes to the disk writer, keeping its error.
+struct WriterSink<'a> {
+    writer: &'a mut hoard_disk::Writer,
+    err: Option<hoard_disk::Error>,
+}
+
+impl std::io::Write for WriterSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.writer.write(buf) {
+            Ok(()) => Ok(buf.len()),
+            Err(e) => {
+                self.err = Some(e);
+                Err(std::io::Error::other("disk writer failed"))
+            }
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn write_stream(
+    mut writer: hoard_disk::Writer,
+    encoding: Encoding,
+    mut rx: mpsc::Receiver<(Bytes, OwnedSemaphorePermit)>,
+) -> Result<WriteOutcome, CacheError> {
+    match encoding {
+        Encoding::Identity => {
+            while let Some((b, _permit)) = rx.blocking_recv() {
+                writer.write(&b)?;
+            }
+        }
+        Encoding::Zstd => {
+            let mut sink = WriterSink {
+                writer: &mut writer,
+                err: None,
+            };
+            let mut dec = zstd::stream::write::Decoder::new(&mut sink)
+                .map_err(|e| CacheError::internal(format!("zstd decoder: {e}")))?;
+            let mut failure = None;
+            while let Some((b, _permit)) = rx.blocking_recv() {
+                if let Err(e) = dec.write_all(&b) {
+                    failure = Some(e);
+                    break;
+                }
+            }
+            if failure.is_none() {
+                if let Err(e) = dec.flush() {
+                    failure = Some(e);
+                }
+            }
+            drop(dec);
+            if let Some(err) = sink.err.take() {
+                return Err(err.into());
+            }
+            if let Some(e) = failure {
+                return Err(CacheError::invalid(format!("corrupt zstd body: {e}")));
+            }
+        }
+    }
+    writer.commit().map_err(CacheError::from)
+}

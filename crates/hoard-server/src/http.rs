@@ -1,0 +1,602 @@
+//! The HTTP front end, bazel-remote compatible:
+//! `GET|HEAD|PUT /[<instance>/](ac|cas)/<sha256>`, plus `/status`,
+//! `/metrics`, `/healthz` and `/readyz`. It parses requests, calls the
+//! [`Cache`] facade and maps results to status codes; it holds no cache rule
+//! of its own.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, BodyStream, Full, StreamBody, combinators::UnsyncBoxBody};
+use hoard_disk::{Hash, Kind};
+use hoard_proto::prost::Message;
+use hoard_proto::reapi::ActionResult;
+use hyper::body::{Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::access_log::AccessLog;
+use crate::cache::{Cache, Encoding, Found};
+use crate::error::CacheError;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Blobs up to this size are read into memory and sent in one piece; larger
+/// ones stream chunk by chunk from the blocking pool.
+const INLINE_LIMIT: u64 = 256 * 1024;
+const STREAM_CHUNK: usize = 1 << 20;
+
+/// What the HTTP server needs besides the cache.
+pub struct HttpState {
+    pub cache: Cache,
+    pub access_log: Option<AccessLog>,
+    pub started: SystemTime,
+    pub storage_mode: &'static str,
+    pub version: &'static str,
+    pub shutting_down: AtomicBool,
+    /// Cache requests served so far (for the idle timeout).
+    pub cache_requests: AtomicU64,
+}
+
+/// Serves HTTP on `listener` until `shutdown` fires, then stops accepting,
+/// lets in-flight requests finish (up to `drain`), and returns.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<HttpState>,
+    shutdown: CancellationToken,
+    drain: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let st = Arc::clone(&state);
+        let svc = service_fn(move |req| {
+            let st = Arc::clone(&st);
+            async move { Ok::<_, Infallible>(handle(&st, req, peer).await) }
+        });
+        let conn = http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+        });
+    }
+    state.shutting_down.store(true, Ordering::Relaxed);
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(drain) => tracing::warn!("HTTP requests still running at the shutdown deadline"),
+    }
+    if let Some(log) = &state.access_log {
+        log.flush();
+    }
+}
+
+fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let body: Bytes = body.into();
+    let mut r = Response::new(
+        Full::new(body)
+            .map_err(|never: Infallible| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r
+}
+
+fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
+    let mut s: String = msg.into();
+    s.push('\n');
+    let mut r = full(status, s);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn error_response(e: &CacheError) -> Response<Body> {
+    let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    text(status, e.message.clone())
+}
+
+async fn handle(st: &HttpState, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let (resp, handler) = route(st, req).await;
+    let code = resp.status().as_u16();
+    st.cache
+        .metrics()
+        .http_duration
+        .with_label_values(&[handler, method.as_str(), &code.to_string()])
+        .observe(start.elapsed().as_secs_f64());
+    if let Some(log) = &st.access_log {
+        if handler != "metrics" && handler != "probe" {
+            log.record(method.as_str(), code, peer.ip(), &path);
+        }
+    }
+    resp
+}
+
+async fn route(st: &HttpState, req: Request<Incoming>) -> (Response<Body>, &'static str) {
+    match req.uri().path() {
+        "/status" => return (status_page(st), "status"),
+        "/metrics" => {
+            let m = st.cache.metrics();
+            m.inflight_bytes.set(st.cache.inflight_bytes() as i64);
+            let mut r = full(StatusCode::OK, m.render(st.cache.disk()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            return (r, "metrics");
+        }
+        "/healthz" => return (text(StatusCode::OK, "ok"), "probe"),
+        "/readyz" => {
+            let s = st.cache.disk().stats();
+            return if st.shutting_down.load(Ordering::Relaxed) {
+                (text(StatusCode::SERVICE_UNAVAILABLE, "shutting down"), "probe")
+            } else if s.loaded {
+                (text(StatusCode::OK, "ready"), "probe")
+            } else {
+                let msg = format!("loading cache index: {:.0}% of directories", s.load_fraction * 100.0);
+                (text(StatusCode::SERVICE_UNAVAILABLE, msg), "probe")
+            };
+        }
+        _ => {}
+    }
+    let handler = match *req.method() {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        _ => {
+            let m = req.method().to_string();
+            let mut r = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("Method '{m}' not supported."),
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, PUT"));
+            return (r, "other");
+        }
+    };
+    st.cache_requests.fetch_add(1, Ordering::Relaxed);
+    let (instance, kind, hash) = match parse_cache_path(req.uri().path()) {
+        Ok(x) => x,
+        Err(msg) => return (text(StatusCode::BAD_REQUEST, msg), handler),
+    };
+    let resp = match cache_request(st, req, &instance, kind, hash).await {
+        Ok(r) => r,
+        Err(e) => error_response(&e),
+    };
+    (resp, handler)
+}
+
+/// Splits `/[<instance>/](ac|cas)/<hash>`. The instance is checked as a
+/// namespace name, so `..`, empty segments and percent-escapes never reach
+/// the filesystem.
+pub fn parse_cache_path(path: &str) -> Result<(String, Kind, Hash), String> {
+    let expected = || {
+        format!(
+            "resource name must be /[<instance>/](ac|cas)/<sha256 as 64 lower-case hex>, got {path:?}"
+        )
+    };
+    let trimmed = path.strip_prefix('/').unwrap_or(path);
+    let mut segs: Vec<&str> = trimmed.split('/').collect();
+    let hash_s = segs.pop().ok_or_else(expected)?;
+    let kind = match segs.pop() {
+        Some("ac") => Kind::Ac,
+        Some("cas") => Kind::Cas,
+        _ => return Err(expected()),
+    };
+    let hash = Hash::parse(hash_s).map_err(|e| format!("{}: {e}", expected()))?;
+    if segs.iter().any(|s| s.is_empty()) {
+        return Err(format!("{}: empty path segment", expected()));
+    }
+    let instance = segs.join("/");
+    if !instance.is_empty() {
+        hoard_disk::validate_namespace(&instance)
+            .map_err(|e| format!("bad instance prefix in {path:?}: {e}"))?;
+    }
+    Ok((instance, kind, hash))
+}
+
+async fn cache_request(
+    st: &HttpState,
+    req: Request<Incoming>,
+    instance: &str,
+    kind: Kind,
+    hash: Hash,
+) -> Result<Response<Body>, CacheError> {
+    let ns = st.cache.namespace(instance)?;
+    match (req.method().clone(), kind) {
+        (Method::PUT, _) => {
+            let r = put(st, req, ns, kind, hash).await;
+            if let Err(e) = &r {
+                st.cache.count_rejected(kind, e);
+                tracing::info!(%kind, %hash, error = %e.message, "upload refused");
+            }
+            r
+        }
+        (Method::HEAD, Kind::Cas) => Ok(match st.cache.cas_contains(ns, &hash) {
+            Some(size) => with_length(full(StatusCode::OK, Bytes::new()), size),
+            None => text(StatusCode::NOT_FOUND, "Not found"),
+        }),
+        (_, Kind::Cas) => get_cas(st, req.headers(), ns, hash).await,
+        (m, Kind::Ac | Kind::Raw) => {
+            let Some((bytes, ar)) = st.cache.ac_get(ns, &hash)? else {
+                return Ok(text(StatusCode::NOT_FOUND, "Not found"));
+            };
+            if m == Method::HEAD {
+                return Ok(with_length(full(StatusCode::OK, Bytes::new()), bytes.len() as u64));
+            }
+            if wants_json(req.headers()) {
+                let json = serde_json::to_vec(&ar)
+                    .map_err(|e| CacheError::internal(format!("encoding ActionResult as JSON: {e}")))?;
+                let mut r = full(StatusCode::OK, json);
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                return Ok(r);
+            }
+            Ok(octets(full(StatusCode::OK, bytes)))
+        }
+    }
+}
+
+fn with_length(mut r: Response<Body>, len: u64) -> Response<Body> {
+    r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    octets(r)
+}
+
+fn octets(mut r: Response<Body>) -> Response<Body> {
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    r
+}
+
+fn wants_json(h: &HeaderMap) -> bool {
+    h.get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|p| p.trim().starts_with("application/json")))
+}
+
+fn accepts_zstd(h: &HeaderMap) -> bool {
+    h.get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|p| p.trim().split(';').next() == Some("zstd")))
+}
+
+async fn get_cas(
+    st: &HttpState,
+    headers: &HeaderMap,
+    ns: hoard_disk::NamespaceId,
+    hash: Hash,
+) -> Result<Response<Body>, CacheError> {
+    let blob = match st.cache.cas_get(ns, &hash)? {
+        None => return Ok(text(StatusCode::NOT_FOUND, "Not found")),
+        Some(Found::Empty) => return Ok(with_length(full(StatusCode::OK, Bytes::new()), 0)),
+        Some(Found::Blob(b)) => b,
+    };
+    if accepts_zstd(headers) && blob.is_zstd_stream() {
+        let len = blob.stored_len();
+        let mut r = with_length(stream_blob(st.cache.clone(), blob, true), len);
+        r.headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("zstd"));
+        return Ok(r);
+    }
+    let size = blob.logical_size();
+    if size <= INLINE_LIMIT {
+        let permit = st.cache.reserve_inflight(size as usize).await?;
+        let mut blob = blob;
+        // A small file was already read whole when it was opened; this only
+        // decompresses it.
+        return match blob.read_to_vec() {
+            Ok(data) => Ok(with_length(full(StatusCode::OK, held(data, permit)), size)),
+            Err(hoard_disk::Error::Corrupt { .. }) => Ok(text(StatusCode::NOT_FOUND, "Not found")),
+            Err(e) => Err(e.into()),
+        };
+    }
+    Ok(with_length(stream_blob(st.cache.clone(), blob, false), size))
+}
+
+/// Bytes that hold their share of the in-flight budget until hyper has
+/// written them out and drops them.
+struct Held {
+    data: Vec<u8>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+fn held(data: Vec<u8>, permit: OwnedSemaphorePermit) -> Bytes {
+    Bytes::from_owner(Held {
+        data,
+        _permit: permit,
+    })
+}
+
+/// Streams a blob from the blocking pool: at most one chunk waits in the
+/// channel and one is being written, each counted in the in-flight budget.
+/// A read error mid-body is passed to hyper as a body error, which aborts
+/// the connection, so a client can never take a truncated body for a whole
+/// one.
+fn stream_blob(cache: Cache, blob: hoard_disk::Blob, stored: bool) -> Response<Body> {
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+    tokio::spawn(async move {
+        let mut blob = Some(blob);
+        let mut offset = 0u64;
+        loop {
+            let permit = match cache.reserve_inflight(STREAM_CHUNK).await {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
+            let Some(mut b) = blob.take() else { return };
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = Vec::new();
+                let r = if stored {
+                    buf.resize(STREAM_CHUNK, 0);
+                    b.read_stored_at(offset, &mut buf).map(|n| {
+                        buf.truncate(n);
+                        n > 0
+                    })
+                } else {
+                    b.next_chunk(&mut buf)
+                };
+                (b, r, buf)
+            })
+            .await;
+            let (b, r, buf) = match read {
+                Ok(x) => x,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
+            match r {
+                Ok(true) => {
+                    offset += buf.len() as u64;
+                    blob = Some(b);
+                    if tx.send(Ok(Frame::data(held(buf, permit)))).await.is_err() {
+                        return; // client went away
+                    }
+                }
+                Ok(false) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "read failed mid-response; aborting it");
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            }
+        }
+    });
+    let mut rx = rx;
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
+    *r.status_mut() = StatusCode::OK;
+    r
+}
+
+fn header_u64(h: &HeaderMap, name: &str) -> Result<Option<u64>, CacheError> {
+    match h.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(Some)
+            .ok_or_else(|| CacheError::invalid(format!("invalid {name} header: {v:?}"))),
+    }
+}
+
+async fn put(
+    st: &HttpState,
+    req: Request<Incoming>,
+    ns: hoard_disk::NamespaceId,
+    kind: Kind,
+    hash: Hash,
+) -> Result<Response<Body>, CacheError> {
+    let h = req.headers();
+    let encoding = match h.get(header::CONTENT_ENCODING).map(|v| v.to_str().unwrap_or("?")) {
+        None | Some("identity") | Some("") => Encoding::Identity,
+        Some("zstd") => Encoding::Zstd,
+        Some(other) => {
+            return Err(CacheError::invalid(format!(
+                "Unsupported content-encoding: {other:?} (use identity or zstd)"
+            )));
+        }
+    };
+    let content_length = header_u64(h, "content-length")?;
+    let digest_size = header_u64(h, "x-digest-sizebytes")?;
+    let size = match (encoding, digest_size, content_length) {
+        (Encoding::Identity, Some(s), Some(c)) if s != c => {
+            return Err(CacheError::invalid(format!(
+                "Content-Length {c} does not match X-Digest-SizeBytes {s}"
+            )));
+        }
+        (_, Some(s), _) => s,
+        (Encoding::Identity, None, Some(c)) => c,
+        (Encoding::Zstd, None, _) => {
+            return Err(CacheError::invalid(
+                "a zstd-encoded PUT needs X-Digest-SizeBytes with the uncompressed size",
+            ));
+        }
+        (Encoding::Identity, None, None) => {
+            return Err(CacheError::invalid("PUT without Content-Length"));
+        }
+    };
+    let json = kind == Kind::Ac
+        && h.get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+    let body = BodyStream::new(req.into_body()).filter_map(|frame| async move {
+        match frame {
+            Ok(f) => f.into_data().ok().map(Ok),
+            Err(e) => Some(Err(CacheError::invalid(format!("reading request body: {e}")))),
+        }
+    });
+    let mut body = Box::pin(body);
+    if kind == Kind::Cas {
+        st.cache.put(ns, kind, hash, size, encoding, &mut body).await?;
+        return Ok(full(StatusCode::OK, Bytes::new()));
+    }
+    // Action results are small: collect, decode, validate, then store.
+    let limit = st.cache.limits().max_action_result_size;
+    if size > limit {
+        return Err(CacheError::new(
+            crate::error::ErrorKind::TooLarge,
+            format!("action result of {size} bytes exceeds the limit of {limit}"),
+        ));
+    }
+    let _permit = st.cache.reserve_inflight(size as usize).await?;
+    let mut buf = BytesMut::with_capacity(size.min(limit) as usize);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        if (buf.len() + chunk.len()) as u64 > limit {
+            return Err(CacheError::invalid("action result body is larger than declared"));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    let mut bytes = buf.freeze();
+    if encoding == Encoding::Zstd {
+        bytes = zstd::bulk::decompress(&bytes, size as usize)
+            .map_err(|e| CacheError::invalid(format!("corrupt zstd body: {e}")))?
+            .into();
+    }
+    if bytes.len() as u64 != size {
+        return Err(CacheError::invalid(format!(
+            "size mismatch: expected {size} bytes, received {}",
+            bytes.len()
+        )));
+    }
+    if json {
+        let ar: ActionResult = serde_json::from_slice(&bytes)
+            .map_err(|e| CacheError::invalid(format!("invalid ActionResult JSON: {e}")))?;
+        bytes = ar.encode_to_vec().into();
+    }
+    st.cache.ac_put(ns, hash, bytes).await?;
+    Ok(full(StatusCode::OK, Bytes::new()))
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct Status {
+    curr_size: u64,
+    uncompressed_size: u64,
+    reserved_size: u64,
+    max_size: u64,
+    num_files: u64,
+    server_time: u64,
+    git_commit: &'static str,
+    git_tags: &'static str,
+    num_goroutines: usize,
+    version: &'static str,
+    storage_mode: &'static str,
+    index_loaded: bool,
+    index_load_progress: f64,
+    index_heap_bytes: u64,
+    evicted_bytes: u64,
+    pending_deletion_bytes: u64,
+    hard_limit: Option<u64>,
+    in_flight_bytes: u64,
+    namespaces: Vec<String>,
+    uptime_seconds: u64,
+}
+
+fn status_page(st: &HttpState) -> Response<Body> {
+    let s = st.cache.disk().stats();
+    let now = SystemTime::now();
+    let status = Status {
+        curr_size: s.size_on_disk,
+        uncompressed_size: s.logical_bytes,
+        reserved_size: s.reserved,
+        max_size: s.max_size,
+        num_files: s.entries,
+        server_time: now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        git_commit: option_env!("HOARD_GIT_COMMIT").unwrap_or(""),
+        git_tags: "",
+        num_goroutines: tokio::runtime::Handle::current().metrics().num_alive_tasks(),
+        version: st.version,
+        storage_mode: st.storage_mode,
+        index_loaded: s.loaded,
+        index_load_progress: s.load_fraction,
+        index_heap_bytes: s.index_heap_bytes,
+        evicted_bytes: s.evicted_bytes_total,
+        pending_deletion_bytes: s.pending_deletion,
+        hard_limit: s.hard_limit,
+        in_flight_bytes: st.cache.inflight_bytes(),
+        namespaces: st.cache.disk().namespaces(),
+        uptime_seconds: now.duration_since(st.started).map(|d| d.as_secs()).unwrap_or(0),
+    };
+    let body = serde_json::to_vec_pretty(&status).unwrap_or_default();
+    let mut r = full(StatusCode::OK, body);
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_paths_parse_and_traversal_is_refused() {
+        let h = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let (i, k, _) = parse_cache_path(&format!("/cas/{h}")).unwrap();
+        assert_eq!((i.as_str(), k), ("", Kind::Cas));
+        let (i, k, _) = parse_cache_path(&format!("/team/x/ac/{h}")).unwrap();
+        assert_eq!((i.as_str(), k), ("team/x", Kind::Ac));
+        for bad in [
+            format!("/cas/{}", &h[..10]),
+            format!("/cas/{}", h.to_uppercase()),
+            format!("/../cas/{h}"),
+            format!("/%2e%2e/cas/{h}"),
+            format!("//cas/{h}"),
+            format!("/a//cas/{h}"),
+            "/etc/passwd".to_string(),
+            format!("/cas.v2/{h}"),
+            format!("/cas/{h}/"),
+        ] {
+            assert!(parse_cache_path(&bad).is_err(), "{bad} accepted");
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! Turning flags, environment variables and a YAML file into a validated
+//! [`Config`] before anything is opened. Every error is one line naming the
+//! setting, where its value came from, and what is wrong.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hoard_disk::StorageMode;
+use hoard_server::NamespacePolicy;
+
+use crate::settings::{self, IGNORED, SETTINGS, Setting, Ty, UNSUPPORTED};
+
+const GIB: u64 = 1 << 30;
+
+/// The daemon's validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub dir: PathBuf,
+    pub max_size_bytes: u64,
+    pub hard_limit_bytes: Option<u64>,
+    pub storage_mode: StorageMode,
+    pub http_address: SocketAddr,
+    pub max_blob_size: u64,
+    pub max_inflight_bytes: u64,
+    pub max_action_result_size: u64,
+    pub fsync: bool,
+    pub access_log: bool,
+    pub idle_timeout: Option<Duration>,
+    pub shutdown_timeout: Duration,
+    pub namespaces: NamespacePolicy,
+    pub max_namespaces: usize,
+}
+
+/// What the command line asked for.
+pub enum Command {
+    Serve(Box<Config>),
+    Help,
+    Version,
+}
+
+/// A configuration error: one line.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid configuration: {}", self.0)
+    }
+}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// A raw value and where it came from, for error messages.
+#[derive(Clone, Debug)]
+struct Raw {
+    value: String,
+    source: String,
+}
+
+pub fn from_args_and_env(
+    args: &[String],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Command, ConfigError> {
+    let flags = match parse_flags(args)? {
+        Some(f) => f,
+        None => return Ok(Command::Help),
+    };
+    if flags.contains_key("version") {
+        return Ok(Command::Version);
+    }
+    let mut env_values = BTreeMap::new();
+    for s in SETTINGS {
+        for name in s.env {
+            if let Some(v) = env(name) {
+                env_values.insert(
+                    s.key.to_string(),
+                    Raw {
+                        value: v,
+                        source: format!("environment variable {name}"),
+                    },
+                );
+            }
+        }
+    }
+    let config_file = flags
+        .get("config_file")
+        .or_else(|| env_values.get("config_file"))
+        .map(|r| r.value.clone());
+    let mut merged = match config_file.filter(|f| !f.is_empty()) {
+        Some(path) => read_yaml(&path)?,
+        None => BTreeMap::new(),
+    };
+    merged.extend(env_values);
+    merged.extend(flags);
+    build(&merged).map(|c| Command::Serve(Box::new(c)))
+}
+
+/// `--key=value`, `--key value`, or a bare `--bool_flag`. Returns None for
+/// `--help`.
+fn parse_flags(args: &[String]) -> Result<Option<BTreeMap<String, Raw>>, ConfigError> {
+    let mut out = BTreeMap::new();
+    let mut i = 0;
+    while i < args.len() {
+        let arg = &args[i];
+        i += 1;
+        if arg == "-h" || arg == "--help" || arg == "help" {
+            return Ok(None);
+        }
+        if arg == "--version" || arg == "-V" {
+            out.insert(
+                "version".into(),
+                Raw {
+                    value: "true".into(),
+                    source: "flag".into(),
+                },
+            );
+            continue;
+        }
+        let Some(body) = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')) else {
+            return err(format!("unexpected argument {arg:?}; flags look like --max_size=10"));
+        };
+        let (name, inline) = match body.split_once('=') {
+            Some((n, v)) => (n, Some(v.to_string())),
+            None => (body, None),
+        };
+        let name = name.replace("s3.", "s3_proxy.");
+        let setting = match settings::find_by_flag(&name) {
+            Some(s) => s,
+            None => {
+                unsupported(&name)?;
+                if IGNORED.iter().any(|k| name == *k) {
+                    if inline.is_none() && args.get(i).is_some_and(|a| !a.starts_with('-')) {
+                        i += 1;
+                    }
+                    continue;
+                }
+                return err(format!("unknown flag --{name}; run hoard --help for the list"));
+            }
+        };
+        let value = match inline {
+            Some(v) => v,
+            None if setting.ty == Ty::Bool
+                && args.get(i).is_none_or(|a| a.starts_with('-')) =>
+            {
+                "true".to_string()
+            }
+            None => match args.get(i) {
+                Some(v) => {
+                    i += 1;
+                    v.clone()
+                }
+                None => return err(format!("--{name}: missing value")),
+            },
+        };
+        out.insert(
+            setting.key.to_string(),
+            Raw {
+                value,
+                source: format!("flag --{name}"),
+            },
+        );
+    }
+    Ok(Some(out))
+}
+
+fn unsupported(key: &str) -> Result<(), ConfigError> {
+    let top = key.split('.').next().unwrap_or(key);
+    if UNSUPPORTED.contains(&top) {
+        return err(format!(
+            "{key}: not supported by this version of hoard; remove it (it would otherwise be ignored)"
+        ));
+    }
+    Ok(())
+}
+
+fn read_yaml(path: &str) -> Result<BTreeMap<String, Raw>, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .or_else(|e| err(format!("config_file: cannot read {path}: {e}")))?;
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text)
+        .or_else(|e| err(format!("config_file {path}: not valid YAML: {e}")))?;
+    let mut out = BTreeMap::new();
+    match doc {
+        serde_yaml::Value::Null => {}
+        serde_yaml::Value::Mapping(m) => flatten(path, "", &m, &mut out)?,
+        _ => return err(format!("config_file {path}: expected a mapping of settings")),
+    }
+    Ok(out)
+}
+
+fn flatten(
+    path: &str,
+    prefix: &str,
+    m: &serde_yaml::Mapping,
+    out: &mut BTreeMap<String, Raw>,
+) -> Result<(), ConfigError> {
+    for (k, v) in m {
+        let Some(k) = k.as_str() else {
+            return err(format!("config_file {path}: keys must be strings"));
+        };
+        let key = if prefix.is_empty() {
+            k.to_string()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        let source = format!("{key} in {path}");
+        let value = match v {
+            serde_yaml::Value::Mapping(inner) => {
+                unsupported(&key)?;
+                flatten(path, &key, inner, out)?;
+                continue;
+            }
+            serde_yaml::Value::Sequence(items) => items
+                .iter()
+                .map(scalar)
+                .collect::<Option<Vec<_>>>()
+                .map(|v| v.join(","))
+                .ok_or_else(|| ConfigError(format!("{key}: list items must be scalars ({source})")))?,
+            serde_yaml::Value::Null => continue,
+            other => scalar(other)
+                .ok_or_else(|| ConfigError(format!("{key}: unsupported value ({source})")))?,
+        };
+        unsupported(&key)?;
+        if settings::find_by_key(&key).is_none() {
+            if IGNORED.iter().any(|i| key == *i) {
+                continue;
+            }
+            return err(format!("{key}: unknown setting ({source}); run hoard --help for the list"));
+        }
+        out.insert(key, Raw { value, source });
+    }
+    Ok(())
+}
+
+fn scalar(v: &serde_yaml::Value) -> Option<String> {
+    match v {
+        serde_yaml::Value::String(s) => Some(s.clone()),
+        serde_yaml::Value::Number(n) => Some(n.to_string()),
+        serde_yaml::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+struct Values<'a> {
+    merged: &'a BTreeMap<String, Raw>,
+}
+
+impl Values<'_> {
+    fn raw(&self, key: &str) -> (String, String, &'static Setting) {
+        let setting = settings::find_by_key(key).unwrap_or(&SETTINGS[0]);
+        match self.merged.get(key) {
+            Some(r) => (r.value.trim().to_string(), r.source.clone(), setting),
+            None => (setting.default.to_string(), "default".to_string(), setting),
+        }
+    }
+
+    fn string(&self, key: &str) -> String {
+        self.raw(key).0
+    }
+
+    fn int(&self, key: &str) -> Result<u64, ConfigError> {
+        let (v, src, _) = self.raw(key);
+        v.parse::<u64>()
+            .or_else(|_| err(format!("{key}: expected a non-negative integer, got {v:?} ({src})")))
+    }
+
+    fn bool(&self, key: &str) -> Result<bool, ConfigError> {
+        let (v, src, _) = self.raw(key);
+        match v.as_str() {
+            "true" | "1" | "yes" => Ok(true),
+            "false" | "0" | "no" => Ok(false),
+            _ => err(format!("{key}: expected true or false, got {v:?} ({src})")),
+        }
+    }
+
+    fn duration(&self, key: &str) -> Result<Duration, ConfigError> {
+        let (v, src, _) = self.raw(key);
+        parse_duration(&v)
+            .ok_or_else(|| ConfigError(format!("{key}: expected a duration like 30s, 5m or 1h, got {v:?} ({src})")))
+    }
+
+    fn source(&self, key: &str) -> String {
+        self.raw(key).1
+    }
+}
+
+fn parse_duration(v: &str) -> Option<Duration> {
+    let split = v.find(|c: char| !c.is_ascii_digit() && c != '.')?;
+    let (num, unit) = v.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
+fn parse_address(key: &str, v: &str, src: &str) -> Result<SocketAddr, ConfigError> {
+    let full = if v.starts_with(':') {
+        format!("0.0.0.0{v}")
+    } else {
+        v.to_string()
+    };
+    full.parse::<SocketAddr>().or_else(|_| {
+        err(format!("{key}: expected [host]:port with an IP host, got {v:?} ({src})"))
+    })
+}
+
+fn build(m: &BTreeMap<String, Raw>) -> Result<Config, ConfigError> {
+    let v = Values { merged: m };
+    let max_size = v.int("max_size")?;
+    if max_size == 0 {
+        return err(format!("max_size: must be at least 1 (GiB) ({})", v.source("max_size")));
+    }
+    let hard = v.int("max_size_hard_limit")?;
+    if hard != 0 && hard < max_size {
+        return err(format!(
+            "max_size_hard_limit: {hard} GiB is below max_size {max_size} GiB ({})",
+            v.source("max_size_hard_limit")
+        ));
+    }
+    let storage_mode = match v.string("storage_mode").as_str() {
+        "zstd" => StorageMode::Zstd,
+        "uncompressed" => StorageMode::Uncompressed,
+        other => {
+            return err(format!(
+                "storage_mode: expected zstd or uncompressed, got {other:?} ({})",
+                v.source("storage_mode")
+            ));
+        }
+    };
+    let grpc = v.string("grpc_address");
+    if !grpc.is_empty() && grpc != "none" {
+        return err(format!(
+            "grpc_address: the gRPC front end is not available in this build; set it to none ({})",
+            v.source("grpc_address")
+        ));
+    }
+    let access_log = match v.string("access_log_level").as_str() {
+        "all" => true,
+        "none" => false,
+        other => {
+            return err(format!(
+                "access_log_level: expected all or none, got {other:?} ({})",
+                v.source("access_log_level")
+            ));
+        }
+    };
+    let dir = v.string("dir");
+    if dir.is_empty() {
+        return err("dir: must not be empty");
+    }
+    let default_ns = v.string("namespaces.default");
+    if !default_ns.is_empty() {
+        hoard_disk::validate_namespace(&default_ns)
+            .or_else(|e| err(format!("namespaces.default: {e}")))?;
+    }
+    let allowed_raw = v.string("namespaces.allowed");
+    let allowed: HashSet<String> = allowed_raw
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    for name in &allowed {
+        hoard_disk::validate_namespace(name)
+            .or_else(|e| err(format!("namespaces.allowed: {e}")))?;
+    }
+    let max_ns = v.int("namespaces.max")?;
+    if !(1..=2048).contains(&max_ns) {
+        return err(format!("namespaces.max: expected 1 to 2048, got {max_ns}"));
+    }
+    let inflight = v.int("max_inflight_bytes")?;
+    if inflight < 1 << 20 {
+        return err(format!("max_inflight_bytes: must be at least 1048576, got {inflight}"));
+    }
+    let idle = v.duration("idle_timeout")?;
+    let http = v.string("http_address");
+    Ok(Config {
+        dir: PathBuf::from(dir),
+        max_size_bytes: max_size.saturating_mul(GIB),
+        hard_limit_bytes: (hard > 0).then(|| hard.saturating_mul(GIB)),
+        storage_mode,
+        http_address: parse_address("http_address", &http, &v.source("http_address"))?,
+        max_blob_size: v.int("max_blob_size")?,
+        max_inflight_bytes: inflight,
+        max_action_result_size: v.int("max_action_result_size")?,
+        fsync: v.bool("fsync")?,
+        access_log,
+        idle_timeout: (!idle.is_zero()).then_some(idle),
+        shutdown_timeout: v.duration("shutdown_timeout")?,
+        namespaces: NamespacePolicy {
+            default: default_ns,
+            allowed: (!allowed.is_empty()).then_some(allowed),
+        },
+        max_namespaces: max_ns as usize,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(args: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let lookup = move |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        match from_args_and_env(&args, &lookup)? {
+            Command::Serve(c) => Ok(*c),
+            _ => panic!("not a serve command"),
+        }
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hoard.yaml");
+        std::fs::write(&file, "dir: /from/file\nmax_size: 3\nstorage_mode: uncompressed\nnamespaces:\n  allowed: [a, b]\n").unwrap();
+        let f = file.to_str().unwrap();
+        let c = load(&["--config_file", f], &[("BAZEL_REMOTE_MAX_SIZE", "4")]).unwrap();
+        assert_eq!(c.dir, PathBuf::from("/from/file"));
+        assert_eq!(c.max_size_bytes, 4 * GIB);
+        assert_eq!(c.storage_mode, StorageMode::Uncompressed);
+        assert_eq!(c.namespaces.allowed.as_ref().unwrap().len(), 2);
+        let c = load(&["--config_file", f, "--max_size=5", "--dir", "/flag"], &[("BAZEL_REMOTE_MAX_SIZE", "4")]).unwrap();
+        assert_eq!(c.max_size_bytes, 5 * GIB);
+        assert_eq!(c.dir, PathBuf::from("/flag"));
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_source() {
+        let e = load(&["--max_size=lots"], &[]).unwrap_err().to_string();
+        assert!(e.contains("max_size") && e.contains("lots") && e.contains("flag --max_size"), "{e}");
+        let e = load(&[], &[("BAZEL_REMOTE_STORAGE_MODE", "gzip")]).unwrap_err().to_string();
+        assert!(e.contains("storage_mode") && e.contains("BAZEL_REMOTE_STORAGE_MODE"), "{e}");
+        let e = load(&["--htpasswd_file=/x"], &[]).unwrap_err().to_string();
+        assert!(e.contains("htpasswd_file") && e.contains("not supported"), "{e}");
+        let e = load(&["--nonsense=1"], &[]).unwrap_err().to_string();
+        assert!(e.contains("unknown flag --nonsense"), "{e}");
+        let e = load(&["--http_address=nowhere"], &[]).unwrap_err().to_string();
+        assert!(e.contains("http_address"), "{e}");
+        for e in [
+            load(&["--max_size=0"], &[]).unwrap_err().to_string(),
+            load(&["--namespaces.default=../x"], &[]).unwrap_err().to_string(),
+        ] {
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn defaults_run_a_local_only_daemon() {
+        let c = load(&[], &[]).unwrap();
+        assert_eq!(c.dir, PathBuf::from("hoard-data"));
+        assert_eq!(c.http_address.port(), 8080);
+        assert!(c.fsync && c.access_log);
+    }
+}

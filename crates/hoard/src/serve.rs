@@ -1,0 +1,117 @@
+//! Wiring for `hoard` (serve): open the disk cache, open the listeners at
+//! once, index the cache in the background, serve until SIGTERM/SIGINT or
+//! the idle timeout, then stop in order: listeners, in-flight requests,
+//! eviction thread.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use anyhow::Context as _;
+use hoard_disk::{DiskCache, StorageMode};
+use hoard_server::access_log::AccessLog;
+use hoard_server::http::{self, HttpState};
+use hoard_server::{Cache, Limits, Metrics};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let disk = DiskCache::open(hoard_disk::Config {
+        dir: cfg.dir.clone(),
+        max_size_bytes: cfg.max_size_bytes,
+        hard_limit_bytes: cfg.hard_limit_bytes,
+        storage_mode: cfg.storage_mode,
+        fsync: cfg.fsync,
+        max_namespaces: cfg.max_namespaces,
+    })
+    .with_context(|| format!("opening cache directory {}", cfg.dir.display()))?;
+    let listener = TcpListener::bind(cfg.http_address)
+        .await
+        .with_context(|| format!("http_address: cannot listen on {}", cfg.http_address))?;
+    let local = listener.local_addr()?;
+    tracing::info!(address = %local, dir = %disk.dir().display(), "serving HTTP");
+
+    // The index loads while requests are already served; /readyz says when
+    // it is done.
+    let loader = disk.clone();
+    std::thread::Builder::new()
+        .name("hoard-index-load".into())
+        .spawn(move || loader.load())
+        .context("starting the index loader")?;
+
+    let metrics = Arc::new(Metrics::new().context("creating metrics")?);
+    let cache = Cache::new(
+        disk.clone(),
+        cfg.namespaces.clone(),
+        Limits {
+            max_blob_size: cfg.max_blob_size,
+            max_action_result_size: cfg.max_action_result_size,
+            max_inflight_bytes: cfg.max_inflight_bytes,
+        },
+        metrics,
+    );
+    let state = Arc::new(HttpState {
+        cache,
+        access_log: cfg.access_log.then(AccessLog::start),
+        started: SystemTime::now(),
+        storage_mode: match cfg.storage_mode {
+            StorageMode::Zstd => "zstd",
+            StorageMode::Uncompressed => "uncompressed",
+        },
+        version: env!("CARGO_PKG_VERSION"),
+        shutting_down: AtomicBool::new(false),
+        cache_requests: AtomicU64::new(0),
+    });
+
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    if let Some(idle) = cfg.idle_timeout {
+        spawn_idle_timer(Arc::clone(&state), idle, shutdown.clone());
+    }
+    http::serve(listener, Arc::clone(&state), shutdown, cfg.shutdown_timeout).await;
+    tracing::info!("HTTP server stopped; stopping the disk cache");
+    disk.shutdown();
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}
+
+/// Cancels `shutdown` once no cache request has arrived for `idle`.
+fn spawn_idle_timer(state: Arc<HttpState>, idle: std::time::Duration, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let count = |s: &HttpState| s.cache_requests.load(Ordering::Relaxed);
+        let mut last = count(&state);
+        let mut quiet = std::time::Duration::ZERO;
+        let step = std::time::Duration::from_secs(1);
+        loop {
+            tokio::time::sleep(step).await;
+            let now = count(&state);
+            if now == last {
+                quiet += step;
+                if quiet >= idle {
+                    tracing::info!(?idle, "idle timeout: shutting down");
+                    shutdown.cancel();
+                    return;
+                }
+            } else {
+                quiet = std::time::Duration::ZERO;
+                last = now;
+            }
+        }
+    });
+}
