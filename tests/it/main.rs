@@ -1,1 +1,8 @@
+//! End-to-end tests of the `hoard` binary. They start real processes on
+//! 127.0.0.1 (hoard itself, Bazel) and fail, never skip, when a part is
+//! missing: run them through the README's test command, which installs
+//! everything.
 
+mod bazel;
+mod http;
+mod support;
