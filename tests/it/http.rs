@@ -51,7 +51,10 @@ fn cas_and_ac_round_trip_including_zstd_and_json() {
     let r = h.get(&format!("/cas/{hx}"));
     assert_eq!((r.status, r.body == blob), (200, true));
     let r = h.request("HEAD", &format!("/cas/{hx}"), &[], b"");
-    assert_eq!(r.header("content-length"), Some(blob.len().to_string().as_str()));
+    assert_eq!(
+        r.header("content-length"),
+        Some(blob.len().to_string().as_str())
+    );
 
     // zstd in both directions.
     let small = b"compress me please compress me please".repeat(100);
@@ -68,22 +71,38 @@ fn cas_and_ac_round_trip_including_zstd_and_json() {
         &z,
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = h.request("GET", &format!("/cas/{sx}"), &[("Accept-Encoding", "zstd")], b"");
+    let r = h.request(
+        "GET",
+        &format!("/cas/{sx}"),
+        &[("Accept-Encoding", "zstd")],
+        b"",
+    );
     assert_eq!(r.header("content-encoding"), Some("zstd"));
     assert_eq!(zstd::decode_all(&r.body[..]).unwrap(), small);
 
     // The empty blob always exists and is never stored.
     assert_eq!(h.get(&format!("/cas/{EMPTY}")).status, 200);
-    assert_eq!(h.request("HEAD", &format!("/cas/{EMPTY}"), &[], b"").status, 200);
+    assert_eq!(
+        h.request("HEAD", &format!("/cas/{EMPTY}"), &[], b"").status,
+        200
+    );
     assert_eq!(h.put(&format!("/cas/{EMPTY}"), b"").status, 200);
 
     // An action result, binary in and JSON out, and JSON in.
     let ar = action_result(&[("out/big", &blob), ("out/small", &small)]);
     let key = sha256_hex(b"action 1");
-    assert_eq!(h.put(&format!("/ac/{key}"), &ar.encode_to_vec()).status, 200);
+    assert_eq!(
+        h.put(&format!("/ac/{key}"), &ar.encode_to_vec()).status,
+        200
+    );
     let r = h.get(&format!("/ac/{key}"));
     assert_eq!(ActionResult::decode(&r.body[..]).unwrap(), ar);
-    let r = h.request("GET", &format!("/ac/{key}"), &[("Accept", "application/json")], b"");
+    let r = h.request(
+        "GET",
+        &format!("/ac/{key}"),
+        &[("Accept", "application/json")],
+        b"",
+    );
     assert_eq!(r.header("content-type"), Some("application/json"));
     let json: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(json["outputFiles"][0]["path"], "out/big");
@@ -91,11 +110,17 @@ fn cas_and_ac_round_trip_including_zstd_and_json() {
     let r = h.request(
         "PUT",
         &format!("/ac/{key2}"),
-        &[("Content-Type", "application/json"), ("Content-Length", &r.body.len().to_string())],
+        &[
+            ("Content-Type", "application/json"),
+            ("Content-Length", &r.body.len().to_string()),
+        ],
         &r.body,
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(ActionResult::decode(&h.get(&format!("/ac/{key2}")).body[..]).unwrap(), ar);
+    assert_eq!(
+        ActionResult::decode(&h.get(&format!("/ac/{key2}")).body[..]).unwrap(),
+        ar
+    );
 }
 
 #[test]
@@ -107,7 +132,11 @@ fn instance_prefixes_are_isolated_namespaces() {
     assert_eq!(h.get(&format!("/team-a/cas/{hx}")).body, blob);
     assert_eq!(h.get(&format!("/cas/{hx}")).status, 404);
     assert_eq!(h.get(&format!("/team-b/cas/{hx}")).status, 404);
-    assert!(cache_files(&h).iter().all(|f| f.starts_with("ns.v1/team-a/cas.v2/")));
+    assert!(
+        cache_files(&h)
+            .iter()
+            .all(|f| f.starts_with("ns.v1/team-a/cas.v2/"))
+    );
 }
 
 #[test]
@@ -129,7 +158,12 @@ fn a_body_shorter_than_content_length_stores_nothing() {
     let blob = noise(100_000, 2);
     let hx = sha256_hex(&blob);
     let mut s = TcpStream::connect(h.addr).unwrap();
-    write!(s, "PUT /cas/{hx} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", blob.len()).unwrap();
+    write!(
+        s,
+        "PUT /cas/{hx} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        blob.len()
+    )
+    .unwrap();
     s.write_all(&blob[..40_000]).unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let _ = crate::support::read_response(&mut s, false);
@@ -145,7 +179,12 @@ fn a_client_that_disconnects_mid_upload_leaves_no_temp_file() {
     let hx = sha256_hex(&blob);
     {
         let mut s = TcpStream::connect(h.addr).unwrap();
-        write!(s, "PUT /cas/{hx} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", blob.len()).unwrap();
+        write!(
+            s,
+            "PUT /cas/{hx} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            blob.len()
+        )
+        .unwrap();
         s.write_all(&blob[..(2 << 20)]).unwrap();
         std::thread::sleep(Duration::from_millis(300));
         // Mid-upload a temp file exists...
@@ -182,7 +221,11 @@ fn a_body_longer_than_its_declared_size_is_refused() {
     // body; the rest is not a valid next request and is answered 400, while
     // the blob stored is exactly the 5 bytes.
     let mut s = TcpStream::connect(h.addr).unwrap();
-    write!(s, "PUT /cas/{hx} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n").unwrap();
+    write!(
+        s,
+        "PUT /cas/{hx} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"
+    )
+    .unwrap();
     s.write_all(&blob).unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let mut raw = Vec::new();
@@ -195,7 +238,11 @@ fn a_body_longer_than_its_declared_size_is_refused() {
     let r = h.request(
         "PUT",
         &format!("/cas/{}", sha256_hex(&big)),
-        &[("Content-Length", &z.len().to_string()), ("Content-Encoding", "zstd"), ("X-Digest-SizeBytes", "100")],
+        &[
+            ("Content-Length", &z.len().to_string()),
+            ("Content-Encoding", "zstd"),
+            ("X-Digest-SizeBytes", "100"),
+        ],
         &z,
     );
     assert_eq!(r.status, 400, "{}", r.text());
@@ -242,7 +289,11 @@ fn malformed_digests_and_paths_never_touch_the_filesystem() {
             let r = h.request(method, p, &[("Content-Length", "1")], b"x");
             assert_eq!(r.status, 400, "{method} {p}: {}", r.text());
             if method == "GET" {
-                assert!(r.text().contains("resource name must be") || r.text().contains("instance"), "{}", r.text());
+                assert!(
+                    r.text().contains("resource name must be") || r.text().contains("instance"),
+                    "{}",
+                    r.text()
+                );
             }
         }
     }
@@ -250,7 +301,11 @@ fn malformed_digests_and_paths_never_touch_the_filesystem() {
     assert_eq!(r.status, 405);
     // Nothing was created anywhere: the temp dir holds only the cache dir,
     // and the cache dir only its empty layout.
-    let top: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    let top: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert_eq!(top, vec![std::ffi::OsString::from("cache")]);
     assert!(cache_files(&h).is_empty());
     assert!(!dir.path().join("cache/ns.v1").exists());
@@ -263,13 +318,22 @@ fn unsupported_encodings_corrupt_zstd_and_oversized_blobs_are_refused() {
     h.wait_ready();
     let data = b"some bytes".to_vec();
     let hx = sha256_hex(&data);
-    let r = h.request("PUT", &format!("/cas/{hx}"), &[("Content-Length", "10"), ("Content-Encoding", "gzip")], &data);
+    let r = h.request(
+        "PUT",
+        &format!("/cas/{hx}"),
+        &[("Content-Length", "10"), ("Content-Encoding", "gzip")],
+        &data,
+    );
     assert_eq!(r.status, 400);
     assert!(r.text().contains("gzip"), "{}", r.text());
     let r = h.request(
         "PUT",
         &format!("/cas/{hx}"),
-        &[("Content-Length", "10"), ("Content-Encoding", "zstd"), ("X-Digest-SizeBytes", "10")],
+        &[
+            ("Content-Length", "10"),
+            ("Content-Encoding", "zstd"),
+            ("X-Digest-SizeBytes", "10"),
+        ],
         b"notzstd!!!",
     );
     assert_eq!(r.status, 400);
@@ -293,8 +357,19 @@ fn malformed_action_results_and_absolute_paths_are_refused() {
     assert_eq!(r.status, 400);
     assert!(r.text().contains("absolute"), "{}", r.text());
     let ar = action_result(&[("a/../../b", b"x")]);
-    assert_eq!(h.put(&format!("/ac/{key}"), &ar.encode_to_vec()).status, 400);
-    let r = h.request("PUT", &format!("/ac/{key}"), &[("Content-Type", "application/json"), ("Content-Length", "9")], b"{\"bad\": 1");
+    assert_eq!(
+        h.put(&format!("/ac/{key}"), &ar.encode_to_vec()).status,
+        400
+    );
+    let r = h.request(
+        "PUT",
+        &format!("/ac/{key}"),
+        &[
+            ("Content-Type", "application/json"),
+            ("Content-Length", "9"),
+        ],
+        b"{\"bad\": 1",
+    );
     assert_eq!(r.status, 400);
     assert!(cache_files(&h).is_empty());
 }
@@ -304,18 +379,39 @@ fn an_action_result_whose_outputs_are_missing_is_a_miss_and_is_removed() {
     let (_d, h) = start();
     let present = b"present output".to_vec();
     let absent = b"never uploaded".to_vec();
-    assert_eq!(h.put(&format!("/cas/{}", sha256_hex(&present)), &present).status, 200);
+    assert_eq!(
+        h.put(&format!("/cas/{}", sha256_hex(&present)), &present)
+            .status,
+        200
+    );
     let ar = action_result(&[("out/a", &present), ("out/b", &absent)]);
     let key = sha256_hex(b"incomplete action");
-    assert_eq!(h.put(&format!("/ac/{key}"), &ar.encode_to_vec()).status, 200);
+    assert_eq!(
+        h.put(&format!("/ac/{key}"), &ar.encode_to_vec()).status,
+        200
+    );
     assert!(cache_files(&h).iter().any(|f| f.starts_with("ac.v2/")));
-    assert_eq!(h.request("HEAD", &format!("/ac/{key}"), &[], b"").status, 404);
+    assert_eq!(
+        h.request("HEAD", &format!("/ac/{key}"), &[], b"").status,
+        404
+    );
     assert_eq!(h.get(&format!("/ac/{key}")).status, 404);
     std::thread::sleep(Duration::from_millis(100));
-    assert!(!cache_files(&h).iter().any(|f| f.starts_with("ac.v2/")), "{:?}", cache_files(&h));
+    assert!(
+        !cache_files(&h).iter().any(|f| f.starts_with("ac.v2/")),
+        "{:?}",
+        cache_files(&h)
+    );
     // Complete again: served again.
-    assert_eq!(h.put(&format!("/cas/{}", sha256_hex(&absent)), &absent).status, 200);
-    assert_eq!(h.put(&format!("/ac/{key}"), &ar.encode_to_vec()).status, 200);
+    assert_eq!(
+        h.put(&format!("/cas/{}", sha256_hex(&absent)), &absent)
+            .status,
+        200
+    );
+    assert_eq!(
+        h.put(&format!("/ac/{key}"), &ar.encode_to_vec()).status,
+        200
+    );
     assert_eq!(h.get(&format!("/ac/{key}")).status, 200);
     // A CAS blob deleted behind hoard's back makes the entry a miss too.
     let cas_file = cache_files(&h)
@@ -337,11 +433,17 @@ fn a_full_disk_answers_507_and_hoard_keeps_serving() {
         .arg(&mnt)
         .status()
         .expect("running mount");
-    assert!(st.success(), "mounting a 2 MiB tmpfs failed: this test needs root (CAP_SYS_ADMIN) to build a disk that fills up");
+    assert!(
+        st.success(),
+        "mounting a 2 MiB tmpfs failed: this test needs root (CAP_SYS_ADMIN) to build a disk that fills up"
+    );
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
         }
     }
     let _u = Unmount(mnt.clone());
@@ -353,7 +455,11 @@ fn a_full_disk_answers_507_and_hoard_keeps_serving() {
     assert!(r.text().contains("no space"), "{}", r.text());
     assert!(!cache_files(&h).iter().any(|f| f.ends_with(".tmp")));
     let small = b"still fits".to_vec();
-    assert_eq!(h.put(&format!("/cas/{}", sha256_hex(&small)), &small).status, 200);
+    assert_eq!(
+        h.put(&format!("/cas/{}", sha256_hex(&small)), &small)
+            .status,
+        200
+    );
     assert_eq!(h.get(&format!("/cas/{}", sha256_hex(&small))).body, small);
 }
 
@@ -361,15 +467,28 @@ fn a_full_disk_answers_507_and_hoard_keeps_serving() {
 fn the_hard_limit_answers_507() {
     let dir = tempfile::tempdir().unwrap();
     // max_size 1 GiB, hard limit 1 GiB: a blob above it can never be admitted.
-    let h = Hoard::start(&dir.path().join("c"), &["--max_size=1", "--max_size_hard_limit=1"]);
+    let h = Hoard::start(
+        &dir.path().join("c"),
+        &["--max_size=1", "--max_size_hard_limit=1"],
+    );
     h.wait_ready();
     // Hold a 700 MiB reservation with a slow upload, then try another.
     let mut s = TcpStream::connect(h.addr).unwrap();
     let hx = sha256_hex(b"big");
-    write!(s, "PUT /cas/{hx} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\nabc", 700u64 << 20).unwrap();
+    write!(
+        s,
+        "PUT /cas/{hx} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\nabc",
+        700u64 << 20
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let other = vec![7u8; 1024];
-    let r = h.request("PUT", &format!("/cas/{}", sha256_hex(b"other")), &[("Content-Length", &(400u64 << 20).to_string())], &other);
+    let r = h.request(
+        "PUT",
+        &format!("/cas/{}", sha256_hex(b"other")),
+        &[("Content-Length", &(400u64 << 20).to_string())],
+        &other,
+    );
     assert_eq!(r.status, 507, "{}", r.text());
     assert!(r.text().contains("max_size_hard_limit"), "{}", r.text());
     drop(s);
@@ -386,12 +505,23 @@ fn a_thousand_concurrent_puts_of_one_blob_store_one_correct_file() {
             let blob = blob.clone();
             let hx = hx.clone();
             std::thread::spawn(move || {
-                request(addr, "PUT", &format!("/cas/{hx}"), &[("Content-Length", &blob.len().to_string())], &blob).status
+                request(
+                    addr,
+                    "PUT",
+                    &format!("/cas/{hx}"),
+                    &[("Content-Length", &blob.len().to_string())],
+                    &blob,
+                )
+                .status
             })
         })
         .collect();
     let statuses: Vec<u16> = handles.into_iter().map(|t| t.join().unwrap()).collect();
-    assert!(statuses.iter().all(|s| *s == 200), "{:?}", statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>());
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "{:?}",
+        statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>()
+    );
     let files = cache_files(&h);
     assert_eq!(files.len(), 1, "{files:?}");
     assert_eq!(h.get(&format!("/cas/{hx}")).body, blob);
@@ -435,11 +565,19 @@ fn sigterm_lets_an_in_flight_upload_finish() {
     let blob = noise(1 << 20, 9);
     let hx = sha256_hex(&blob);
     let mut s = TcpStream::connect(h.addr).unwrap();
-    write!(s, "PUT /cas/{hx} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", blob.len()).unwrap();
+    write!(
+        s,
+        "PUT /cas/{hx} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        blob.len()
+    )
+    .unwrap();
     s.write_all(&blob[..1000]).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let pid = format!("{}", h_pid(&h));
-    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(200));
     s.write_all(&blob[1000..]).unwrap();
     let r = crate::support::read_response(&mut s, false);

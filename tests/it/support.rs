@@ -33,7 +33,9 @@ pub struct Hoard {
     child: Child,
     pub addr: SocketAddr,
     pub dir: PathBuf,
-    stderr: mpsc::Receiver<String>,
+    /// Keeps the reader thread draining hoard's stderr (a full pipe would
+    /// block hoard's logging).
+    _stderr: mpsc::Receiver<String>,
 }
 
 impl Hoard {
@@ -65,25 +67,28 @@ impl Hoard {
         loop {
             match rx.recv_timeout(Duration::from_secs(20)) {
                 Ok(line) => {
-                    if let Some(rest) = line.split("address=").nth(1) {
-                        if line.contains("serving HTTP") {
+                    if let Some(rest) = line.split("address=").nth(1)
+                        && line.contains("serving HTTP") {
                             let addr = rest.split_whitespace().next().unwrap_or("");
-                            let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+                            let addr: SocketAddr =
+                                addr.parse().map_err(|e| format!("{addr}: {e}"))?;
                             let h = Hoard {
                                 child,
                                 addr,
                                 dir: dir.to_path_buf(),
-                                stderr: rx,
+                                _stderr: rx,
                             };
                             return Ok(h);
                         }
-                    }
                     seen.push(line);
                 }
                 Err(_) => {
                     let _ = child.kill();
                     let status = child.wait().ok();
-                    return Err(format!("exited ({status:?}) or timed out; stderr:\n{}", seen.join("\n")));
+                    return Err(format!(
+                        "exited ({status:?}) or timed out; stderr:\n{}",
+                        seen.join("\n")
+                    ));
                 }
             }
         }
@@ -134,11 +139,6 @@ impl Hoard {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
-
-    /// Lines hoard wrote to stderr so far.
-    pub fn stderr_lines(&self) -> Vec<String> {
-        self.stderr.try_iter().collect()
-    }
 }
 
 impl Drop for Hoard {
@@ -168,7 +168,13 @@ impl Resp {
 }
 
 /// One HTTP/1.1 request on a fresh connection (`Connection: close`).
-pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
@@ -206,13 +212,16 @@ pub fn read_response(s: &mut TcpStream, head_only: bool) -> Resp {
     if chunked && !head_only {
         body = dechunk(&body);
     }
-    Resp { status, headers, body }
+    Resp {
+        status,
+        headers,
+        body,
+    }
 }
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else { break };
+    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
         let n = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
         if n == 0 {
             break;
@@ -233,7 +242,9 @@ pub fn files_under(dir: &Path) -> Vec<String> {
     let mut out = vec![];
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                 stack.push(e.path());

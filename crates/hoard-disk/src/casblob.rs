@@ -127,11 +127,10 @@ impl Header {
                 return Err(bad(format!("offset {off} points into the header")));
             }
             let off = off as u64;
-            if let Some(p) = prev {
-                if off <= p {
+            if let Some(p) = prev
+                && off <= p {
                     return Err(bad(format!("offsets should increase: {p} -> {off}")));
                 }
-            }
             prev = Some(off);
             offsets.push(off);
         }
@@ -247,7 +246,9 @@ mod tests {
 
     #[test]
     fn a_casblob_is_a_valid_zstd_stream_and_parses() {
-        let data: Vec<u8> = (0..(CHUNK_SIZE * 2 + 17)).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..(CHUNK_SIZE * 2 + 17))
+            .map(|i| (i % 251) as u8)
+            .collect();
         let file = build(&data);
         assert_eq!(zstd::decode_all(&file[..]).unwrap(), data);
         let h = Header::parse(&file, file.len() as u64).unwrap();
@@ -255,8 +256,13 @@ mod tests {
         assert_eq!(h.chunk_len(2), 17);
         let mut d = zstd::bulk::Decompressor::new().unwrap();
         let mut out = Vec::new();
-        h.decode_chunk(2, &file[h.offsets[2] as usize..h.offsets[3] as usize], &mut d, &mut out)
-            .unwrap();
+        h.decode_chunk(
+            2,
+            &file[h.offsets[2] as usize..h.offsets[3] as usize],
+            &mut d,
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(out, &data[2 * CHUNK_SIZE..]);
     }
 

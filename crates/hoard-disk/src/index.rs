@@ -81,6 +81,8 @@ pub(crate) struct Entry {
 const _: () = assert!(std::mem::size_of::<Entry>() == 56);
 
 impl Entry {
+    // A record constructor: each argument is one packed field.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         ns: NamespaceId,
         kind: Kind,
@@ -311,7 +313,11 @@ impl Index {
                 }
                 let se = &self.entries[s as usize];
                 let k = self.bucket_of(&se.hash, se.key_tag());
-                let stays = if i <= j { i < k && k <= j } else { i < k || k <= j };
+                let stays = if i <= j {
+                    i < k && k <= j
+                } else {
+                    i < k || k <= j
+                };
                 if !stays {
                     self.table[i] = s;
                     self.table[j] = NIL;
@@ -418,7 +424,16 @@ mod tests {
     }
 
     fn e(i: u32, ns: u16) -> Entry {
-        Entry::new(NamespaceId(ns), Kind::Cas, h(i), Format::Casblob, i as u64 * 10, 1, i, false)
+        Entry::new(
+            NamespaceId(ns),
+            Kind::Cas,
+            h(i),
+            Format::Casblob,
+            i as u64 * 10,
+            1,
+            i,
+            false,
+        )
     }
 
     #[test]
@@ -480,7 +495,10 @@ mod tests {
             .into_iter()
             .map(|s| {
                 let en = idx.entry(s);
-                (u32::from_le_bytes(en.hash[..4].try_into().unwrap()), en.ns().0)
+                (
+                    u32::from_le_bytes(en.hash[..4].try_into().unwrap()),
+                    en.ns().0,
+                )
             })
             .collect();
         assert_eq!(order, model);

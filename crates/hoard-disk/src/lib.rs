@@ -57,7 +57,7 @@ pub use key::{
 };
 pub use load::LoadReport;
 pub use read::Blob;
-pub use write::{Writer, WriteOutcome};
+pub use write::{WriteOutcome, Writer};
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -351,7 +351,9 @@ impl DiskCache {
             return Ok(*id);
         }
         if ns.names.len() >= self.shared.cfg.max_namespaces {
-            return Err(NamespaceError::TooMany(name.into(), self.shared.cfg.max_namespaces).into());
+            return Err(
+                NamespaceError::TooMany(name.into(), self.shared.cfg.max_namespaces).into(),
+            );
         }
         let root = self
             .shared
@@ -497,11 +499,10 @@ impl DiskCache {
     /// same file.
     pub(crate) fn forget(&self, loc: &Location) {
         let mut st = self.shared.state.lock();
-        if let Some(slot) = st.index.find(loc.ns, loc.kind, &loc.hash) {
-            if loc.same_file(&st.index, slot) {
+        if let Some(slot) = st.index.find(loc.ns, loc.kind, &loc.hash)
+            && loc.same_file(&st.index, slot) {
                 st.index.remove(slot);
             }
-        }
     }
 
     /// Drops an entry whose file failed a format check, and deletes the file.
@@ -510,14 +511,13 @@ impl DiskCache {
         tracing::warn!(path = %path.display(), %reason, "dropping corrupt cache file");
         self.shared.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
         let mut st = self.shared.state.lock();
-        if let Some(slot) = st.index.find(loc.ns, loc.kind, &loc.hash) {
-            if loc.same_file(&st.index, slot) {
+        if let Some(slot) = st.index.find(loc.ns, loc.kind, &loc.hash)
+            && loc.same_file(&st.index, slot) {
                 st.index.remove(slot);
                 st.pending_deletion += loc.size_on_disk;
                 st.doomed.push((path, loc.size_on_disk));
                 self.shared.evict_cv.notify_one();
             }
-        }
     }
 }
 
@@ -537,7 +537,8 @@ impl Shared {
     }
 
     pub(crate) fn path_of(&self, loc: &Location) -> PathBuf {
-        self.dir_of(loc.ns, loc.kind, &loc.hash).join(loc.file_name())
+        self.dir_of(loc.ns, loc.kind, &loc.hash)
+            .join(loc.file_name())
     }
 }
 
@@ -605,7 +606,9 @@ fn evict_loop(shared: &Shared) {
             match fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "could not delete cache file"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "could not delete cache file")
+                }
             }
             freed += size;
         }

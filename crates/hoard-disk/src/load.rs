@@ -60,12 +60,18 @@ impl DiskCache {
         for (ns, nsroot) in roots {
             for kind in Kind::ALL {
                 for i in 0..SUBDIRS {
-                    work.push((ns, kind, nsroot.join(kind.dir_name()).join(format!("{i:02x}"))));
+                    work.push((
+                        ns,
+                        kind,
+                        nsroot.join(kind.dir_name()).join(format!("{i:02x}")),
+                    ));
                 }
             }
         }
         let shared = self.shared();
-        shared.dirs_total.store(work.len() as u64, Ordering::Relaxed);
+        shared
+            .dirs_total
+            .store(work.len() as u64, Ordering::Relaxed);
         let next = AtomicUsize::new(0);
         let threads = std::thread::available_parallelism()
             .map(|n| n.get() * 2)
@@ -122,7 +128,11 @@ impl DiskCache {
         report
     }
 
-    fn discover_namespaces(&self, root: &Path, report: &mut LoadReport) -> Vec<(NamespaceId, PathBuf)> {
+    fn discover_namespaces(
+        &self,
+        root: &Path,
+        report: &mut LoadReport,
+    ) -> Vec<(NamespaceId, PathBuf)> {
         let mut out = Vec::new();
         let Ok(rd) = fs::read_dir(root.join(NS_DIR)) else {
             return out;
@@ -305,7 +315,9 @@ pub(crate) fn parse_name(name: &str, kind: Kind) -> Option<ParsedName> {
         return None;
     }
     let logical = match size {
-        Some(s) if !s.starts_with('0') && !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()) => {
+        Some(s)
+            if !s.starts_with('0') && !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()) =>
+        {
             Some(s.parse::<u64>().ok()?)
         }
         Some(_) => return None,

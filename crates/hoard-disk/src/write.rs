@@ -124,8 +124,7 @@ impl Writer {
             .map_err(|e| Error::io(&tmp, e))?;
         let (pos, buf_cap, compressor) = match format {
             Format::Casblob => {
-                let mut c =
-                    zstd::bulk::Compressor::new(1).map_err(|e| Error::io(&tmp, e))?;
+                let mut c = zstd::bulk::Compressor::new(1).map_err(|e| Error::io(&tmp, e))?;
                 c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
                     .map_err(|e| Error::io(&tmp, e))?;
                 let first = (expected as usize).min(CHUNK_SIZE);
@@ -363,10 +362,9 @@ impl Drop for Writer {
         if self.reservation > 0 {
             self.cache.shared().state.lock().reserved -= self.reservation;
         }
-        if let Some(sink) = &self.sink {
-            if !sink.renamed {
+        if let Some(sink) = &self.sink
+            && !sink.renamed {
                 let _ = fs::remove_file(&sink.tmp);
             }
-        }
     }
 }

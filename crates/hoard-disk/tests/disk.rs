@@ -1,5 +1,8 @@
 //! Black-box tests of the disk cache through its public API.
 
+// Test helpers may panic: a failed expectation is what a test reports.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::fs;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -33,7 +36,9 @@ fn put(c: &DiskCache, ns: NamespaceId, kind: Kind, data: &[u8]) -> Result<bool, 
 }
 
 fn read(c: &DiskCache, ns: NamespaceId, kind: Kind, h: &Hash) -> Option<Vec<u8>> {
-    c.get(ns, kind, h).unwrap().map(|mut b| b.read_to_vec().unwrap())
+    c.get(ns, kind, h)
+        .unwrap()
+        .map(|mut b| b.read_to_vec().unwrap())
 }
 
 fn files_under(dir: &Path) -> Vec<String> {
@@ -54,7 +59,9 @@ fn files_under(dir: &Path) -> Vec<String> {
 }
 
 fn data(n: usize, seed: u8) -> Vec<u8> {
-    (0..n).map(|i| ((i * 31 + seed as usize) % 253) as u8).collect()
+    (0..n)
+        .map(|i| ((i * 31 + seed as usize) % 253) as u8)
+        .collect()
 }
 
 #[test]
@@ -68,7 +75,10 @@ fn blobs_round_trip_in_both_storage_modes_and_survive_a_restart() {
             let cache = DiskCache::open(c.clone()).unwrap();
             for b in &blobs {
                 assert!(put(&cache, NamespaceId::DEFAULT, Kind::Cas, b).unwrap());
-                assert_eq!(read(&cache, NamespaceId::DEFAULT, Kind::Cas, &sha(b)).unwrap(), *b);
+                assert_eq!(
+                    read(&cache, NamespaceId::DEFAULT, Kind::Cas, &sha(b)).unwrap(),
+                    *b
+                );
             }
             cache.shutdown();
         }
@@ -77,7 +87,10 @@ fn blobs_round_trip_in_both_storage_modes_and_survive_a_restart() {
         let report = cache.load();
         assert_eq!(report.entries, 3);
         for b in &blobs {
-            let mut blob = cache.get(NamespaceId::DEFAULT, Kind::Cas, &sha(b)).unwrap().unwrap();
+            let mut blob = cache
+                .get(NamespaceId::DEFAULT, Kind::Cas, &sha(b))
+                .unwrap()
+                .unwrap();
             assert_eq!(blob.logical_size(), b.len() as u64);
             assert_eq!(blob.is_zstd_stream(), mode == StorageMode::Zstd);
             assert_eq!(blob.read_to_vec().unwrap(), *b);
@@ -104,7 +117,11 @@ fn a_directory_written_the_way_bazel_remote_writes_it_loads_and_serves() {
     let hx = h.to_hex();
     let cas_dir = dir.path().join("cas.v2").join(&hx[..2]);
     fs::create_dir_all(&cas_dir).unwrap();
-    fs::write(cas_dir.join(format!("{hx}-{}-123456789", content.len())), &file).unwrap();
+    fs::write(
+        cas_dir.join(format!("{hx}-{}-123456789", content.len())),
+        &file,
+    )
+    .unwrap();
     // An uncompressed legacy file and an AC entry.
     let small = b"legacy bytes".to_vec();
     let sh = sha(&small).to_hex();
@@ -128,10 +145,19 @@ fn a_directory_written_the_way_bazel_remote_writes_it_loads_and_serves() {
     assert_eq!(report.entries, 3);
     assert_eq!(report.temp_files_removed, 1);
     assert_eq!(report.foreign_files, 2);
-    assert_eq!(read(&cache, NamespaceId::DEFAULT, Kind::Cas, &h).unwrap(), content);
-    assert_eq!(read(&cache, NamespaceId::DEFAULT, Kind::Cas, &sha(&small)).unwrap(), small);
+    assert_eq!(
+        read(&cache, NamespaceId::DEFAULT, Kind::Cas, &h).unwrap(),
+        content
+    );
+    assert_eq!(
+        read(&cache, NamespaceId::DEFAULT, Kind::Cas, &sha(&small)).unwrap(),
+        small
+    );
     let ac = Hash::parse(&ak).unwrap();
-    assert_eq!(read(&cache, NamespaceId::DEFAULT, Kind::Ac, &ac).unwrap(), b"\x08\x01");
+    assert_eq!(
+        read(&cache, NamespaceId::DEFAULT, Kind::Ac, &ac).unwrap(),
+        b"\x08\x01"
+    );
     assert!(!cas_dir.join(format!("{hx}-000000007.tmp")).exists());
 }
 
@@ -141,22 +167,42 @@ fn a_digest_mismatch_or_short_body_stores_nothing() {
     let cache = DiskCache::open(cfg(dir.path(), 1 << 30)).unwrap();
     let good = data(10_000, 1);
     let wrong = sha(b"something else");
-    let mut w = cache.writer(NamespaceId::DEFAULT, Kind::Cas, wrong, good.len() as u64).unwrap();
+    let mut w = cache
+        .writer(NamespaceId::DEFAULT, Kind::Cas, wrong, good.len() as u64)
+        .unwrap();
     w.write(&good).unwrap();
     match w.commit() {
-        Err(Error::DigestMismatch { expected, actual, .. }) => {
+        Err(Error::DigestMismatch {
+            expected, actual, ..
+        }) => {
             assert_eq!(expected, wrong);
             assert_eq!(actual, sha(&good));
         }
         other => panic!("expected a digest mismatch, got {other:?}"),
     }
-    let mut w = cache.writer(NamespaceId::DEFAULT, Kind::Cas, sha(&good), good.len() as u64).unwrap();
+    let mut w = cache
+        .writer(
+            NamespaceId::DEFAULT,
+            Kind::Cas,
+            sha(&good),
+            good.len() as u64,
+        )
+        .unwrap();
     w.write(&good[..100]).unwrap();
     assert!(matches!(w.commit(), Err(Error::SizeMismatch { .. })));
-    let mut w = cache.writer(NamespaceId::DEFAULT, Kind::Cas, sha(&good), 10).unwrap();
+    let mut w = cache
+        .writer(NamespaceId::DEFAULT, Kind::Cas, sha(&good), 10)
+        .unwrap();
     assert!(matches!(w.write(&good), Err(Error::SizeMismatch { .. })));
     drop(w);
-    let w = cache.writer(NamespaceId::DEFAULT, Kind::Cas, sha(&good), good.len() as u64).unwrap();
+    let w = cache
+        .writer(
+            NamespaceId::DEFAULT,
+            Kind::Cas,
+            sha(&good),
+            good.len() as u64,
+        )
+        .unwrap();
     drop(w); // a client that went away
     assert_eq!(files_under(dir.path()), Vec::<String>::new());
     assert_eq!(cache.stats().reserved, 0);
@@ -178,7 +224,10 @@ fn concurrent_writers_of_one_blob_leave_one_file_and_one_commit() {
     });
     assert_eq!(files_under(dir.path()).len(), 1);
     assert_eq!(commits.lock().unwrap().len(), 1);
-    assert_eq!(read(&cache, NamespaceId::DEFAULT, Kind::Cas, &sha(&blob)).unwrap(), blob);
+    assert_eq!(
+        read(&cache, NamespaceId::DEFAULT, Kind::Cas, &sha(&blob)).unwrap(),
+        blob
+    );
 }
 
 #[test]
@@ -203,7 +252,11 @@ fn eviction_keeps_the_size_under_max_and_removes_least_recently_used_first() {
         put(&cache, NamespaceId::DEFAULT, Kind::Cas, b).unwrap();
         // Keep blob 0 hot.
         if i > 0 {
-            assert!(cache.contains(NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[0])).is_some());
+            assert!(
+                cache
+                    .contains(NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[0]))
+                    .is_some()
+            );
         }
     }
     for _ in 0..100 {
@@ -215,9 +268,21 @@ fn eviction_keeps_the_size_under_max_and_removes_least_recently_used_first() {
     let st = cache.stats();
     assert!(st.size_on_disk <= 70 * 1024, "{st:?}");
     assert!(st.evicted_bytes_total > 0);
-    assert!(cache.contains(NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[0])).is_some());
-    assert!(cache.contains(NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[1])).is_none());
-    assert!(cache.contains(NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[7])).is_some());
+    assert!(
+        cache
+            .contains(NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[0]))
+            .is_some()
+    );
+    assert!(
+        cache
+            .contains(NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[1]))
+            .is_none()
+    );
+    assert!(
+        cache
+            .contains(NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[7]))
+            .is_some()
+    );
     assert_eq!(files_under(dir.path()).len() as u64, st.entries);
 }
 
@@ -232,14 +297,27 @@ fn a_corrupt_file_is_a_miss_and_is_dropped() {
     let n = bytes.len();
     bytes[n - 10] ^= 0xff; // inside the compressed chunk
     fs::write(&path, &bytes).unwrap();
-    let mut b = cache.get(NamespaceId::DEFAULT, Kind::Cas, &sha(&blob)).unwrap().unwrap();
+    let mut b = cache
+        .get(NamespaceId::DEFAULT, Kind::Cas, &sha(&blob))
+        .unwrap()
+        .unwrap();
     assert!(matches!(b.read_to_vec(), Err(Error::Corrupt { .. })));
-    assert!(cache.get(NamespaceId::DEFAULT, Kind::Cas, &sha(&blob)).unwrap().is_none());
+    assert!(
+        cache
+            .get(NamespaceId::DEFAULT, Kind::Cas, &sha(&blob))
+            .unwrap()
+            .is_none()
+    );
 
     put(&cache, NamespaceId::DEFAULT, Kind::Cas, &blob).unwrap();
     let path = dir.path().join(&files_under(dir.path())[0]);
     fs::write(&path, b"truncated").unwrap();
-    assert!(cache.get(NamespaceId::DEFAULT, Kind::Cas, &sha(&blob)).unwrap().is_none());
+    assert!(
+        cache
+            .get(NamespaceId::DEFAULT, Kind::Cas, &sha(&blob))
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(cache.stats().entries, 0);
 }
 
@@ -273,7 +351,9 @@ fn the_hard_limit_refuses_writes_and_a_blob_larger_than_the_cache_is_refused() {
         cache.writer(NamespaceId::DEFAULT, Kind::Cas, h, 2 << 20),
         Err(Error::TooLarge { .. })
     ));
-    let _w = cache.writer(NamespaceId::DEFAULT, Kind::Cas, h, 40 * 1024).unwrap();
+    let _w = cache
+        .writer(NamespaceId::DEFAULT, Kind::Cas, h, 40 * 1024)
+        .unwrap();
     assert!(matches!(
         cache.writer(NamespaceId::DEFAULT, Kind::Cas, h, 40 * 1024),
         Err(Error::HardLimit { .. })
@@ -284,5 +364,8 @@ fn the_hard_limit_refuses_writes_and_a_blob_larger_than_the_cache_is_refused() {
 fn a_second_process_cannot_open_the_same_directory() {
     let dir = tempfile::tempdir().unwrap();
     let _a = DiskCache::open(cfg(dir.path(), 1 << 20)).unwrap();
-    assert!(matches!(DiskCache::open(cfg(dir.path(), 1 << 20)), Err(Error::Locked { .. })));
+    assert!(matches!(
+        DiskCache::open(cfg(dir.path(), 1 << 20)),
+        Err(Error::Locked { .. })
+    ));
 }

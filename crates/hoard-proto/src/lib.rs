@@ -9,7 +9,10 @@
 
 /// `build.bazel.remote.execution.v2`.
 pub mod reapi {
-    include!(concat!(env!("OUT_DIR"), "/build.bazel.remote.execution.v2.rs"));
+    include!(concat!(
+        env!("OUT_DIR"),
+        "/build.bazel.remote.execution.v2.rs"
+    ));
     include!(concat!(
         env!("OUT_DIR"),
         "/build.bazel.remote.execution.v2.serde.rs"

@@ -20,7 +20,10 @@ impl AccessLog {
     /// Creates the log and starts its flusher on the current runtime.
     pub fn start() -> AccessLog {
         let log = AccessLog {
-            out: Arc::new(Mutex::new(BufWriter::with_capacity(64 * 1024, std::io::stdout()))),
+            out: Arc::new(Mutex::new(BufWriter::with_capacity(
+                64 * 1024,
+                std::io::stdout(),
+            ))),
         };
         let flusher = log.clone();
         tokio::spawn(async move {
@@ -36,7 +39,11 @@ impl AccessLog {
     pub fn record(&self, method: &str, status: u16, client: IpAddr, path: &str) {
         let ts = format_utc(SystemTime::now());
         let mut out = self.out.lock();
-        let _ = writeln!(out, "{ts} {method:>4} {status} {:>15} {path}", client.to_string());
+        let _ = writeln!(
+            out,
+            "{ts} {method:>4} {status} {:>15} {path}",
+            client.to_string()
+        );
     }
 
     pub fn flush(&self) {
@@ -46,7 +53,10 @@ impl AccessLog {
 
 /// `YYYY/MM/DD HH:MM:SS` in UTC, as Go's default logger prints it.
 pub fn format_utc(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;

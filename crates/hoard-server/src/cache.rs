@@ -61,7 +61,7 @@ pub enum Encoding {
 pub enum Found {
     /// The empty blob, which is never stored.
     Empty,
-    Blob(Blob),
+    Blob(Box<Blob>),
 }
 
 /// The shared cache API.
@@ -80,7 +80,12 @@ struct Inner {
 }
 
 impl Cache {
-    pub fn new(disk: DiskCache, policy: NamespacePolicy, limits: Limits, metrics: Arc<Metrics>) -> Cache {
+    pub fn new(
+        disk: DiskCache,
+        policy: NamespacePolicy,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Cache {
         let budget = limits.max_inflight_bytes.clamp(1 << 20, u32::MAX as u64) as u32;
         Cache {
             inner: Arc::new(Inner {
@@ -131,14 +136,15 @@ impl Cache {
         } else {
             instance
         };
-        if let Some(allowed) = &policy.allowed {
-            if name != policy.default && !allowed.contains(name) {
+        if let Some(allowed) = &policy.allowed
+            && name != policy.default && !allowed.contains(name) {
                 return Err(CacheError::new(
                     ErrorKind::UnknownNamespace,
-                    format!("unknown namespace {name:?}: this server only serves the configured namespaces"),
+                    format!(
+                        "unknown namespace {name:?}: this server only serves the configured namespaces"
+                    ),
                 ));
             }
-        }
         self.inner.disk.namespace(name).map_err(CacheError::from)
     }
 
@@ -180,7 +186,7 @@ impl Cache {
         }
         let found = self.inner.disk.get(ns, Kind::Cas, hash)?;
         self.count("get", Kind::Cas, found.is_some());
-        Ok(found.map(Found::Blob))
+        Ok(found.map(|b| Found::Blob(Box::new(b))))
     }
 
     /// The logical size of a CAS blob if present (marking it used).
@@ -245,7 +251,11 @@ impl Cache {
     /// Looks up an action result and returns it (stored bytes and parsed
     /// form) only if it is complete. An incomplete or unreadable entry is
     /// removed and answers a miss.
-    pub fn ac_get(&self, ns: NamespaceId, hash: &Hash) -> Result<Option<(Vec<u8>, ActionResult)>, CacheError> {
+    pub fn ac_get(
+        &self,
+        ns: NamespaceId,
+        hash: &Hash,
+    ) -> Result<Option<(Vec<u8>, ActionResult)>, CacheError> {
         let Some(mut blob) = self.inner.disk.get(ns, Kind::Ac, hash)? else {
             self.count("get", Kind::Ac, false);
             return Ok(None);
@@ -280,7 +290,12 @@ impl Cache {
     /// Validates and stores an action result given in binary form. The
     /// bytes are stored as received, so fields this server does not know
     /// survive the round trip.
-    pub async fn ac_put(&self, ns: NamespaceId, hash: Hash, bytes: Bytes) -> Result<(), CacheError> {
+    pub async fn ac_put(
+        &self,
+        ns: NamespaceId,
+        hash: Hash,
+        bytes: Bytes,
+    ) -> Result<(), CacheError> {
         let ar = ActionResult::decode(bytes.as_ref())
             .map_err(|e| CacheError::invalid(format!("invalid ActionResult: {e}")))?;
         validate_action_result(&ar)?;
@@ -354,10 +369,10 @@ impl Cache {
             task.abort();
             return Err(e);
         }
-        let res = task
+        
+        task
             .await
-            .map_err(|e| CacheError::internal(format!("write task failed: {e}")))?;
-        res
+            .map_err(|e| CacheError::internal(format!("write task failed: {e}")))?
     }
 }
 
@@ -407,11 +422,10 @@ fn write_stream(
                     break;
                 }
             }
-            if failure.is_none() {
-                if let Err(e) = dec.flush() {
+            if failure.is_none()
+                && let Err(e) = dec.flush() {
                     failure = Some(e);
                 }
-            }
             drop(dec);
             if let Some(err) = sink.err.take() {
                 return Err(err.into());

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, BodyStream, Full, StreamBody, combinators::UnsyncBoxBody};
 use hoard_disk::{Hash, Kind};
 use hoard_proto::prost::Message;
 use hoard_proto::reapi::ActionResult;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, BodyStream, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -137,11 +137,10 @@ async fn handle(st: &HttpState, req: Request<Incoming>, peer: SocketAddr) -> Res
         .http_duration
         .with_label_values(&[handler, method.as_str(), &code.to_string()])
         .observe(start.elapsed().as_secs_f64());
-    if let Some(log) = &st.access_log {
-        if handler != "metrics" && handler != "probe" {
+    if let Some(log) = &st.access_log
+        && handler != "metrics" && handler != "probe" {
             log.record(method.as_str(), code, peer.ip(), &path);
         }
-    }
     resp
 }
 
@@ -162,11 +161,17 @@ async fn route(st: &HttpState, req: Request<Incoming>) -> (Response<Body>, &'sta
         "/readyz" => {
             let s = st.cache.disk().stats();
             return if st.shutting_down.load(Ordering::Relaxed) {
-                (text(StatusCode::SERVICE_UNAVAILABLE, "shutting down"), "probe")
+                (
+                    text(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+                    "probe",
+                )
             } else if s.loaded {
                 (text(StatusCode::OK, "ready"), "probe")
             } else {
-                let msg = format!("loading cache index: {:.0}% of directories", s.load_fraction * 100.0);
+                let msg = format!(
+                    "loading cache index: {:.0}% of directories",
+                    s.load_fraction * 100.0
+                );
                 (text(StatusCode::SERVICE_UNAVAILABLE, msg), "probe")
             };
         }
@@ -255,14 +260,20 @@ async fn cache_request(
                 return Ok(text(StatusCode::NOT_FOUND, "Not found"));
             };
             if m == Method::HEAD {
-                return Ok(with_length(full(StatusCode::OK, Bytes::new()), bytes.len() as u64));
+                return Ok(with_length(
+                    full(StatusCode::OK, Bytes::new()),
+                    bytes.len() as u64,
+                ));
             }
             if wants_json(req.headers()) {
-                let json = serde_json::to_vec(&ar)
-                    .map_err(|e| CacheError::internal(format!("encoding ActionResult as JSON: {e}")))?;
+                let json = serde_json::to_vec(&ar).map_err(|e| {
+                    CacheError::internal(format!("encoding ActionResult as JSON: {e}"))
+                })?;
                 let mut r = full(StatusCode::OK, json);
-                r.headers_mut()
-                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
                 return Ok(r);
             }
             Ok(octets(full(StatusCode::OK, bytes)))
@@ -271,7 +282,8 @@ async fn cache_request(
 }
 
 fn with_length(mut r: Response<Body>, len: u64) -> Response<Body> {
-    r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     octets(r)
 }
 
@@ -286,14 +298,20 @@ fn octets(mut r: Response<Body>) -> Response<Body> {
 fn wants_json(h: &HeaderMap) -> bool {
     h.get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|p| p.trim().starts_with("application/json")))
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|p| p.trim().starts_with("application/json"))
+        })
 }
 
 fn accepts_zstd(h: &HeaderMap) -> bool {
     h.get_all(header::ACCEPT_ENCODING)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split(',').any(|p| p.trim().split(';').next() == Some("zstd")))
+        .any(|v| {
+            v.split(',')
+                .any(|p| p.trim().split(';').next() == Some("zstd"))
+        })
 }
 
 async fn get_cas(
@@ -305,7 +323,7 @@ async fn get_cas(
     let blob = match st.cache.cas_get(ns, &hash)? {
         None => return Ok(text(StatusCode::NOT_FOUND, "Not found")),
         Some(Found::Empty) => return Ok(with_length(full(StatusCode::OK, Bytes::new()), 0)),
-        Some(Found::Blob(b)) => b,
+        Some(Found::Blob(b)) => *b,
     };
     if accepts_zstd(headers) && blob.is_zstd_stream() {
         let len = blob.stored_len();
@@ -326,7 +344,10 @@ async fn get_cas(
             Err(e) => Err(e.into()),
         };
     }
-    Ok(with_length(stream_blob(st.cache.clone(), blob, false), size))
+    Ok(with_length(
+        stream_blob(st.cache.clone(), blob, false),
+        size,
+    ))
 }
 
 /// Bytes that hold their share of the in-flight budget until hyper has
@@ -433,7 +454,10 @@ async fn put(
     hash: Hash,
 ) -> Result<Response<Body>, CacheError> {
     let h = req.headers();
-    let encoding = match h.get(header::CONTENT_ENCODING).map(|v| v.to_str().unwrap_or("?")) {
+    let encoding = match h
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("?"))
+    {
         None | Some("identity") | Some("") => Encoding::Identity,
         Some("zstd") => Encoding::Zstd,
         Some(other) => {
@@ -468,12 +492,16 @@ async fn put(
     let body = BodyStream::new(req.into_body()).filter_map(|frame| async move {
         match frame {
             Ok(f) => f.into_data().ok().map(Ok),
-            Err(e) => Some(Err(CacheError::invalid(format!("reading request body: {e}")))),
+            Err(e) => Some(Err(CacheError::invalid(format!(
+                "reading request body: {e}"
+            )))),
         }
     });
     let mut body = Box::pin(body);
     if kind == Kind::Cas {
-        st.cache.put(ns, kind, hash, size, encoding, &mut body).await?;
+        st.cache
+            .put(ns, kind, hash, size, encoding, &mut body)
+            .await?;
         return Ok(full(StatusCode::OK, Bytes::new()));
     }
     // Action results are small: collect, decode, validate, then store.
@@ -489,7 +517,9 @@ async fn put(
     while let Some(chunk) = body.next().await {
         let chunk = chunk?;
         if (buf.len() + chunk.len()) as u64 > limit {
-            return Err(CacheError::invalid("action result body is larger than declared"));
+            return Err(CacheError::invalid(
+                "action result body is larger than declared",
+            ));
         }
         buf.extend_from_slice(&chunk);
     }
@@ -554,7 +584,9 @@ fn status_page(st: &HttpState) -> Response<Body> {
             .unwrap_or(0),
         git_commit: option_env!("HOARD_GIT_COMMIT").unwrap_or(""),
         git_tags: "",
-        num_goroutines: tokio::runtime::Handle::current().metrics().num_alive_tasks(),
+        num_goroutines: tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks(),
         version: st.version,
         storage_mode: st.storage_mode,
         index_loaded: s.loaded,
@@ -565,12 +597,17 @@ fn status_page(st: &HttpState) -> Response<Body> {
         hard_limit: s.hard_limit,
         in_flight_bytes: st.cache.inflight_bytes(),
         namespaces: st.cache.disk().namespaces(),
-        uptime_seconds: now.duration_since(st.started).map(|d| d.as_secs()).unwrap_or(0),
+        uptime_seconds: now
+            .duration_since(st.started)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
     };
     let body = serde_json::to_vec_pretty(&status).unwrap_or_default();
     let mut r = full(StatusCode::OK, body);
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 

@@ -146,11 +146,13 @@ impl Metrics {
         };
         for kind in ["ac", "cas"] {
             for status in ["hit", "miss"] {
-                m.incoming_requests.with_label_values(&["get", kind, status]);
+                m.incoming_requests
+                    .with_label_values(&["get", kind, status]);
             }
         }
         for status in ["hit", "miss"] {
-            m.incoming_requests.with_label_values(&["contains", "cas", status]);
+            m.incoming_requests
+                .with_label_values(&["contains", "cas", status]);
         }
         Ok(m)
     }

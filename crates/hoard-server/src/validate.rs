@@ -59,7 +59,10 @@ fn check_path(what: &str, path: &str) -> Result<(), CacheError> {
 fn required(what: &str, path: &str, d: &Option<Digest>) -> Result<BlobDigest, CacheError> {
     match d {
         Some(d) => parse_digest(d).map_err(|e| {
-            CacheError::invalid(format!("invalid ActionResult: {what} {path:?}: {}", e.message))
+            CacheError::invalid(format!(
+                "invalid ActionResult: {what} {path:?}: {}",
+                e.message
+            ))
         }),
         None => Err(CacheError::invalid(format!(
             "invalid ActionResult: {what} {path:?} has no digest"

@@ -121,7 +121,9 @@ fn parse_flags(args: &[String]) -> Result<Option<BTreeMap<String, Raw>>, ConfigE
             continue;
         }
         let Some(body) = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')) else {
-            return err(format!("unexpected argument {arg:?}; flags look like --max_size=10"));
+            return err(format!(
+                "unexpected argument {arg:?}; flags look like --max_size=10"
+            ));
         };
         let (name, inline) = match body.split_once('=') {
             Some((n, v)) => (n, Some(v.to_string())),
@@ -138,14 +140,14 @@ fn parse_flags(args: &[String]) -> Result<Option<BTreeMap<String, Raw>>, ConfigE
                     }
                     continue;
                 }
-                return err(format!("unknown flag --{name}; run hoard --help for the list"));
+                return err(format!(
+                    "unknown flag --{name}; run hoard --help for the list"
+                ));
             }
         };
         let value = match inline {
             Some(v) => v,
-            None if setting.ty == Ty::Bool
-                && args.get(i).is_none_or(|a| a.starts_with('-')) =>
-            {
+            None if setting.ty == Ty::Bool && args.get(i).is_none_or(|a| a.starts_with('-')) => {
                 "true".to_string()
             }
             None => match args.get(i) {
@@ -186,7 +188,11 @@ fn read_yaml(path: &str) -> Result<BTreeMap<String, Raw>, ConfigError> {
     match doc {
         serde_yaml::Value::Null => {}
         serde_yaml::Value::Mapping(m) => flatten(path, "", &m, &mut out)?,
-        _ => return err(format!("config_file {path}: expected a mapping of settings")),
+        _ => {
+            return err(format!(
+                "config_file {path}: expected a mapping of settings"
+            ));
+        }
     }
     Ok(out)
 }
@@ -218,7 +224,9 @@ fn flatten(
                 .map(scalar)
                 .collect::<Option<Vec<_>>>()
                 .map(|v| v.join(","))
-                .ok_or_else(|| ConfigError(format!("{key}: list items must be scalars ({source})")))?,
+                .ok_or_else(|| {
+                    ConfigError(format!("{key}: list items must be scalars ({source})"))
+                })?,
             serde_yaml::Value::Null => continue,
             other => scalar(other)
                 .ok_or_else(|| ConfigError(format!("{key}: unsupported value ({source})")))?,
@@ -228,7 +236,9 @@ fn flatten(
             if IGNORED.iter().any(|i| key == *i) {
                 continue;
             }
-            return err(format!("{key}: unknown setting ({source}); run hoard --help for the list"));
+            return err(format!(
+                "{key}: unknown setting ({source}); run hoard --help for the list"
+            ));
         }
         out.insert(key, Raw { value, source });
     }
@@ -263,8 +273,11 @@ impl Values<'_> {
 
     fn int(&self, key: &str) -> Result<u64, ConfigError> {
         let (v, src, _) = self.raw(key);
-        v.parse::<u64>()
-            .or_else(|_| err(format!("{key}: expected a non-negative integer, got {v:?} ({src})")))
+        v.parse::<u64>().or_else(|_| {
+            err(format!(
+                "{key}: expected a non-negative integer, got {v:?} ({src})"
+            ))
+        })
     }
 
     fn bool(&self, key: &str) -> Result<bool, ConfigError> {
@@ -278,8 +291,11 @@ impl Values<'_> {
 
     fn duration(&self, key: &str) -> Result<Duration, ConfigError> {
         let (v, src, _) = self.raw(key);
-        parse_duration(&v)
-            .ok_or_else(|| ConfigError(format!("{key}: expected a duration like 30s, 5m or 1h, got {v:?} ({src})")))
+        parse_duration(&v).ok_or_else(|| {
+            ConfigError(format!(
+                "{key}: expected a duration like 30s, 5m or 1h, got {v:?} ({src})"
+            ))
+        })
     }
 
     fn source(&self, key: &str) -> String {
@@ -308,7 +324,9 @@ fn parse_address(key: &str, v: &str, src: &str) -> Result<SocketAddr, ConfigErro
         v.to_string()
     };
     full.parse::<SocketAddr>().or_else(|_| {
-        err(format!("{key}: expected [host]:port with an IP host, got {v:?} ({src})"))
+        err(format!(
+            "{key}: expected [host]:port with an IP host, got {v:?} ({src})"
+        ))
     })
 }
 
@@ -316,7 +334,10 @@ fn build(m: &BTreeMap<String, Raw>) -> Result<Config, ConfigError> {
     let v = Values { merged: m };
     let max_size = v.int("max_size")?;
     if max_size == 0 {
-        return err(format!("max_size: must be at least 1 (GiB) ({})", v.source("max_size")));
+        return err(format!(
+            "max_size: must be at least 1 (GiB) ({})",
+            v.source("max_size")
+        ));
     }
     let hard = v.int("max_size_hard_limit")?;
     if hard != 0 && hard < max_size {
@@ -378,7 +399,9 @@ fn build(m: &BTreeMap<String, Raw>) -> Result<Config, ConfigError> {
     }
     let inflight = v.int("max_inflight_bytes")?;
     if inflight < 1 << 20 {
-        return err(format!("max_inflight_bytes: must be at least 1048576, got {inflight}"));
+        return err(format!(
+            "max_inflight_bytes: must be at least 1048576, got {inflight}"
+        ));
     }
     let idle = v.duration("idle_timeout")?;
     let http = v.string("http_address");
@@ -409,7 +432,10 @@ mod tests {
 
     fn load(args: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let lookup = move |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         match from_args_and_env(&args, &lookup)? {
             Command::Serve(c) => Ok(*c),
@@ -428,7 +454,11 @@ mod tests {
         assert_eq!(c.max_size_bytes, 4 * GIB);
         assert_eq!(c.storage_mode, StorageMode::Uncompressed);
         assert_eq!(c.namespaces.allowed.as_ref().unwrap().len(), 2);
-        let c = load(&["--config_file", f, "--max_size=5", "--dir", "/flag"], &[("BAZEL_REMOTE_MAX_SIZE", "4")]).unwrap();
+        let c = load(
+            &["--config_file", f, "--max_size=5", "--dir", "/flag"],
+            &[("BAZEL_REMOTE_MAX_SIZE", "4")],
+        )
+        .unwrap();
         assert_eq!(c.max_size_bytes, 5 * GIB);
         assert_eq!(c.dir, PathBuf::from("/flag"));
     }
@@ -436,20 +466,43 @@ mod tests {
     #[test]
     fn bad_values_name_the_key_and_the_source() {
         let e = load(&["--max_size=lots"], &[]).unwrap_err().to_string();
-        assert!(e.contains("max_size") && e.contains("lots") && e.contains("flag --max_size"), "{e}");
-        let e = load(&[], &[("BAZEL_REMOTE_STORAGE_MODE", "gzip")]).unwrap_err().to_string();
-        assert!(e.contains("storage_mode") && e.contains("BAZEL_REMOTE_STORAGE_MODE"), "{e}");
+        assert!(
+            e.contains("max_size") && e.contains("lots") && e.contains("flag --max_size"),
+            "{e}"
+        );
+        let e = load(&[], &[("BAZEL_REMOTE_STORAGE_MODE", "gzip")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("storage_mode") && e.contains("BAZEL_REMOTE_STORAGE_MODE"),
+            "{e}"
+        );
         let e = load(&["--htpasswd_file=/x"], &[]).unwrap_err().to_string();
-        assert!(e.contains("htpasswd_file") && e.contains("not supported"), "{e}");
+        assert!(
+            e.contains("htpasswd_file") && e.contains("not supported"),
+            "{e}"
+        );
         let e = load(&["--nonsense=1"], &[]).unwrap_err().to_string();
         assert!(e.contains("unknown flag --nonsense"), "{e}");
-        let e = load(&["--http_address=nowhere"], &[]).unwrap_err().to_string();
+        let e = load(&["--http_address=nowhere"], &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("http_address"), "{e}");
         for e in [
             load(&["--max_size=0"], &[]).unwrap_err().to_string(),
-            load(&["--namespaces.default=../x"], &[]).unwrap_err().to_string(),
+            load(&["--namespaces.default=../x"], &[])
+                .unwrap_err()
+                .to_string(),
         ] {
             assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_readme_documents_every_setting() {
+        let readme = include_str!("../../../README.md");
+        for s in SETTINGS {
+            assert!(readme.contains(&format!("| `{}` |", s.key)), "README lacks {}", s.key);
         }
     }
 

@@ -31,40 +31,145 @@ macro_rules! s {
 }
 
 pub const SETTINGS: &[Setting] = &[
-    s!("config_file", "config_file", ["BAZEL_REMOTE_CONFIG_FILE", "HOARD_CONFIG_FILE"], Str, "",
-       "YAML file to read first; environment variables and flags override it"),
-    s!("dir", "dir", ["BAZEL_REMOTE_DIR", "HOARD_DIR"], Str, "hoard-data",
-       "cache directory (bazel-remote layout; an existing bazel-remote directory works)"),
-    s!("max_size", "max_size", ["BAZEL_REMOTE_MAX_SIZE", "HOARD_MAX_SIZE"], Int, "10",
-       "size limit of the disk cache in GiB (stored size, 4 KiB blocks, AC and CAS together)"),
-    s!("max_size_hard_limit", "max_size_hard_limit", ["BAZEL_REMOTE_MAX_SIZE_HARD_LIMIT", "HOARD_MAX_SIZE_HARD_LIMIT"], Int, "0",
-       "refuse uploads with 507 when they would take the cache past this many GiB (0: off)"),
-    s!("storage_mode", "storage_mode", ["BAZEL_REMOTE_STORAGE_MODE", "HOARD_STORAGE_MODE"], Str, "zstd",
-       "how CAS blobs are stored: zstd or uncompressed"),
-    s!("http_address", "http_address", ["BAZEL_REMOTE_HTTP_ADDRESS", "HOARD_HTTP_ADDRESS"], Str, ":8080",
-       "HTTP listen address, [host]:port"),
-    s!("grpc_address", "grpc_address", ["BAZEL_REMOTE_GRPC_ADDRESS", "HOARD_GRPC_ADDRESS"], Str, "none",
-       "gRPC listen address; only `none` is accepted until the gRPC front end ships"),
-    s!("max_blob_size", "max_blob_size", ["BAZEL_REMOTE_MAX_BLOB_SIZE", "HOARD_MAX_BLOB_SIZE"], Int, "9223372036854775807",
-       "largest blob accepted, in bytes (uncompressed size)"),
-    s!("max_inflight_bytes", "max_inflight_bytes", ["HOARD_MAX_INFLIGHT_BYTES"], Int, "268435456",
-       "request and response body bytes held in memory at once; requests wait beyond it"),
-    s!("max_action_result_size", "max_action_result_size", ["HOARD_MAX_ACTION_RESULT_SIZE"], Int, "67108864",
-       "largest ActionResult accepted, in bytes"),
-    s!("fsync", "fsync", ["HOARD_FSYNC"], Bool, "true",
-       "fsync every blob before it becomes visible"),
-    s!("access_log_level", "access_log_level", ["BAZEL_REMOTE_ACCESS_LOG_LEVEL", "HOARD_ACCESS_LOG_LEVEL"], Str, "all",
-       "all: one stdout line per cache request; none: no access log"),
-    s!("idle_timeout", "idle_timeout", ["BAZEL_REMOTE_IDLE_TIMEOUT", "HOARD_IDLE_TIMEOUT"], Duration, "0s",
-       "exit after this long without cache requests (0s: never)"),
-    s!("shutdown_timeout", "shutdown_timeout", ["HOARD_SHUTDOWN_TIMEOUT"], Duration, "30s",
-       "on SIGTERM, how long in-flight requests may take to finish"),
-    s!("namespaces.default", "namespaces.default", ["HOARD_NAMESPACES_DEFAULT"], Str, "",
-       "namespace for requests that name no instance (empty: bazel-remote's layout)"),
-    s!("namespaces.allowed", "namespaces.allowed", ["HOARD_NAMESPACES_ALLOWED"], List, "",
-       "comma-separated instance names to serve; empty serves any valid name"),
-    s!("namespaces.max", "namespaces.max", ["HOARD_NAMESPACES_MAX"], Int, "1024",
-       "most namespaces the cache will create (at most 2048)"),
+    s!(
+        "config_file",
+        "config_file",
+        ["BAZEL_REMOTE_CONFIG_FILE", "HOARD_CONFIG_FILE"],
+        Str,
+        "",
+        "YAML file to read first; environment variables and flags override it"
+    ),
+    s!(
+        "dir",
+        "dir",
+        ["BAZEL_REMOTE_DIR", "HOARD_DIR"],
+        Str,
+        "hoard-data",
+        "cache directory (bazel-remote layout; an existing bazel-remote directory works)"
+    ),
+    s!(
+        "max_size",
+        "max_size",
+        ["BAZEL_REMOTE_MAX_SIZE", "HOARD_MAX_SIZE"],
+        Int,
+        "10",
+        "size limit of the disk cache in GiB (stored size, 4 KiB blocks, AC and CAS together)"
+    ),
+    s!(
+        "max_size_hard_limit",
+        "max_size_hard_limit",
+        [
+            "BAZEL_REMOTE_MAX_SIZE_HARD_LIMIT",
+            "HOARD_MAX_SIZE_HARD_LIMIT"
+        ],
+        Int,
+        "0",
+        "refuse uploads with 507 when they would take the cache past this many GiB (0: off)"
+    ),
+    s!(
+        "storage_mode",
+        "storage_mode",
+        ["BAZEL_REMOTE_STORAGE_MODE", "HOARD_STORAGE_MODE"],
+        Str,
+        "zstd",
+        "how CAS blobs are stored: zstd or uncompressed"
+    ),
+    s!(
+        "http_address",
+        "http_address",
+        ["BAZEL_REMOTE_HTTP_ADDRESS", "HOARD_HTTP_ADDRESS"],
+        Str,
+        ":8080",
+        "HTTP listen address, [host]:port"
+    ),
+    s!(
+        "grpc_address",
+        "grpc_address",
+        ["BAZEL_REMOTE_GRPC_ADDRESS", "HOARD_GRPC_ADDRESS"],
+        Str,
+        "none",
+        "gRPC listen address; only `none` is accepted until the gRPC front end ships"
+    ),
+    s!(
+        "max_blob_size",
+        "max_blob_size",
+        ["BAZEL_REMOTE_MAX_BLOB_SIZE", "HOARD_MAX_BLOB_SIZE"],
+        Int,
+        "9223372036854775807",
+        "largest blob accepted, in bytes (uncompressed size)"
+    ),
+    s!(
+        "max_inflight_bytes",
+        "max_inflight_bytes",
+        ["HOARD_MAX_INFLIGHT_BYTES"],
+        Int,
+        "268435456",
+        "request and response body bytes held in memory at once; requests wait beyond it"
+    ),
+    s!(
+        "max_action_result_size",
+        "max_action_result_size",
+        ["HOARD_MAX_ACTION_RESULT_SIZE"],
+        Int,
+        "67108864",
+        "largest ActionResult accepted, in bytes"
+    ),
+    s!(
+        "fsync",
+        "fsync",
+        ["HOARD_FSYNC"],
+        Bool,
+        "true",
+        "fsync every blob before it becomes visible"
+    ),
+    s!(
+        "access_log_level",
+        "access_log_level",
+        ["BAZEL_REMOTE_ACCESS_LOG_LEVEL", "HOARD_ACCESS_LOG_LEVEL"],
+        Str,
+        "all",
+        "all: one stdout line per cache request; none: no access log"
+    ),
+    s!(
+        "idle_timeout",
+        "idle_timeout",
+        ["BAZEL_REMOTE_IDLE_TIMEOUT", "HOARD_IDLE_TIMEOUT"],
+        Duration,
+        "0s",
+        "exit after this long without cache requests (0s: never)"
+    ),
+    s!(
+        "shutdown_timeout",
+        "shutdown_timeout",
+        ["HOARD_SHUTDOWN_TIMEOUT"],
+        Duration,
+        "30s",
+        "on SIGTERM, how long in-flight requests may take to finish"
+    ),
+    s!(
+        "namespaces.default",
+        "namespaces.default",
+        ["HOARD_NAMESPACES_DEFAULT"],
+        Str,
+        "",
+        "namespace for requests that name no instance (empty: bazel-remote's layout)"
+    ),
+    s!(
+        "namespaces.allowed",
+        "namespaces.allowed",
+        ["HOARD_NAMESPACES_ALLOWED"],
+        List,
+        "",
+        "comma-separated instance names to serve; empty serves any valid name"
+    ),
+    s!(
+        "namespaces.max",
+        "namespaces.max",
+        ["HOARD_NAMESPACES_MAX"],
+        Int,
+        "1024",
+        "most namespaces the cache will create (at most 2048)"
+    ),
 ];
 
 /// bazel-remote settings hoard does not implement yet. Setting one is an

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine: installs what the tests
+# need, checks formatting and lints, builds, and runs every test, including
+# the end-to-end ones against real Bazel. A part that cannot be installed or
+# started fails the run; nothing is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_install() {
+  if [ "$(id -u)" != 0 ]; then
+    echo "tests/run.sh: need root to apt-get install $*" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+missing=()
+bazel --version >/dev/null 2>&1 || missing+=(bazel-bootstrap)
+command -v mount >/dev/null 2>&1 || missing+=(mount)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  apt_install "${missing[@]}"
+fi
+bazel --version >/dev/null 2>&1 || { echo "tests/run.sh: bazel is still not usable after installing bazel-bootstrap" >&2; exit 1; }
+
+echo "== cargo fmt"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --locked --workspace --all-targets -- -D warnings
+echo "== cargo build"
+cargo build --locked -p hoard
+echo "== cargo test"
+HOARD_BIN="$PWD/target/debug/hoard" cargo test --locked --workspace -- --nocapture 2>&1 | tee /tmp/hoard-test.log | grep -E '^(test |running |test result|.*remote cache hits|failures:|---- )|panicked' || true
+# The pipeline above only filters what is shown; the verdict comes from the log.
+if grep -q '^test result: FAILED' /tmp/hoard-test.log || ! grep -q '^test result: ok' /tmp/hoard-test.log; then
+  echo "== tests FAILED; full log:"
+  cat /tmp/hoard-test.log
+  exit 1
+fi
+passed=$(grep -oE '^test result: ok\. [0-9]+ passed' /tmp/hoard-test.log | awk '{s+=$4} END {print s}')
+echo "$passed passed, 0 failed"
