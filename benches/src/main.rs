@@ -1,1 +1,233 @@
-fn main() {}
+//! hoard's load generators. Each prints one `key=value` line per figure so
+//! `benches/run.sh` can put hoard's numbers next to a reference measured in
+//! the same run.
+//!
+//! ```text
+//! hoard-bench gen-blobs DIR N SIZE          N random blobs, saved as DIR/cas/<sha256>
+//! hoard-bench upload ADDR DIR                PUT every blob in DIR/cas to hoard
+//! hoard-bench put ADDR SIZE_MIB COUNT        PUT COUNT fresh blobs of SIZE_MIB, report MB/s
+//! hoard-bench reference SIZE_MIB COUNT       one pass of SHA-256 + zstd-1 over the same bytes
+//! hoard-bench concurrent-get ADDR PATH N     N simultaneous GETs of PATH, report totals
+//! hoard-bench mkcache DIR N                  a bazel-remote-layout directory of N entries
+//! ```
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Err(e) = run(&args) {
+        eprintln!("hoard-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> Res<T> {
+    args.get(i)
+        .ok_or_else(|| format!("missing {what}"))?
+        .parse::<T>()
+        .map_err(|_| format!("bad {what}: {:?}", args[i]).into())
+}
+
+fn run(args: &[String]) -> Res<()> {
+    match args.first().map(String::as_str) {
+        Some("gen-blobs") => gen_blobs(
+            Path::new(&args[1]),
+            arg(args, 2, "N")?,
+            arg(args, 3, "SIZE")?,
+        ),
+        Some("upload") => upload(arg(args, 1, "ADDR")?, Path::new(&args[2])),
+        Some("put") => put(
+            arg(args, 1, "ADDR")?,
+            arg(args, 2, "SIZE_MIB")?,
+            arg(args, 3, "COUNT")?,
+        ),
+        Some("reference") => reference(arg(args, 1, "SIZE_MIB")?, arg(args, 2, "COUNT")?),
+        Some("concurrent-get") => {
+            concurrent_get(arg(args, 1, "ADDR")?, &args[2], arg(args, 3, "N")?)
+        }
+        Some("mkcache") => mkcache(Path::new(&args[1]), arg(args, 2, "N")?),
+        _ => Err("usage: see the doc comment at the top of benches/src/main.rs".into()),
+    }
+}
+
+/// Deterministic incompressible bytes.
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
+/// Build-output-like bytes: half text-ish, half random, so zstd has work.
+fn build_output(n: usize, seed: u64) -> Vec<u8> {
+    let mut out = noise(n, seed);
+    for (i, b) in out.iter_mut().enumerate() {
+        if (i / 4096) % 2 == 0 {
+            *b = b"abcdefghijklmnopqrstuvwxyz0123456789 \n"[(*b as usize) % 38];
+        }
+    }
+    out
+}
+
+fn gen_blobs(dir: &Path, n: usize, size: usize) -> Res<()> {
+    let cas = dir.join("cas");
+    std::fs::create_dir_all(&cas)?;
+    for i in 0..n {
+        let data = noise(size, i as u64 + 1);
+        std::fs::write(cas.join(hex::encode(Sha256::digest(&data))), &data)?;
+    }
+    Ok(())
+}
+
+fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Res<(u16, u64)> {
+    let mut s = TcpStream::connect(addr)?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    let mut head = Vec::new();
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if head.len() < 12 {
+            head.extend_from_slice(&buf[..n.min(64)]);
+        }
+        total += n as u64;
+    }
+    let status = std::str::from_utf8(&head[9..12.min(head.len())])?.parse()?;
+    Ok((status, total))
+}
+
+fn upload(addr: SocketAddr, dir: &Path) -> Res<()> {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir.join("cas"))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let data = std::fs::read(e.path())?;
+        let (status, _) = http(addr, "PUT", &format!("/cas/{name}"), &data)?;
+        if status != 200 {
+            return Err(format!("PUT {name}: {status}").into());
+        }
+        n += 1;
+    }
+    println!("uploaded={n}");
+    Ok(())
+}
+
+fn put(addr: SocketAddr, mib: usize, count: u64) -> Res<()> {
+    let size = mib << 20;
+    let mut secs = 0.0;
+    for i in 0..count {
+        let data = build_output(size, 1000 + i);
+        let hash = hex::encode(Sha256::digest(&data));
+        let t = Instant::now();
+        let (status, _) = http(addr, "PUT", &format!("/cas/{hash}"), &data)?;
+        secs += t.elapsed().as_secs_f64();
+        if status != 200 {
+            return Err(format!("PUT returned {status}").into());
+        }
+    }
+    println!(
+        "put_mb_per_s={:.1}",
+        (size as f64 * count as f64) / secs / 1e6
+    );
+    Ok(())
+}
+
+/// What any cache must do to a blob it stores compressed: hash it and
+/// compress it (zstd level 1, 1 MiB chunks), in one pass, on one core, from
+/// memory. No network, no disk.
+fn reference(mib: usize, count: u64) -> Res<()> {
+    let size = mib << 20;
+    let mut secs = 0.0;
+    let mut c = zstd::bulk::Compressor::new(1)?;
+    let mut sink = 0usize;
+    for i in 0..count {
+        let data = build_output(size, 1000 + i);
+        let t = Instant::now();
+        let mut h = Sha256::new();
+        for chunk in data.chunks(1 << 20) {
+            h.update(chunk);
+            sink += c.compress(chunk)?.len();
+        }
+        let digest = h.finalize();
+        secs += t.elapsed().as_secs_f64();
+        sink += digest[0] as usize;
+    }
+    println!(
+        "reference_mb_per_s={:.1}",
+        (size as f64 * count as f64) / secs / 1e6
+    );
+    eprintln!("(compressed bytes: {sink})");
+    Ok(())
+}
+
+fn concurrent_get(addr: SocketAddr, path: &str, n: usize) -> Res<()> {
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(n));
+    let t = Instant::now();
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let b = barrier.clone();
+            let path = path.to_string();
+            std::thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    b.wait();
+                    http(addr, "GET", &path, b"")
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let mut ok = 0;
+    let mut bytes = 0;
+    for h in handles {
+        if let Ok(Ok((200, b))) = h.join() {
+            ok += 1;
+            bytes += b;
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "gets_ok={ok} gets={n} bytes={bytes} seconds={secs:.2} mb_per_s={:.1}",
+        bytes as f64 / secs / 1e6
+    );
+    Ok(())
+}
+
+/// N small CAS entries laid out as bazel-remote does (`cas.v2/<hh>/<hash>-<size>-<random>`).
+/// The files are empty: startup never opens them, it only lists and stats.
+fn mkcache(dir: &Path, n: u64) -> Res<()> {
+    let cas = dir.join("cas.v2");
+    for i in 0..256 {
+        std::fs::create_dir_all(cas.join(format!("{i:02x}")))?;
+    }
+    let mut p = PathBuf::new();
+    for i in 0..n {
+        let h = hex::encode(Sha256::digest(i.to_le_bytes()));
+        p.clear();
+        p.push(&cas);
+        p.push(&h[..2]);
+        p.push(format!("{h}-{}-{:09}", 100 + i % 4000, i % 1_000_000_000));
+        std::fs::File::create(&p)?;
+    }
+    println!("entries={n}");
+    Ok(())
+}

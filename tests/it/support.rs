@@ -68,18 +68,18 @@ impl Hoard {
             match rx.recv_timeout(Duration::from_secs(20)) {
                 Ok(line) => {
                     if let Some(rest) = line.split("address=").nth(1)
-                        && line.contains("serving HTTP") {
-                            let addr = rest.split_whitespace().next().unwrap_or("");
-                            let addr: SocketAddr =
-                                addr.parse().map_err(|e| format!("{addr}: {e}"))?;
-                            let h = Hoard {
-                                child,
-                                addr,
-                                dir: dir.to_path_buf(),
-                                _stderr: rx,
-                            };
-                            return Ok(h);
-                        }
+                        && line.contains("serving HTTP")
+                    {
+                        let addr = rest.split_whitespace().next().unwrap_or("");
+                        let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+                        let h = Hoard {
+                            child,
+                            addr,
+                            dir: dir.to_path_buf(),
+                            _stderr: rx,
+                        };
+                        return Ok(h);
+                    }
                     seen.push(line);
                 }
                 Err(_) => {

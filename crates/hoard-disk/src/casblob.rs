@@ -128,9 +128,10 @@ impl Header {
             }
             let off = off as u64;
             if let Some(p) = prev
-                && off <= p {
-                    return Err(bad(format!("offsets should increase: {p} -> {off}")));
-                }
+                && off <= p
+            {
+                return Err(bad(format!("offsets should increase: {p} -> {off}")));
+            }
             prev = Some(off);
             offsets.push(off);
         }

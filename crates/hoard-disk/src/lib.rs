@@ -500,9 +500,10 @@ impl DiskCache {
     pub(crate) fn forget(&self, loc: &Location) {
         let mut st = self.shared.state.lock();
         if let Some(slot) = st.index.find(loc.ns, loc.kind, &loc.hash)
-            && loc.same_file(&st.index, slot) {
-                st.index.remove(slot);
-            }
+            && loc.same_file(&st.index, slot)
+        {
+            st.index.remove(slot);
+        }
     }
 
     /// Drops an entry whose file failed a format check, and deletes the file.
@@ -512,12 +513,13 @@ impl DiskCache {
         self.shared.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
         let mut st = self.shared.state.lock();
         if let Some(slot) = st.index.find(loc.ns, loc.kind, &loc.hash)
-            && loc.same_file(&st.index, slot) {
-                st.index.remove(slot);
-                st.pending_deletion += loc.size_on_disk;
-                st.doomed.push((path, loc.size_on_disk));
-                self.shared.evict_cv.notify_one();
-            }
+            && loc.same_file(&st.index, slot)
+        {
+            st.index.remove(slot);
+            st.pending_deletion += loc.size_on_disk;
+            st.doomed.push((path, loc.size_on_disk));
+            self.shared.evict_cv.notify_one();
+        }
     }
 }
 

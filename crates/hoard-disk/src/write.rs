@@ -363,8 +363,9 @@ impl Drop for Writer {
             self.cache.shared().state.lock().reserved -= self.reservation;
         }
         if let Some(sink) = &self.sink
-            && !sink.renamed {
-                let _ = fs::remove_file(&sink.tmp);
-            }
+            && !sink.renamed
+        {
+            let _ = fs::remove_file(&sink.tmp);
+        }
     }
 }

@@ -137,14 +137,16 @@ impl Cache {
             instance
         };
         if let Some(allowed) = &policy.allowed
-            && name != policy.default && !allowed.contains(name) {
-                return Err(CacheError::new(
-                    ErrorKind::UnknownNamespace,
-                    format!(
-                        "unknown namespace {name:?}: this server only serves the configured namespaces"
-                    ),
-                ));
-            }
+            && name != policy.default
+            && !allowed.contains(name)
+        {
+            return Err(CacheError::new(
+                ErrorKind::UnknownNamespace,
+                format!(
+                    "unknown namespace {name:?}: this server only serves the configured namespaces"
+                ),
+            ));
+        }
         self.inner.disk.namespace(name).map_err(CacheError::from)
     }
 
@@ -369,9 +371,8 @@ impl Cache {
             task.abort();
             return Err(e);
         }
-        
-        task
-            .await
+
+        task.await
             .map_err(|e| CacheError::internal(format!("write task failed: {e}")))?
     }
 }
@@ -423,9 +424,10 @@ fn write_stream(
                 }
             }
             if failure.is_none()
-                && let Err(e) = dec.flush() {
-                    failure = Some(e);
-                }
+                && let Err(e) = dec.flush()
+            {
+                failure = Some(e);
+            }
             drop(dec);
             if let Some(err) = sink.err.take() {
                 return Err(err.into());

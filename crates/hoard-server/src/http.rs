@@ -138,9 +138,11 @@ async fn handle(st: &HttpState, req: Request<Incoming>, peer: SocketAddr) -> Res
         .with_label_values(&[handler, method.as_str(), &code.to_string()])
         .observe(start.elapsed().as_secs_f64());
     if let Some(log) = &st.access_log
-        && handler != "metrics" && handler != "probe" {
-            log.record(method.as_str(), code, peer.ip(), &path);
-        }
+        && handler != "metrics"
+        && handler != "probe"
+    {
+        log.record(method.as_str(), code, peer.ip(), &path);
+    }
     resp
 }
 

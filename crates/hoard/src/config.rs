@@ -502,7 +502,11 @@ mod tests {
     fn the_readme_documents_every_setting() {
         let readme = include_str!("../../../README.md");
         for s in SETTINGS {
-            assert!(readme.contains(&format!("| `{}` |", s.key)), "README lacks {}", s.key);
+            assert!(
+                readme.contains(&format!("| `{}` |", s.key)),
+                "README lacks {}",
+                s.key
+            );
         }
     }
 
