@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# hoard's benchmarks. Each figure is measured next to a reference in the same
+# run (nginx serving the same files; one pass of SHA-256 + zstd-1 over the
+# same bytes), alternating the two, because whole-machine figures on a
+# shared 2-core host are noisy and only the ratios mean something.
+#
+#   bash benches/run.sh            # all
+#   bash benches/run.sh get put    # some: get put load concurrent
+set -euo pipefail
+cd "$(dirname "$0")/.."
+which=("$@")
+[ ${#which[@]} -gt 0 ] || which=(get put load concurrent)
+
+need=()
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v wrk >/dev/null || need+=(wrk)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+cargo build --release --locked -p hoard -p hoard-bench 2>&1 | tail -1
+HOARD=$PWD/target/release/hoard
+BENCH=$PWD/target/release/hoard-bench
+W=$(mktemp -d /var/tmp/hoard-bench.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+
+# start_hoard NAME PORT ARGS... : starts hoard, waits until /readyz is 200,
+# prints the seconds that took.
+start_hoard() {
+  local name=$1 port=$2; shift 2
+  local t0; t0=$(date +%s.%N)
+  "$HOARD" --http_address=127.0.0.1:$port --access_log_level=none "$@" >"$W/$name.out" 2>"$W/$name.err" &
+  pids+=($!); echo $! >"$W/$name.pid"
+  until curl -sf "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; do sleep 0.02; done
+  awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN {printf "%.2f\n", a - b}'
+}
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$(cat "$W/$1.pid")/status"; }
+hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$(cat "$W/$1.pid")/status"; }
+stop() { kill "$(cat "$W/$1.pid")"; while kill -0 "$(cat "$W/$1.pid")" 2>/dev/null; do sleep 0.05; done; }
+
+for what in "${which[@]}"; do case $what in
+get)
+  echo "== 4 KiB GET hits: hoard vs nginx (wrk -t2 -c32, 2,000 distinct blobs, 10 s per round)"
+  "$BENCH" gen-blobs "$W/blobs" 2000 4096
+  ls "$W/blobs/cas" | sed 's|^|/cas/|' >"$W/paths"
+  cat >"$W/cycle.lua" <<LUA
+local paths = {}
+for line in io.lines("$W/paths") do paths[#paths + 1] = line end
+local i = 0
+request = function()
+  i = (i % #paths) + 1
+  return wrk.format("GET", paths[i])
+end
+LUA
+  mkdir -p "$W/nginx"
+  cat >"$W/nginx/nginx.conf" <<NGINX
+worker_processes 2;
+pid $W/nginx/nginx.pid;
+error_log $W/nginx/error.log;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  sendfile on;
+  client_body_temp_path $W/nginx/body;
+  proxy_temp_path $W/nginx/proxy;
+  fastcgi_temp_path $W/nginx/fastcgi;
+  uwsgi_temp_path $W/nginx/uwsgi;
+  scgi_temp_path $W/nginx/scgi;
+  server { listen 127.0.0.1:18091; root $W/blobs; }
+}
+NGINX
+  nginx -c "$W/nginx/nginx.conf" -g 'daemon off;' & pids+=($!)
+  start_hoard get 18090 --dir="$W/get-cache" >/dev/null
+  "$BENCH" upload 127.0.0.1:18090 "$W/blobs"
+  sleep 1
+  for round in 1 2 3; do
+    for target in hoard:18090 nginx:18091; do
+      out=$(wrk -t2 -c32 -d10s --latency -s "$W/cycle.lua" "http://127.0.0.1:${target#*:}")
+      rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+      p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
+      non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+      echo "round=$round target=${target%%:*} req_per_s=$rps p99=$p99 non2xx=${non2xx:-0}"
+    done
+  done
+  stop get
+  ;;
+put)
+  echo "== 64 MiB PUT: hoard (fsync on, zstd storage) vs one pass of SHA-256 + zstd-1 in memory"
+  start_hoard put 18092 --dir="$W/put-cache" --max_size=50 >/dev/null
+  for round in 1 2; do
+    echo "round=$round $("$BENCH" put 127.0.0.1:18092 64 4)"
+    echo "round=$round $("$BENCH" reference 64 4 2>/dev/null)"
+  done
+  stop put
+  start_hoard putnofsync 18093 --dir="$W/put-cache2" --max_size=50 --fsync=false >/dev/null
+  echo "fsync=false $("$BENCH" put 127.0.0.1:18093 64 4)"
+  stop putnofsync
+  ;;
+load)
+  echo "== startup with 1,000,000 entries: time to /readyz and RSS per entry"
+  "$BENCH" mkcache "$W/big" 1000000
+  sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+  start_hoard empty 18094 --dir="$W/empty" >/dev/null
+  sleep 1; base=$(rss_kib empty); stop empty
+  secs=$(start_hoard big 18095 --dir="$W/big")
+  sleep 1; big=$(rss_kib big)
+  status=$(curl -s http://127.0.0.1:18095/status)
+  files=$(echo "$status" | awk -F': ' '/"NumFiles"/ {gsub(",","",$2); print $2}')
+  heap=$(echo "$status" | awk -F': ' '/"IndexHeapBytes"/ {gsub(",","",$2); print $2}')
+  stop big
+  echo "entries=$files ready_seconds=$secs rss_empty_kib=$base rss_loaded_kib=$big"
+  echo "rss_bytes_per_entry=$(( (big - base) * 1024 / files )) index_heap_bytes_per_entry=$(( heap / files ))"
+  # Warm page cache: a second start.
+  secs=$(start_hoard big2 18096 --dir="$W/big")
+  stop big2
+  echo "warm_ready_seconds=$secs"
+  ;;
+concurrent)
+  echo "== 1,000 concurrent GETs of a 16 MiB blob: hoard's peak RSS"
+  start_hoard conc 18097 --dir="$W/conc" >/dev/null
+  head -c $((16 << 20)) /dev/urandom >"$W/b16"
+  h=$(sha256sum "$W/b16" | cut -d' ' -f1)
+  curl -sf -X PUT --data-binary @"$W/b16" "http://127.0.0.1:18097/cas/$h"
+  echo "rss_before_kib=$(rss_kib conc)"
+  "$BENCH" concurrent-get 127.0.0.1:18097 "/cas/$h" 1000
+  echo "peak_rss_kib=$(hwm_kib conc)"
+  stop conc
+  ;;
+*) echo "unknown benchmark $what" >&2; exit 1;;
+esac; done
