@@ -5,8 +5,8 @@
 //! ```text
 //! hoard-bench gen-blobs DIR N SIZE          N random blobs, saved as DIR/cas/<sha256>
 //! hoard-bench upload ADDR DIR                PUT every blob in DIR/cas to hoard
-//! hoard-bench put ADDR SIZE_MIB COUNT        PUT COUNT fresh blobs of SIZE_MIB, report MB/s
-//! hoard-bench reference SIZE_MIB COUNT       one pass of SHA-256 + zstd-1 over the same bytes
+//! hoard-bench put ADDR SIZE_MIB COUNT SEED   PUT COUNT fresh blobs of SIZE_MIB, report MB/s
+//! hoard-bench reference SIZE_MIB COUNT SEED  one pass of SHA-256 + zstd-1 over the same bytes
 //! hoard-bench concurrent-get ADDR PATH N     N simultaneous GETs of PATH, report totals
 //! hoard-bench mkcache DIR N                  a bazel-remote-layout directory of N entries
 //! ```
@@ -47,8 +47,13 @@ fn run(args: &[String]) -> Res<()> {
             arg(args, 1, "ADDR")?,
             arg(args, 2, "SIZE_MIB")?,
             arg(args, 3, "COUNT")?,
+            arg(args, 4, "SEED").unwrap_or(1000),
         ),
-        Some("reference") => reference(arg(args, 1, "SIZE_MIB")?, arg(args, 2, "COUNT")?),
+        Some("reference") => reference(
+            arg(args, 1, "SIZE_MIB")?,
+            arg(args, 2, "COUNT")?,
+            arg(args, 3, "SEED").unwrap_or(1000),
+        ),
         Some("concurrent-get") => {
             concurrent_get(arg(args, 1, "ADDR")?, &args[2], arg(args, 3, "N")?)
         }
@@ -94,11 +99,12 @@ fn gen_blobs(dir: &Path, n: usize, size: usize) -> Res<()> {
 
 fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Res<(u16, u64)> {
     let mut s = TcpStream::connect(addr)?;
-    write!(
-        s,
+    // One write for the whole head: a real client sends it in one segment.
+    let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
         body.len()
-    )?;
+    );
+    s.write_all(head.as_bytes())?;
     s.write_all(body)?;
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0u64;
@@ -109,11 +115,14 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Res<(u16, u6
             break;
         }
         if head.len() < 12 {
-            head.extend_from_slice(&buf[..n.min(64)]);
+            head.extend_from_slice(&buf[..n.min(400)]);
         }
         total += n as u64;
     }
-    let status = std::str::from_utf8(&head[9..12.min(head.len())])?.parse()?;
+    let status: u16 = std::str::from_utf8(&head[9..12.min(head.len())])?.parse()?;
+    if status != 200 && std::env::var_os("HOARD_BENCH_DEBUG").is_some() {
+        eprintln!("{}", String::from_utf8_lossy(&head));
+    }
     Ok((status, total))
 }
 
@@ -133,11 +142,11 @@ fn upload(addr: SocketAddr, dir: &Path) -> Res<()> {
     Ok(())
 }
 
-fn put(addr: SocketAddr, mib: usize, count: u64) -> Res<()> {
+fn put(addr: SocketAddr, mib: usize, count: u64, seed: u64) -> Res<()> {
     let size = mib << 20;
     let mut secs = 0.0;
     for i in 0..count {
-        let data = build_output(size, 1000 + i);
+        let data = build_output(size, seed + i);
         let hash = hex::encode(Sha256::digest(&data));
         let t = Instant::now();
         let (status, _) = http(addr, "PUT", &format!("/cas/{hash}"), &data)?;
@@ -156,13 +165,13 @@ fn put(addr: SocketAddr, mib: usize, count: u64) -> Res<()> {
 /// What any cache must do to a blob it stores compressed: hash it and
 /// compress it (zstd level 1, 1 MiB chunks), in one pass, on one core, from
 /// memory. No network, no disk.
-fn reference(mib: usize, count: u64) -> Res<()> {
+fn reference(mib: usize, count: u64, seed: u64) -> Res<()> {
     let size = mib << 20;
     let mut secs = 0.0;
     let mut c = zstd::bulk::Compressor::new(1)?;
     let mut sink = 0usize;
     for i in 0..count {
-        let data = build_output(size, 1000 + i);
+        let data = build_output(size, seed + i);
         let t = Instant::now();
         let mut h = Sha256::new();
         for chunk in data.chunks(1 << 20) {
@@ -198,11 +207,20 @@ fn concurrent_get(addr: SocketAddr, path: &str, n: usize) -> Res<()> {
         .collect::<Result<_, _>>()?;
     let mut ok = 0;
     let mut bytes = 0;
+    let mut failures: std::collections::BTreeMap<String, u32> = Default::default();
     for h in handles {
-        if let Ok(Ok((200, b))) = h.join() {
-            ok += 1;
-            bytes += b;
+        match h.join() {
+            Ok(Ok((200, b))) => {
+                ok += 1;
+                bytes += b;
+            }
+            Ok(Ok((status, _))) => *failures.entry(format!("status {status}")).or_default() += 1,
+            Ok(Err(e)) => *failures.entry(e.to_string()).or_default() += 1,
+            Err(_) => *failures.entry("thread panicked".into()).or_default() += 1,
         }
+    }
+    for (what, n) in &failures {
+        eprintln!("failed: {n} x {what}");
     }
     let secs = t.elapsed().as_secs_f64();
     println!(

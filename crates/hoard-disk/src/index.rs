@@ -174,13 +174,29 @@ impl Index {
     }
 
     /// Makes room for `additional` more entries without further allocation.
+    /// Growth is geometric (at least a quarter), so a stream of small
+    /// reservations costs amortised O(1) per entry.
     pub fn reserve(&mut self, additional: usize) {
         let want = self.len + additional;
         if want > self.entries.capacity() {
-            self.entries.reserve_exact(want - self.entries.len());
+            let target = want.max(self.entries.capacity() + self.entries.capacity() / 4);
+            self.entries.reserve_exact(target - self.entries.len());
         }
-        let buckets = (want * MAX_LOAD_DEN).div_ceil(MAX_LOAD_NUM).max(16);
-        if buckets > self.table.len() {
+        if want * MAX_LOAD_DEN > self.table.len() * MAX_LOAD_NUM {
+            let target = want.max(self.len + self.len / 4);
+            self.rehash((target * MAX_LOAD_DEN).div_ceil(MAX_LOAD_NUM).max(16));
+        }
+    }
+
+    /// Releases growth slack: the slab shrinks to its live length (when no
+    /// slot is free) and the table to the size its load factor needs.
+    /// Called once the startup load is done.
+    pub fn compact(&mut self) {
+        if self.free == NIL {
+            self.entries.shrink_to_fit();
+        }
+        let buckets = (self.len * MAX_LOAD_DEN).div_ceil(MAX_LOAD_NUM).max(16);
+        if buckets < self.table.len() {
             self.rehash(buckets);
         }
     }
@@ -256,9 +272,7 @@ impl Index {
                 .is_none()
         );
         if (self.len + 1) * MAX_LOAD_DEN > self.table.len() * MAX_LOAD_NUM {
-            // Grow by a quarter: amortised O(1), and at most 25% slack.
-            let more = (self.len / 4).max(16);
-            self.reserve(more);
+            self.reserve(1);
         }
         entry.prev = NIL;
         entry.next = NIL;
@@ -271,8 +285,7 @@ impl Index {
             s
         } else {
             if self.entries.len() == self.entries.capacity() {
-                let more = (self.entries.len() / 4).max(16);
-                self.entries.reserve_exact(more);
+                self.reserve(1);
             }
             self.entries.push(entry);
             (self.entries.len() - 1) as u32

@@ -73,10 +73,12 @@ impl DiskCache {
             .dirs_total
             .store(work.len() as u64, Ordering::Relaxed);
         let next = AtomicUsize::new(0);
+        // Listing and stat are mostly waits on inode reads when the cache
+        // is cold, so more threads than cores keep the device queue full.
         let threads = std::thread::available_parallelism()
-            .map(|n| n.get() * 2)
-            .unwrap_or(4)
-            .clamp(2, 16);
+            .map(|n| n.get() * 8)
+            .unwrap_or(16)
+            .clamp(8, 32);
         let totals: Vec<LoadReport> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..threads)
                 .map(|_| s.spawn(|| self.scan_worker(&work, &next)))
@@ -110,6 +112,8 @@ impl DiskCache {
             // the hot end.
             order.sort_by_key(|s| atimes.get(*s as usize).copied().unwrap_or(u32::MAX));
             st.index.relink(&order);
+            drop(order);
+            st.index.compact();
             report.entries = st.index.len() as u64;
             report.size_on_disk = st.index.size_on_disk;
         }

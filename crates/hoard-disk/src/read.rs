@@ -23,8 +23,25 @@ pub struct Blob {
     /// The whole file, for small files.
     whole: Option<Vec<u8>>,
     pos: u64,
-    decompressor: Option<zstd::bulk::Decompressor<'static>>,
-    scratch: Vec<u8>,
+}
+
+/// Decompression contexts are costly to create (each holds its tables and
+/// window), so they are reused across reads instead of living in each open
+/// blob. The pool never holds more than it has handed out at once.
+static DECOMPRESSORS: parking_lot::Mutex<Vec<zstd::bulk::Decompressor<'static>>> =
+    parking_lot::Mutex::new(Vec::new());
+
+fn with_decompressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> T,
+) -> io::Result<T> {
+    let pooled = DECOMPRESSORS.lock().pop();
+    let mut d = match pooled {
+        Some(d) => d,
+        None => zstd::bulk::Decompressor::new()?,
+    };
+    let out = f(&mut d);
+    DECOMPRESSORS.lock().push(d);
+    Ok(out)
 }
 
 pub(crate) fn open(cache: DiskCache, loc: Location) -> Result<Option<Blob>, Error> {
@@ -81,8 +98,6 @@ pub(crate) fn open(cache: DiskCache, loc: Location) -> Result<Option<Blob>, Erro
         header,
         whole,
         pos: 0,
-        decompressor: None,
-        scratch: Vec::new(),
     }))
 }
 
@@ -182,20 +197,19 @@ impl Blob {
     fn next_casblob_chunk(&mut self, h: &Header, out: &mut Vec<u8>) -> Result<(), Error> {
         let i = (self.pos / h.chunk_size as u64) as usize;
         let skip = (self.pos % h.chunk_size as u64) as usize;
-        let (start, end) = (h.offsets[i], h.offsets[i + 1]);
-        let mut stored = std::mem::take(&mut self.scratch);
-        stored.resize((end - start) as usize, 0);
-        self.read_stored_at(start, &mut stored)?;
-        if self.decompressor.is_none() {
-            let d = zstd::bulk::Decompressor::new()
-                .map_err(|e| Error::io(self.cache.path_of(&self.loc), e))?;
-            self.decompressor = Some(d);
-        }
-        let decoded = match self.decompressor.as_mut() {
-            Some(d) => h.decode_chunk(i, &stored, d, out),
-            None => Ok(()),
+        let (start, end) = (h.offsets[i] as usize, h.offsets[i + 1] as usize);
+        let owned;
+        let stored: &[u8] = match &self.whole {
+            Some(w) => &w[start..end],
+            None => {
+                let mut buf = vec![0u8; end - start];
+                self.read_stored_at(start as u64, &mut buf)?;
+                owned = buf;
+                &owned
+            }
         };
-        self.scratch = stored;
+        let decoded = with_decompressor(|d| h.decode_chunk(i, stored, d, out))
+            .map_err(|e| Error::io(self.cache.path_of(&self.loc), e))?;
         if let Err(e) = decoded {
             return Err(self.corrupt(e.to_string()));
         }

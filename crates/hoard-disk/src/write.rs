@@ -15,6 +15,8 @@ use crate::{
 };
 
 const PLAIN_BUFFER: usize = 256 * 1024;
+/// With fsync on, large blobs are flushed every this many stored bytes.
+const SYNC_EVERY: u64 = 8 << 20;
 
 /// The result of a successful [`Writer::commit`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,7 +54,24 @@ struct Sink {
     offsets: Vec<u64>,
     compressor: Option<zstd::bulk::Compressor<'static>>,
     compressed: Vec<u8>,
+    /// For blobs of more than one chunk: the thread compressing and writing
+    /// chunks while this one hashes the next.
+    pipeline: Option<Pipeline>,
+    fsync: bool,
     renamed: bool,
+}
+
+/// Compression runs beside hashing: SHA-256 and zstd each take a core's
+/// worth of time per byte, so a large upload goes twice as fast when they
+/// overlap. At most one chunk waits in the channel and one is being
+/// compressed, so a writer holds at most three chunk buffers.
+/// Where the pipeline left the file: next write offset and chunk offsets.
+type Written = (u64, Vec<u64>);
+
+struct Pipeline {
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    recycled: std::sync::mpsc::Receiver<Vec<u8>>,
+    handle: Option<std::thread::JoinHandle<Result<Written, Error>>>,
 }
 
 impl Writer {
@@ -141,6 +160,8 @@ impl Writer {
             offsets: Vec::with_capacity(chunks as usize + 1),
             compressor,
             compressed: Vec::new(),
+            pipeline: None,
+            fsync: cfg.fsync,
             renamed: false,
         });
         Ok(w)
@@ -174,8 +195,12 @@ impl Writer {
                     let take = room.min(data.len());
                     sink.buf.extend_from_slice(&data[..take]);
                     data = &data[take..];
-                    if sink.buf.len() == CHUNK_SIZE {
-                        sink.flush_chunk()?;
+                    // A full chunk with more to come goes to the pipeline; the
+                    // last one waits for commit.
+                    if sink.buf.len() == CHUNK_SIZE
+                        && (!data.is_empty() || received < self.expected)
+                    {
+                        sink.send_to_pipeline()?;
                     }
                 }
             }
@@ -223,6 +248,7 @@ impl Writer {
                 if !sink.buf.is_empty() {
                     sink.flush_chunk()?;
                 }
+                sink.finish_pipeline()?;
                 sink.offsets.push(sink.pos);
                 let header = Header::encode(self.expected, &sink.offsets);
                 sink.file
@@ -322,21 +348,118 @@ impl Writer {
 }
 
 impl Sink {
+    /// Compresses the last chunk: through the pipeline if one runs (so
+    /// chunks stay in order), else here.
     fn flush_chunk(&mut self) -> Result<(), Error> {
+        if self.pipeline.is_some() {
+            return self.send_to_pipeline();
+        }
         let Some(c) = self.compressor.as_mut() else {
             return Ok(());
         };
-        self.compressed.clear();
-        self.compressed
-            .reserve(zstd::zstd_safe::compress_bound(self.buf.len()));
-        c.compress_to_buffer(&self.buf, &mut self.compressed)
-            .map_err(|e| Error::io(&self.tmp, e))?;
-        self.offsets.push(self.pos);
-        self.file
-            .write_all_at(&self.compressed, self.pos)
-            .map_err(|e| Error::io(&self.tmp, e))?;
-        self.pos += self.compressed.len() as u64;
+        compress_and_write(
+            c,
+            &self.buf,
+            &mut self.compressed,
+            &self.file,
+            &mut self.pos,
+            &mut self.offsets,
+        )
+        .map_err(|e| Error::io(&self.tmp, e))?;
         self.buf.clear();
+        Ok(())
+    }
+
+    fn send_to_pipeline(&mut self) -> Result<(), Error> {
+        if self.pipeline.is_none() {
+            self.start_pipeline()?;
+        }
+        let Some(p) = self.pipeline.as_mut() else {
+            return Ok(());
+        };
+        let next = p
+            .recycled
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(CHUNK_SIZE));
+        let full = std::mem::replace(&mut self.buf, next);
+        let sent =
+            p.tx.as_ref()
+                .map(|tx| tx.send(full).is_ok())
+                .unwrap_or(false);
+        if !sent {
+            // The compressing thread stopped: its error explains why.
+            return self.finish_pipeline();
+        }
+        Ok(())
+    }
+
+    fn start_pipeline(&mut self) -> Result<(), Error> {
+        let Some(mut c) = self.compressor.take() else {
+            return Ok(());
+        };
+        let file = self.file.try_clone().map_err(|e| Error::io(&self.tmp, e))?;
+        let tmp = self.tmp.clone();
+        let mut pos = self.pos;
+        let mut offsets = std::mem::take(&mut self.offsets);
+        let fsync = self.fsync;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
+        let (back_tx, back_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+        let handle = std::thread::Builder::new()
+            .name("hoard-compress".into())
+            .spawn(move || {
+                let mut compressed = Vec::new();
+                let mut unsynced = 0u64;
+                for mut chunk in rx {
+                    let before = pos;
+                    compress_and_write(
+                        &mut c,
+                        &chunk,
+                        &mut compressed,
+                        &file,
+                        &mut pos,
+                        &mut offsets,
+                    )
+                    .map_err(|e| Error::io(&tmp, e))?;
+                    // Flush as we go, while the other thread hashes, so the
+                    // fsync at commit has little left to wait for.
+                    unsynced += pos - before;
+                    if fsync && unsynced >= SYNC_EVERY {
+                        file.sync_data().map_err(|e| Error::io(&tmp, e))?;
+                        unsynced = 0;
+                    }
+                    chunk.clear();
+                    let _ = back_tx.try_send(chunk);
+                }
+                Ok((pos, offsets))
+            })
+            .map_err(|e| Error::io(&self.tmp, e))?;
+        self.pipeline = Some(Pipeline {
+            tx: Some(tx),
+            recycled: back_rx,
+            handle: Some(handle),
+        });
+        Ok(())
+    }
+
+    /// Waits for the pipeline to write everything sent to it and takes back
+    /// the write position and chunk offsets.
+    fn finish_pipeline(&mut self) -> Result<(), Error> {
+        let Some(mut p) = self.pipeline.take() else {
+            return Ok(());
+        };
+        drop(p.tx.take());
+        let Some(handle) = p.handle.take() else {
+            return Ok(());
+        };
+        let joined = handle.join().map_err(|_| {
+            Error::io(
+                &self.tmp,
+                std::io::Error::other("compression thread panicked"),
+            )
+        })?;
+        let (pos, offsets) = joined?;
+        self.pos = pos;
+        self.offsets = offsets;
         Ok(())
     }
 
@@ -368,4 +491,22 @@ impl Drop for Writer {
             let _ = fs::remove_file(&sink.tmp);
         }
     }
+}
+
+/// Compresses one chunk into its own zstd frame and appends it to the file.
+fn compress_and_write(
+    c: &mut zstd::bulk::Compressor<'static>,
+    chunk: &[u8],
+    compressed: &mut Vec<u8>,
+    file: &File,
+    pos: &mut u64,
+    offsets: &mut Vec<u64>,
+) -> std::io::Result<()> {
+    compressed.clear();
+    compressed.reserve(zstd::zstd_safe::compress_bound(chunk.len()));
+    c.compress_to_buffer(chunk, compressed)?;
+    offsets.push(*pos);
+    file.write_all_at(compressed, *pos)?;
+    *pos += compressed.len() as u64;
+    Ok(())
 }

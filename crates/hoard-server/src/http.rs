@@ -383,7 +383,13 @@ fn stream_blob(cache: Cache, blob: hoard_disk::Blob, stored: bool) -> Response<B
         let mut blob = Some(blob);
         let mut offset = 0u64;
         loop {
-            let permit = match cache.reserve_inflight(STREAM_CHUNK).await {
+            // Decoding needs the stored chunk and the decoded one at once.
+            let need = if stored {
+                STREAM_CHUNK
+            } else {
+                2 * STREAM_CHUNK
+            };
+            let permit = match cache.reserve_inflight(need).await {
                 Ok(p) => p,
                 Err(e) => {
                     let _ = tx.send(Err(e.into())).await;
