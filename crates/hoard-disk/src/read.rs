@@ -151,6 +151,19 @@ impl Blob {
         Ok(n)
     }
 
+    /// Uncompressed bytes per stored chunk, for casblobs.
+    pub fn chunk_size(&self) -> Option<usize> {
+        self.header.as_ref().map(|h| h.chunk_size)
+    }
+
+    /// Where stored chunk `i` starts in the file, for casblobs. Each chunk
+    /// is an independent zstd frame, so a zstd stream of the content from
+    /// chunk `i` on is the file from this offset on.
+    pub fn stored_offset_of_chunk(&self, i: usize) -> Option<u64> {
+        let h = self.header.as_ref()?;
+        (i < h.num_chunks()).then(|| h.offsets[i])
+    }
+
     /// Moves the content read position (for ranged reads).
     pub fn seek(&mut self, offset: u64) {
         self.pos = offset.min(self.loc.logical);

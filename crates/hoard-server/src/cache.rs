@@ -14,7 +14,6 @@
 //!   removed.
 
 use std::collections::HashSet;
-use std::io::Write as _;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -308,6 +307,46 @@ impl Cache {
             .map(|_| ())
     }
 
+    /// Starts an upload of `size` logical bytes. Writing and finishing are
+    /// blocking (hashing, compressing, disk I/O): call them from the
+    /// blocking pool. Dropping an unfinished upload stores nothing.
+    pub fn begin_upload(
+        &self,
+        ns: NamespaceId,
+        kind: Kind,
+        hash: Hash,
+        size: u64,
+        encoding: Encoding,
+    ) -> Result<Upload, CacheError> {
+        self.check_blob_size(size)?;
+        let writer = if kind == Kind::Cas && size == 0 {
+            if !hash.is_empty_blob() {
+                return Err(CacheError::invalid(format!(
+                    "invalid empty blob hash {hash}: a blob of size 0 has hash {}",
+                    hoard_disk::EMPTY_SHA256
+                )));
+            }
+            None
+        } else {
+            Some(self.inner.disk.writer(ns, kind, hash, size)?)
+        };
+        let decoder = match encoding {
+            Encoding::Identity => None,
+            Encoding::Zstd => Some(
+                zstd::stream::raw::Decoder::new()
+                    .map_err(|e| CacheError::internal(format!("zstd decoder: {e}")))?,
+            ),
+        };
+        Ok(Upload {
+            writer,
+            decoder,
+            size,
+            out: Vec::new(),
+            wire_received: 0,
+            frame_open: false,
+        })
+    }
+
     /// Streams a blob into the cache. The bytes are hashed (CAS) and written
     /// on the blocking pool while the body still arrives; memory use is
     /// bounded by the in-flight budget. Nothing becomes visible unless the
@@ -325,31 +364,15 @@ impl Cache {
     where
         S: Stream<Item = Result<Bytes, CacheError>> + Unpin,
     {
-        self.check_blob_size(size)?;
-        if kind == Kind::Cas && size == 0 {
-            if !hash.is_empty_blob() {
-                return Err(CacheError::invalid(format!(
-                    "invalid empty blob hash {hash}: a blob of size 0 has hash {}",
-                    hoard_disk::EMPTY_SHA256
-                )));
+        let upload = self.begin_upload(ns, kind, hash, size, encoding)?;
+        let (tx, mut rx) = mpsc::channel::<(Bytes, OwnedSemaphorePermit)>(4);
+        let task = tokio::task::spawn_blocking(move || {
+            let mut upload = upload;
+            while let Some((b, _permit)) = rx.blocking_recv() {
+                upload.write(&b)?;
             }
-            let mut received = 0usize;
-            while let Some(chunk) = body.next().await {
-                received += chunk?.len();
-            }
-            if received > 0 && encoding == Encoding::Identity {
-                return Err(CacheError::invalid(format!(
-                    "size mismatch: expected 0 bytes, received {received}"
-                )));
-            }
-            return Ok(WriteOutcome {
-                created: false,
-                size_on_disk: 0,
-            });
-        }
-        let writer = self.inner.disk.writer(ns, kind, hash, size)?;
-        let (tx, rx) = mpsc::channel::<(Bytes, OwnedSemaphorePermit)>(4);
-        let task = tokio::task::spawn_blocking(move || write_stream(writer, encoding, rx));
+            upload.finish()
+        });
         let mut body_err = None;
         while let Some(chunk) = body.next().await {
             match chunk {
@@ -371,71 +394,92 @@ impl Cache {
             task.abort();
             return Err(e);
         }
-
         task.await
             .map_err(|e| CacheError::internal(format!("write task failed: {e}")))?
     }
 }
 
-/// Passes decompressed bytes to the disk writer, keeping its error.
-struct WriterSink<'a> {
-    writer: &'a mut hoard_disk::Writer,
-    err: Option<hoard_disk::Error>,
+/// An upload in progress: bytes as they come off the wire (zstd-decoded if
+/// needed) go to the disk writer, which hashes and stores them.
+pub struct Upload {
+    /// None for the empty blob, which is never stored.
+    writer: Option<hoard_disk::Writer>,
+    decoder: Option<zstd::stream::raw::Decoder<'static>>,
+    size: u64,
+    out: Vec<u8>,
+    wire_received: u64,
+    /// A zstd frame has started and not yet ended.
+    frame_open: bool,
 }
 
-impl std::io::Write for WriterSink<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self.writer.write(buf) {
-            Ok(()) => Ok(buf.len()),
-            Err(e) => {
-                self.err = Some(e);
-                Err(std::io::Error::other("disk writer failed"))
-            }
-        }
+impl Upload {
+    /// Bytes received from the client so far (compressed bytes for a zstd
+    /// upload).
+    pub fn wire_received(&self) -> u64 {
+        self.wire_received
     }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
-fn write_stream(
-    mut writer: hoard_disk::Writer,
-    encoding: Encoding,
-    mut rx: mpsc::Receiver<(Bytes, OwnedSemaphorePermit)>,
-) -> Result<WriteOutcome, CacheError> {
-    match encoding {
-        Encoding::Identity => {
-            while let Some((b, _permit)) = rx.blocking_recv() {
-                writer.write(&b)?;
-            }
-        }
-        Encoding::Zstd => {
-            let mut sink = WriterSink {
-                writer: &mut writer,
-                err: None,
+    /// Logical size of the blob.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Takes more bytes. Blocking.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), CacheError> {
+        use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+        self.wire_received += data.len() as u64;
+        let Some(mut dec) = self.decoder.take() else {
+            return self.store(data);
+        };
+        let mut input = InBuffer::around(data);
+        let mut out = std::mem::take(&mut self.out);
+        out.resize(128 * 1024, 0);
+        let res = loop {
+            let mut output = OutBuffer::around(&mut out[..]);
+            let hint = match dec.run(&mut input, &mut output) {
+                Ok(h) => h,
+                Err(e) => break Err(CacheError::invalid(format!("corrupt zstd body: {e}"))),
             };
-            let mut dec = zstd::stream::write::Decoder::new(&mut sink)
-                .map_err(|e| CacheError::internal(format!("zstd decoder: {e}")))?;
-            let mut failure = None;
-            while let Some((b, _permit)) = rx.blocking_recv() {
-                if let Err(e) = dec.write_all(&b) {
-                    failure = Some(e);
-                    break;
-                }
-            }
-            if failure.is_none()
-                && let Err(e) = dec.flush()
+            let produced = output.pos();
+            self.frame_open = hint != 0;
+            if produced > 0
+                && let Err(e) = self.store(&out[..produced])
             {
-                failure = Some(e);
+                break Err(e);
             }
-            drop(dec);
-            if let Some(err) = sink.err.take() {
-                return Err(err.into());
+            if input.pos() == data.len() && produced < out.len() {
+                break Ok(());
             }
-            if let Some(e) = failure {
-                return Err(CacheError::invalid(format!("corrupt zstd body: {e}")));
-            }
+        };
+        self.out = out;
+        self.decoder = Some(dec);
+        res
+    }
+
+    fn store(&mut self, data: &[u8]) -> Result<(), CacheError> {
+        match self.writer.as_mut() {
+            Some(w) => w.write(data).map_err(CacheError::from),
+            None if data.is_empty() => Ok(()),
+            None => Err(CacheError::invalid(format!(
+                "size mismatch: expected 0 bytes, received {}",
+                data.len()
+            ))),
         }
     }
-    writer.commit().map_err(CacheError::from)
+
+    /// Verifies and commits. Blocking.
+    pub fn finish(self) -> Result<WriteOutcome, CacheError> {
+        if self.frame_open {
+            return Err(CacheError::invalid(
+                "corrupt zstd body: the stream ends inside a frame",
+            ));
+        }
+        match self.writer {
+            Some(w) => w.commit().map_err(CacheError::from),
+            None => Ok(WriteOutcome {
+                created: false,
+                size_on_disk: 0,
+            }),
+        }
+    }
 }

@@ -4,6 +4,7 @@
 //!   (namespaces, the empty blob, size limits, digest verification, action
 //!   result validation and completeness) lives there, once.
 //! * [`http`]: the bazel-remote-compatible HTTP API over hyper.
+//! * [`grpc`]: REAPI v2, ByteStream and health over tonic.
 //! * [`metrics`], [`access_log`]: what operators see.
 //!
 //! This crate does no disk I/O of its own; it calls `hoard-disk`.
@@ -11,10 +12,11 @@
 pub mod access_log;
 pub mod cache;
 pub mod error;
+pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod validate;
 
-pub use cache::{Cache, Encoding, Found, Limits, NamespacePolicy};
+pub use cache::{Cache, Encoding, Found, Limits, NamespacePolicy, Upload};
 pub use error::{CacheError, ErrorKind};
 pub use metrics::Metrics;

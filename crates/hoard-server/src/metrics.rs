@@ -25,6 +25,8 @@ pub struct Metrics {
     index_progress: Gauge,
     corrupt_dropped: IntCounter,
     pub inflight_bytes: IntGauge,
+    pub grpc_handled: IntCounterVec,
+    pub grpc_seconds: HistogramVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -140,6 +142,30 @@ impl Metrics {
                 IntGauge::new(
                     "hoard_inflight_bytes",
                     "Request body bytes held in memory right now.",
+                )?,
+            ),
+            grpc_handled: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "grpc_server_handled_total",
+                        "gRPC calls completed, by service, method and status code.",
+                    ),
+                    &["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+                )?,
+            ),
+            grpc_seconds: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "grpc_server_handling_seconds",
+                        "gRPC handling time (until the response, or the stream, starts).",
+                    )
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0,
+                    ]),
+                    &["grpc_type", "grpc_service", "grpc_method"],
                 )?,
             ),
             registry: r,

@@ -22,6 +22,8 @@ pub struct Config {
     pub hard_limit_bytes: Option<u64>,
     pub storage_mode: StorageMode,
     pub http_address: SocketAddr,
+    /// None when gRPC is disabled (`grpc_address: none`).
+    pub grpc_address: Option<SocketAddr>,
     pub max_blob_size: u64,
     pub max_inflight_bytes: u64,
     pub max_action_result_size: u64,
@@ -357,11 +359,25 @@ fn build(m: &BTreeMap<String, Raw>) -> Result<Config, ConfigError> {
         }
     };
     let grpc = v.string("grpc_address");
-    if !grpc.is_empty() && grpc != "none" {
-        return err(format!(
-            "grpc_address: the gRPC front end is not available in this build; set it to none ({})",
-            v.source("grpc_address")
-        ));
+    let grpc_address = match grpc.as_str() {
+        "" | "none" => None,
+        addr => Some(parse_address(
+            "grpc_address",
+            addr,
+            &v.source("grpc_address"),
+        )?),
+    };
+    if let Some(g) = grpc_address {
+        let http = parse_address(
+            "http_address",
+            &v.string("http_address"),
+            &v.source("http_address"),
+        )?;
+        if g.port() != 0 && g == http {
+            return err(format!(
+                "grpc_address: {g} is also http_address; give each its own port"
+            ));
+        }
     }
     let access_log = match v.string("access_log_level").as_str() {
         "all" => true,
@@ -411,6 +427,7 @@ fn build(m: &BTreeMap<String, Raw>) -> Result<Config, ConfigError> {
         hard_limit_bytes: (hard > 0).then(|| hard.saturating_mul(GIB)),
         storage_mode,
         http_address: parse_address("http_address", &http, &v.source("http_address"))?,
+        grpc_address,
         max_blob_size: v.int("max_blob_size")?,
         max_inflight_bytes: inflight,
         max_action_result_size: v.int("max_action_result_size")?,

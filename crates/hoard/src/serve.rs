@@ -1,5 +1,5 @@
-//! Wiring for `hoard` (serve): open the disk cache, open the listeners at
-//! once, index the cache in the background, serve until SIGTERM/SIGINT or
+//! Wiring for `hoard` (serve): open the disk cache, open the HTTP and gRPC
+//! listeners at once, index the cache in the background, serve until SIGTERM/SIGINT or
 //! the idle timeout, then stop in order: listeners, in-flight requests,
 //! eviction thread.
 
@@ -10,6 +10,7 @@ use std::time::SystemTime;
 use anyhow::Context as _;
 use hoard_disk::{DiskCache, StorageMode};
 use hoard_server::access_log::AccessLog;
+use hoard_server::grpc::{self, GrpcConfig};
 use hoard_server::http::{self, HttpState};
 use hoard_server::{Cache, Limits, Metrics};
 use tokio::net::TcpListener;
@@ -33,6 +34,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .with_context(|| format!("http_address: cannot listen on {}", cfg.http_address))?;
     let local = listener.local_addr()?;
     tracing::info!(address = %local, dir = %disk.dir().display(), "serving HTTP");
+    let grpc_listener = match cfg.grpc_address {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("grpc_address: cannot listen on {addr}"))?;
+            tracing::info!(address = %l.local_addr()?, "serving gRPC");
+            Some(l)
+        }
+        None => None,
+    };
 
     // The index loads while requests are already served; /readyz says when
     // it is done.
@@ -71,8 +82,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(idle) = cfg.idle_timeout {
         spawn_idle_timer(Arc::clone(&state), idle, shutdown.clone());
     }
+    let grpc_task = grpc_listener.map(|l| {
+        tokio::spawn(grpc::serve(
+            l,
+            state.cache.clone(),
+            GrpcConfig::default(),
+            shutdown.clone(),
+            cfg.shutdown_timeout,
+        ))
+    });
     http::serve(listener, Arc::clone(&state), shutdown, cfg.shutdown_timeout).await;
-    tracing::info!("HTTP server stopped; stopping the disk cache");
+    if let Some(t) = grpc_task {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "gRPC server failed"),
+            Err(e) => tracing::error!(error = %e, "gRPC server task failed"),
+        }
+    }
+    tracing::info!("servers stopped; stopping the disk cache");
     disk.shutdown();
     tracing::info!("shutdown complete");
     Ok(())

@@ -216,7 +216,7 @@ pub fn find_by_flag(flag: &str) -> Option<&'static Setting> {
 /// The `--help` text.
 pub fn help() -> String {
     let mut out = String::from(
-        "hoard: a Bazel remote cache (HTTP, disk LRU)\n\n\
+        "hoard: a Bazel remote cache (HTTP and gRPC, disk LRU)\n\n\
          usage: hoard [--flag=value ...]\n\n\
          Settings merge in this order: YAML file (--config_file), then environment\n\
          variables, then flags. Each setting:\n\n",

@@ -1,0 +1,187 @@
+//! ActionCache: results are served only while complete (the facade checks),
+//! inlined on request within the batch limit, and validated on update, with
+//! inlined contents moved into the CAS.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use bytes::Bytes;
+use hoard_disk::{Hash, Kind, NamespaceId};
+use hoard_proto::prost::Message;
+use hoard_proto::reapi::action_cache_server::ActionCache;
+use hoard_proto::reapi::{ActionResult, Digest, GetActionResultRequest, UpdateActionResultRequest};
+use sha2::{Digest as _, Sha256};
+use tonic::{Request, Response, Status};
+
+use super::{Shared, to_status};
+use crate::cache::{Encoding, Found};
+use crate::validate::{BlobDigest, parse_digest, validate_action_result};
+
+pub(crate) struct ActionCacheService(pub Shared);
+
+const SERVICE: &str = "build.bazel.remote.execution.v2.ActionCache";
+
+pub(crate) fn required_digest(what: &str, d: Option<&Digest>) -> Result<BlobDigest, Status> {
+    let d = d.ok_or_else(|| Status::invalid_argument(format!("missing {what}")))?;
+    parse_digest(d).map_err(|e| Status::invalid_argument(format!("{what}: {}", e.message)))
+}
+
+impl ActionCacheService {
+    /// Reads a CAS blob whole, if present and of the expected size.
+    fn read_blob(&self, ns: NamespaceId, d: &BlobDigest) -> Result<Option<Vec<u8>>, Status> {
+        match self.0.cache.cas_get(ns, &d.hash).map_err(to_status)? {
+            Some(Found::Empty) => Ok(Some(Vec::new())),
+            Some(Found::Blob(mut b)) if b.logical_size() == d.size => match b.read_to_vec() {
+                Ok(v) => Ok(Some(v)),
+                Err(hoard_disk::Error::Corrupt { .. }) => Ok(None),
+                Err(e) => Err(to_status(e.into())),
+            },
+            _ => Ok(None),
+        }
+    }
+
+    async fn get(&self, req: GetActionResultRequest) -> Result<Response<ActionResult>, Status> {
+        let ns = self.0.namespace(&req.instance_name)?;
+        let d = required_digest("action_digest", req.action_digest.as_ref())?;
+        let Some((_, mut ar)) = self.0.cache.ac_get(ns, &d.hash).map_err(to_status)? else {
+            return Err(Status::not_found(format!(
+                "action result {}/{} not found",
+                d.hash, d.size
+            )));
+        };
+        // Inline what was asked for while it fits the batch limit; what does
+        // not fit stays a digest, which the spec allows.
+        let mut budget = self.0.max_batch;
+        let mut inline = |digest: &Option<Digest>, into: &mut Bytes| -> Result<(), Status> {
+            let Some(d) = digest.as_ref().and_then(|d| parse_digest(d).ok()) else {
+                return Ok(());
+            };
+            if d.size > budget {
+                return Ok(());
+            }
+            if let Some(bytes) = self.read_blob(ns, &d)? {
+                budget -= d.size;
+                *into = bytes.into();
+            }
+            Ok(())
+        };
+        if req.inline_stdout {
+            let digest = ar.stdout_digest.clone();
+            inline(&digest, &mut ar.stdout_raw)?;
+        }
+        if req.inline_stderr {
+            let digest = ar.stderr_digest.clone();
+            inline(&digest, &mut ar.stderr_raw)?;
+        }
+        if !req.inline_output_files.is_empty() {
+            let wanted: HashSet<&str> =
+                req.inline_output_files.iter().map(String::as_str).collect();
+            for f in ar.output_files.iter_mut() {
+                if wanted.contains(f.path.as_str()) {
+                    let digest = f.digest.clone();
+                    inline(&digest, &mut f.contents)?;
+                }
+            }
+        }
+        Ok(Response::new(ar))
+    }
+
+    /// Stores inlined bytes in the CAS and returns the digest naming them.
+    async fn store_inlined(
+        &self,
+        ns: NamespaceId,
+        what: &str,
+        digest: Option<&Digest>,
+        data: Bytes,
+    ) -> Result<Digest, Status> {
+        let actual = Hash(Sha256::digest(&data).into());
+        let size = data.len() as u64;
+        if let Some(d) = digest {
+            let d = parse_digest(d)
+                .map_err(|e| Status::invalid_argument(format!("{what}: {}", e.message)))?;
+            if d.hash != actual || d.size != size {
+                return Err(Status::invalid_argument(format!(
+                    "{what}: inlined contents hash to {actual}/{size}, not {}/{}",
+                    d.hash, d.size
+                )));
+            }
+        }
+        let body = futures_util::stream::iter([Ok(data)]);
+        self.0
+            .cache
+            .put(ns, Kind::Cas, actual, size, Encoding::Identity, body)
+            .await
+            .map_err(super::to_status)?;
+        Ok(Digest {
+            hash: actual.to_hex(),
+            size_bytes: size as i64,
+        })
+    }
+
+    async fn update(
+        &self,
+        req: UpdateActionResultRequest,
+    ) -> Result<Response<ActionResult>, Status> {
+        let ns = self.0.namespace(&req.instance_name)?;
+        let d = required_digest("action_digest", req.action_digest.as_ref())?;
+        let mut ar = req
+            .action_result
+            .ok_or_else(|| Status::invalid_argument("missing action_result"))?;
+        for f in ar.output_files.iter_mut() {
+            if !f.contents.is_empty() {
+                let data = std::mem::take(&mut f.contents);
+                let what = format!("output file {:?}", f.path);
+                f.digest = Some(
+                    self.store_inlined(ns, &what, f.digest.as_ref(), data)
+                        .await?,
+                );
+            }
+        }
+        if !ar.stdout_raw.is_empty() {
+            let data = std::mem::take(&mut ar.stdout_raw);
+            ar.stdout_digest = Some(
+                self.store_inlined(ns, "stdout", ar.stdout_digest.as_ref(), data)
+                    .await?,
+            );
+        }
+        if !ar.stderr_raw.is_empty() {
+            let data = std::mem::take(&mut ar.stderr_raw);
+            ar.stderr_digest = Some(
+                self.store_inlined(ns, "stderr", ar.stderr_digest.as_ref(), data)
+                    .await?,
+            );
+        }
+        validate_action_result(&ar).map_err(to_status)?;
+        self.0
+            .cache
+            .ac_put(ns, d.hash, ar.encode_to_vec().into())
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(ar))
+    }
+}
+
+#[tonic::async_trait]
+impl ActionCache for ActionCacheService {
+    async fn get_action_result(
+        &self,
+        req: Request<GetActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let start = Instant::now();
+        let r = self.get(req.into_inner()).await;
+        self.0
+            .observe("unary", SERVICE, "GetActionResult", start, &r);
+        r
+    }
+
+    async fn update_action_result(
+        &self,
+        req: Request<UpdateActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let start = Instant::now();
+        let r = self.update(req.into_inner()).await;
+        self.0
+            .observe("unary", SERVICE, "UpdateActionResult", start, &r);
+        r
+    }
+}

@@ -1,0 +1,487 @@
+//! ByteStream: reads with offset and limit (compressed reads reuse the
+//! stored zstd frames), and writes that verify the digest, return early when
+//! the blob exists, and can be resumed after an interruption.
+//!
+//! # Resumable writes
+//!
+//! A write is identified by its resource name up to the size (the upload
+//! UUID included). If its stream ends or breaks before `finish_write`, the
+//! upload is kept, paused, for `resumable_upload_ttl`: `QueryWriteStatus`
+//! reports the bytes accepted so far, and a new `Write` with the same name
+//! continues from exactly that `write_offset`. Nothing is visible in the
+//! CAS until `finish_write` and a verified digest. Paused uploads are
+//! bounded in number; the oldest is dropped (its temp file removed) first.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use hoard_disk::Kind;
+use hoard_proto::google::bytestream::byte_stream_server::ByteStream;
+use hoard_proto::google::bytestream::{
+    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
+    WriteResponse,
+};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::resource::{BlobResource, parse_read, parse_write};
+use super::{BoxStream, Shared, to_status};
+use crate::cache::{Encoding, Found, Upload};
+
+pub(crate) struct ByteStreamService(pub Shared);
+
+const SERVICE: &str = "google.bytestream.ByteStream";
+/// Largest data field in one ReadResponse.
+const READ_CHUNK: usize = 1 << 20;
+/// Bytes of a write gathered before they go to the disk writer.
+const WRITE_BATCH: usize = 1 << 20;
+
+/// One upload's state, kept between Write calls while it is paused.
+struct Slot {
+    upload: Option<Upload>,
+    /// Bytes accepted from the client (compressed bytes for zstd uploads).
+    committed: u64,
+    touched: Instant,
+}
+
+/// Paused and running uploads by upload key.
+pub struct Uploads {
+    slots: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+    ttl: Duration,
+    max: usize,
+}
+
+impl Uploads {
+    pub fn new(ttl: Duration, max: usize) -> Uploads {
+        Uploads {
+            slots: parking_lot::Mutex::new(HashMap::new()),
+            ttl,
+            max: max.max(1),
+        }
+    }
+
+    fn get_or_create(&self, key: &str) -> Arc<tokio::sync::Mutex<Slot>> {
+        let mut slots = self.slots.lock();
+        if let Some(s) = slots.get(key) {
+            return Arc::clone(s);
+        }
+        if slots.len() >= self.max {
+            // Drop the least recently touched idle upload.
+            let oldest = slots
+                .iter()
+                .filter_map(|(k, s)| s.try_lock().ok().map(|g| (k.clone(), g.touched)))
+                .min_by_key(|(_, t)| *t)
+                .map(|(k, _)| k);
+            if let Some(k) = oldest {
+                slots.remove(&k);
+            }
+        }
+        let s = Arc::new(tokio::sync::Mutex::new(Slot {
+            upload: None,
+            committed: 0,
+            touched: Instant::now(),
+        }));
+        slots.insert(key.to_string(), Arc::clone(&s));
+        s
+    }
+
+    fn get(&self, key: &str) -> Option<Arc<tokio::sync::Mutex<Slot>>> {
+        self.slots.lock().get(key).cloned()
+    }
+
+    fn remove(&self, key: &str) {
+        self.slots.lock().remove(key);
+    }
+
+    /// Drops paused uploads idle for longer than the TTL.
+    pub fn reap_expired(&self) {
+        let now = Instant::now();
+        self.slots.lock().retain(|_, s| match s.try_lock() {
+            Ok(g) => now.duration_since(g.touched) < self.ttl,
+            Err(_) => true, // a Write is using it
+        });
+    }
+
+    /// Number of uploads known (running or paused).
+    pub fn len(&self) -> usize {
+        self.slots.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Feeds bytes to the upload on the blocking pool.
+async fn feed(slot: &mut Slot, data: Bytes) -> Result<(), Status> {
+    let Some(mut up) = slot.upload.take() else {
+        return Err(Status::internal("upload state lost"));
+    };
+    let (up, r) = tokio::task::spawn_blocking(move || {
+        let r = up.write(&data);
+        (up, r)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("write task failed: {e}")))?;
+    slot.upload = Some(up);
+    r.map_err(to_status)
+}
+
+impl ByteStreamService {
+    async fn write(
+        &self,
+        mut stream: Streaming<WriteRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let Some(first) = stream.message().await? else {
+            return Err(Status::invalid_argument(
+                "empty Write stream: no WriteRequest received",
+            ));
+        };
+        let res = parse_write(&first.resource_name)?;
+        let ns = self.0.namespace(&res.instance)?;
+        self.0.cache.check_blob_size(res.size).map_err(to_status)?;
+        let key = res.upload_key();
+        let done = |res: &BlobResource| WriteResponse {
+            committed_size: if res.compressed { -1 } else { res.size as i64 },
+        };
+        if self.0.cache.cas_contains(ns, &res.hash) == Some(res.size) {
+            // Already stored (perhaps by another client): the spec's early return.
+            self.0.uploads.remove(&key);
+            return Ok(Response::new(done(&res)));
+        }
+        let slot_arc = self.0.uploads.get_or_create(&key);
+        let Ok(mut slot) = slot_arc.try_lock() else {
+            return Err(Status::aborted(format!(
+                "another Write of {key} is in progress; retry after it ends"
+            )));
+        };
+        slot.touched = Instant::now();
+        if slot.upload.is_none() {
+            if first.write_offset != 0 {
+                return Err(Status::invalid_argument(format!(
+                    "write_offset {} for an upload that has received nothing; QueryWriteStatus says 0",
+                    first.write_offset
+                )));
+            }
+            let encoding = if res.compressed {
+                Encoding::Zstd
+            } else {
+                Encoding::Identity
+            };
+            let up = self
+                .0
+                .cache
+                .begin_upload(ns, Kind::Cas, res.hash, res.size, encoding)
+                .map_err(to_status)?;
+            slot.upload = Some(up);
+            slot.committed = 0;
+        }
+        let _permit = self
+            .0
+            .cache
+            .reserve_inflight(WRITE_BATCH)
+            .await
+            .map_err(to_status)?;
+        let mut buf = BytesMut::new();
+        let mut msg = first;
+        let name = msg.resource_name.clone();
+        loop {
+            if !msg.resource_name.is_empty() && msg.resource_name != name {
+                return Err(Status::invalid_argument(format!(
+                    "resource name changed within one Write: {:?} then {:?}",
+                    name, msg.resource_name
+                )));
+            }
+            let expected = slot.committed + buf.len() as u64;
+            if msg.write_offset < 0 || msg.write_offset as u64 != expected {
+                if !buf.is_empty() {
+                    let data = buf.split().freeze();
+                    let n = data.len() as u64;
+                    feed(&mut slot, data).await?;
+                    slot.committed += n;
+                }
+                return Err(Status::invalid_argument(format!(
+                    "write_offset {} is not contiguous: {} bytes are committed",
+                    msg.write_offset, expected
+                )));
+            }
+            buf.extend_from_slice(&msg.data);
+            if buf.len() >= WRITE_BATCH || msg.finish_write {
+                let data = buf.split().freeze();
+                let n = data.len() as u64;
+                if let Err(e) = feed(&mut slot, data).await {
+                    self.0.uploads.remove(&key);
+                    return Err(e);
+                }
+                slot.committed += n;
+            }
+            if msg.finish_write {
+                let Some(up) = slot.upload.take() else {
+                    return Err(Status::internal("upload state lost"));
+                };
+                self.0.uploads.remove(&key);
+                let committed = slot.committed;
+                tokio::task::spawn_blocking(move || up.finish())
+                    .await
+                    .map_err(|e| Status::internal(format!("write task failed: {e}")))?
+                    .map_err(to_status)?;
+                return Ok(Response::new(WriteResponse {
+                    committed_size: committed as i64,
+                }));
+            }
+            let next = stream.message().await;
+            if !matches!(next, Ok(Some(_))) && !buf.is_empty() {
+                // The stream ended or broke: keep what arrived, for resumption.
+                let data = buf.split().freeze();
+                let n = data.len() as u64;
+                if let Err(e) = feed(&mut slot, data).await {
+                    self.0.uploads.remove(&key);
+                    return Err(e);
+                }
+                slot.committed += n;
+            }
+            slot.touched = Instant::now();
+            msg = match next {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    // Ended without finish_write: nothing is stored; the
+                    // upload waits, paused, to be resumed.
+                    return Ok(Response::new(WriteResponse {
+                        committed_size: slot.committed as i64,
+                    }));
+                }
+                Err(status) => return Err(status),
+            };
+        }
+    }
+
+    async fn query(
+        &self,
+        req: QueryWriteStatusRequest,
+    ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        let res = parse_write(&req.resource_name)?;
+        let ns = self.0.namespace(&res.instance)?;
+        if self.0.cache.cas_contains(ns, &res.hash) == Some(res.size) {
+            return Ok(Response::new(QueryWriteStatusResponse {
+                committed_size: res.size as i64,
+                complete: true,
+            }));
+        }
+        let committed = match self.0.uploads.get(&res.upload_key()) {
+            Some(slot) => slot.lock().await.committed,
+            None => 0,
+        };
+        Ok(Response::new(QueryWriteStatusResponse {
+            committed_size: committed as i64,
+            complete: false,
+        }))
+    }
+
+    fn read(&self, req: ReadRequest) -> Result<BoxStream<ReadResponse>, Status> {
+        let res = parse_read(&req.resource_name)?;
+        let ns = self.0.namespace(&res.instance)?;
+        if req.read_offset < 0 || req.read_limit < 0 {
+            return Err(Status::out_of_range(format!(
+                "read_offset {} and read_limit {} must not be negative",
+                req.read_offset, req.read_limit
+            )));
+        }
+        if res.compressed && req.read_limit != 0 {
+            return Err(Status::invalid_argument(
+                "read_limit must be 0 when reading compressed-blobs",
+            ));
+        }
+        let offset = req.read_offset as u64;
+        if offset > res.size {
+            return Err(Status::out_of_range(format!(
+                "read_offset {offset} is past the end of a {}-byte blob",
+                res.size
+            )));
+        }
+        let not_found = || Status::not_found(format!("blob {}/{} not found", res.hash, res.size));
+        let blob = match self.0.cache.cas_get(ns, &res.hash).map_err(to_status)? {
+            Some(Found::Empty) if res.size == 0 => None,
+            Some(Found::Blob(b)) if b.logical_size() == res.size => Some(*b),
+            _ => return Err(not_found()),
+        };
+        let limit = match req.read_limit {
+            0 => res.size - offset,
+            n => (n as u64).min(res.size - offset),
+        };
+        let (tx, mut rx) = mpsc::channel::<Result<ReadResponse, Status>>(2);
+        let cache = self.0.cache.clone();
+        tokio::spawn(async move {
+            let r = match blob {
+                None if res.compressed => {
+                    let frame = zstd::bulk::compress(&[], 1).unwrap_or_default();
+                    send(&tx, frame.into()).await
+                }
+                None => Ok(()),
+                Some(b) => produce(cache, b, res.compressed, offset, limit, &tx).await,
+            };
+            if let Err(status) = r {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Box::pin(futures_util::stream::poll_fn(move |cx| {
+            rx.poll_recv(cx)
+        })))
+    }
+}
+
+async fn send(tx: &mpsc::Sender<Result<ReadResponse, Status>>, data: Bytes) -> Result<(), Status> {
+    tx.send(Ok(ReadResponse { data }))
+        .await
+        .map_err(|_| Status::cancelled("reader went away"))
+}
+
+/// Streams a blob's content. `compressed` reads send zstd frames: the stored
+/// ones from the chunk at or after `offset`, and a freshly compressed frame
+/// for a partial first chunk.
+async fn produce(
+    cache: crate::Cache,
+    blob: hoard_disk::Blob,
+    compressed: bool,
+    offset: u64,
+    limit: u64,
+    tx: &mpsc::Sender<Result<ReadResponse, Status>>,
+) -> Result<(), Status> {
+    let blocking_err =
+        |e: tokio::task::JoinError| Status::internal(format!("read task failed: {e}"));
+    let mut blob = blob;
+    if compressed && blob.is_zstd_stream() {
+        let chunk = blob.chunk_size().unwrap_or(1 << 20) as u64;
+        let mut stored_from = blob.stored_offset_of_chunk((offset / chunk) as usize);
+        if offset == 0 {
+            stored_from = Some(0);
+        } else if !offset.is_multiple_of(chunk) {
+            // Recompress the tail of the first chunk; stored frames follow.
+            let _permit = cache
+                .reserve_inflight(2 * READ_CHUNK)
+                .await
+                .map_err(to_status)?;
+            let (b, r) = tokio::task::spawn_blocking(move || {
+                blob.seek(offset);
+                let mut out = Vec::new();
+                let r = blob.next_chunk(&mut out).map(|_| out);
+                (blob, r)
+            })
+            .await
+            .map_err(blocking_err)?;
+            blob = b;
+            let tail = r.map_err(|e| Status::data_loss(e.to_string()))?;
+            let frame =
+                zstd::bulk::compress(&tail, 1).map_err(|e| Status::internal(e.to_string()))?;
+            send(tx, frame.into()).await?;
+            stored_from = blob.stored_offset_of_chunk((offset / chunk) as usize + 1);
+        }
+        let Some(mut pos) = stored_from else {
+            return Ok(());
+        };
+        let end = blob.stored_len();
+        while pos < end {
+            let permit = cache
+                .reserve_inflight(READ_CHUNK)
+                .await
+                .map_err(to_status)?;
+            let (b, r) = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; READ_CHUNK];
+                let r = blob.read_stored_at(pos, &mut buf).map(|n| {
+                    buf.truncate(n);
+                    buf
+                });
+                (blob, r)
+            })
+            .await
+            .map_err(blocking_err)?;
+            blob = b;
+            let data = r.map_err(|e| Status::internal(e.to_string()))?;
+            if data.is_empty() {
+                break;
+            }
+            pos += data.len() as u64;
+            send(tx, held(data, permit)).await?;
+        }
+        return Ok(());
+    }
+    blob.seek(offset);
+    let mut remaining = limit;
+    while remaining > 0 {
+        let permit = cache
+            .reserve_inflight(2 * READ_CHUNK)
+            .await
+            .map_err(to_status)?;
+        let (b, r) = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let r = blob.next_chunk(&mut out).map(|more| (more, out));
+            (blob, r)
+        })
+        .await
+        .map_err(blocking_err)?;
+        blob = b;
+        let (more, mut data) = r.map_err(|e| Status::data_loss(e.to_string()))?;
+        if !more {
+            break;
+        }
+        if data.len() as u64 > remaining {
+            data.truncate(remaining as usize);
+        }
+        remaining -= data.len() as u64;
+        let data = if compressed {
+            zstd::bulk::compress(&data, 1).map_err(|e| Status::internal(e.to_string()))?
+        } else {
+            data
+        };
+        send(tx, held(data, permit)).await?;
+    }
+    Ok(())
+}
+
+/// Bytes holding their share of the in-flight budget until sent.
+fn held(data: Vec<u8>, permit: tokio::sync::OwnedSemaphorePermit) -> Bytes {
+    struct Held(
+        Vec<u8>,
+        #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit,
+    );
+    impl AsRef<[u8]> for Held {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+    Bytes::from_owner(Held(data, permit))
+}
+
+#[tonic::async_trait]
+impl ByteStream for ByteStreamService {
+    type ReadStream = BoxStream<ReadResponse>;
+
+    async fn read(&self, req: Request<ReadRequest>) -> Result<Response<Self::ReadStream>, Status> {
+        let start = Instant::now();
+        let r = ByteStreamService::read(self, req.into_inner());
+        self.0.observe("server_stream", SERVICE, "Read", start, &r);
+        r.map(Response::new)
+    }
+
+    async fn write(
+        &self,
+        req: Request<Streaming<WriteRequest>>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let start = Instant::now();
+        let r = ByteStreamService::write(self, req.into_inner()).await;
+        self.0.observe("client_stream", SERVICE, "Write", start, &r);
+        r
+    }
+
+    async fn query_write_status(
+        &self,
+        req: Request<QueryWriteStatusRequest>,
+    ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        let start = Instant::now();
+        let r = self.query(req.into_inner()).await;
+        self.0
+            .observe("unary", SERVICE, "QueryWriteStatus", start, &r);
+        r
+    }
+}

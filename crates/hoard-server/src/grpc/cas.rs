@@ -1,0 +1,349 @@
+//! ContentAddressableStorage: existence checks, batch reads and writes, and
+//! GetTree with paging.
+
+use std::collections::{HashSet, VecDeque};
+use std::time::Instant;
+
+use bytes::Bytes;
+use hoard_disk::{Kind, NamespaceId};
+use hoard_proto::google::rpc::Status as RpcStatus;
+use hoard_proto::prost::Message;
+use hoard_proto::reapi::content_addressable_storage_server::ContentAddressableStorage;
+use hoard_proto::reapi::{
+    BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest,
+    BatchUpdateBlobsResponse, Digest, Directory, FindMissingBlobsRequest, FindMissingBlobsResponse,
+    GetTreeRequest, GetTreeResponse, batch_read_blobs_response, batch_update_blobs_response,
+    compressor,
+};
+use tonic::{Code, Request, Response, Status};
+
+use super::{BoxStream, Shared, to_status};
+use crate::cache::{Encoding, Found};
+use crate::validate::{BlobDigest, parse_digest};
+
+pub(crate) struct CasService(pub Shared);
+
+const SERVICE: &str = "build.bazel.remote.execution.v2.ContentAddressableStorage";
+/// Directories per GetTree page when the client asks for none or more.
+const MAX_TREE_PAGE: usize = 10_000;
+
+fn rpc_status(code: Code, message: impl Into<String>) -> Option<RpcStatus> {
+    Some(RpcStatus {
+        code: code as i32,
+        message: message.into(),
+        details: Vec::new(),
+    })
+}
+
+fn ok_status() -> Option<RpcStatus> {
+    rpc_status(Code::Ok, "")
+}
+
+impl CasService {
+    fn find_missing(
+        &self,
+        req: FindMissingBlobsRequest,
+    ) -> Result<Response<FindMissingBlobsResponse>, Status> {
+        let ns = self.0.namespace(&req.instance_name)?;
+        // Validate everything first: one malformed digest fails the call.
+        let mut parsed = Vec::with_capacity(req.blob_digests.len());
+        for d in &req.blob_digests {
+            parsed.push(parse_digest(d).map_err(|e| Status::invalid_argument(e.message))?);
+        }
+        let missing = req
+            .blob_digests
+            .into_iter()
+            .zip(parsed)
+            .filter(|(_, p)| self.0.cache.cas_contains(ns, &p.hash) != Some(p.size))
+            .map(|(d, _)| d)
+            .collect();
+        Ok(Response::new(FindMissingBlobsResponse {
+            missing_blob_digests: missing,
+        }))
+    }
+
+    async fn batch_update(
+        &self,
+        req: BatchUpdateBlobsRequest,
+    ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
+        let ns = self.0.namespace(&req.instance_name)?;
+        let total: u64 = req.requests.iter().map(|r| r.data.len() as u64).sum();
+        if total > self.0.max_batch {
+            return Err(Status::invalid_argument(format!(
+                "batch of {total} bytes exceeds max_batch_total_size_bytes {}; use ByteStream for large blobs",
+                self.0.max_batch
+            )));
+        }
+        let mut responses = Vec::with_capacity(req.requests.len());
+        for r in req.requests {
+            let status = self
+                .update_one(ns, r.digest.as_ref(), r.data, r.compressor)
+                .await;
+            responses.push(batch_update_blobs_response::Response {
+                digest: r.digest,
+                status: Some(status),
+            });
+        }
+        Ok(Response::new(BatchUpdateBlobsResponse { responses }))
+    }
+
+    async fn update_one(
+        &self,
+        ns: NamespaceId,
+        digest: Option<&Digest>,
+        data: Bytes,
+        comp: i32,
+    ) -> RpcStatus {
+        let fail = |code: Code, msg: String| RpcStatus {
+            code: code as i32,
+            message: msg,
+            details: Vec::new(),
+        };
+        let d = match digest.map(parse_digest) {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => return fail(Code::InvalidArgument, e.message),
+            None => return fail(Code::InvalidArgument, "missing digest".into()),
+        };
+        let encoding = match compressor::Value::try_from(comp) {
+            Ok(compressor::Value::Identity) => Encoding::Identity,
+            Ok(compressor::Value::Zstd) => Encoding::Zstd,
+            _ => {
+                return fail(
+                    Code::InvalidArgument,
+                    format!(
+                        "unsupported compressor {comp} for {}/{}; use IDENTITY or ZSTD",
+                        d.hash, d.size
+                    ),
+                );
+            }
+        };
+        let body = futures_util::stream::iter([Ok(data)]);
+        match self
+            .0
+            .cache
+            .put(ns, Kind::Cas, d.hash, d.size, encoding, body)
+            .await
+        {
+            Ok(_) => RpcStatus {
+                code: 0,
+                message: String::new(),
+                details: Vec::new(),
+            },
+            Err(e) => {
+                self.0.cache.count_rejected(Kind::Cas, &e);
+                let s = to_status(e);
+                fail(s.code(), s.message().to_string())
+            }
+        }
+    }
+
+    fn batch_read(
+        &self,
+        req: BatchReadBlobsRequest,
+    ) -> Result<Response<BatchReadBlobsResponse>, Status> {
+        let ns = self.0.namespace(&req.instance_name)?;
+        let total: u64 = req.digests.iter().map(|d| d.size_bytes.max(0) as u64).sum();
+        if total > self.0.max_batch {
+            return Err(Status::invalid_argument(format!(
+                "batch of {total} bytes exceeds max_batch_total_size_bytes {}; use ByteStream for large blobs",
+                self.0.max_batch
+            )));
+        }
+        let zstd_ok = req
+            .acceptable_compressors
+            .contains(&(compressor::Value::Zstd as i32));
+        let responses = req
+            .digests
+            .into_iter()
+            .map(|d| self.read_one(ns, d, zstd_ok))
+            .collect();
+        Ok(Response::new(BatchReadBlobsResponse { responses }))
+    }
+
+    fn read_one(
+        &self,
+        ns: NamespaceId,
+        d: Digest,
+        zstd_ok: bool,
+    ) -> batch_read_blobs_response::Response {
+        let mut r = batch_read_blobs_response::Response {
+            digest: Some(d.clone()),
+            data: Bytes::new(),
+            status: None,
+            compressor: compressor::Value::Identity as i32,
+        };
+        let p = match parse_digest(&d) {
+            Ok(p) => p,
+            Err(e) => {
+                r.status = rpc_status(Code::InvalidArgument, e.message);
+                return r;
+            }
+        };
+        let not_found = || {
+            rpc_status(
+                Code::NotFound,
+                format!("blob {}/{} not found", p.hash, p.size),
+            )
+        };
+        match self.0.cache.cas_get(ns, &p.hash) {
+            Ok(Some(Found::Empty)) => r.status = ok_status(),
+            Ok(Some(Found::Blob(mut b))) if b.logical_size() == p.size => {
+                let data = if zstd_ok && b.is_zstd_stream() {
+                    let mut buf = vec![0u8; b.stored_len() as usize];
+                    b.read_stored_at(0, &mut buf).map(|n| {
+                        buf.truncate(n);
+                        r.compressor = compressor::Value::Zstd as i32;
+                        buf
+                    })
+                } else {
+                    b.read_to_vec()
+                };
+                match data {
+                    Ok(v) => {
+                        r.data = v.into();
+                        r.status = ok_status();
+                    }
+                    Err(hoard_disk::Error::Corrupt { .. }) => r.status = not_found(),
+                    Err(e) => r.status = rpc_status(Code::Internal, e.to_string()),
+                }
+            }
+            Ok(_) => r.status = not_found(),
+            Err(e) => {
+                let s = to_status(e);
+                r.status = rpc_status(s.code(), s.message());
+            }
+        }
+        r
+    }
+
+    fn read_directory(&self, ns: NamespaceId, d: &BlobDigest) -> Result<Option<Directory>, Status> {
+        let bytes = match self.0.cache.cas_get(ns, &d.hash).map_err(to_status)? {
+            Some(Found::Empty) => Vec::new(),
+            Some(Found::Blob(mut b)) if b.logical_size() == d.size => match b.read_to_vec() {
+                Ok(v) => v,
+                Err(hoard_disk::Error::Corrupt { .. }) => return Ok(None),
+                Err(e) => return Err(to_status(e.into())),
+            },
+            _ => return Ok(None),
+        };
+        Directory::decode(bytes.as_slice()).map(Some).map_err(|e| {
+            Status::data_loss(format!(
+                "directory {}/{} does not parse: {e}",
+                d.hash, d.size
+            ))
+        })
+    }
+
+    /// Walks the tree breadth first, each distinct directory once. The page
+    /// token is the number of directories already returned: the walk is
+    /// deterministic for a given tree, so a later page replays it to there.
+    fn get_tree(&self, req: GetTreeRequest) -> Result<Vec<GetTreeResponse>, Status> {
+        let ns = self.0.namespace(&req.instance_name)?;
+        let root = super::ac::required_digest("root_digest", req.root_digest.as_ref())?;
+        let skip: usize = if req.page_token.is_empty() {
+            0
+        } else {
+            req.page_token.parse().map_err(|_| {
+                Status::invalid_argument(format!("invalid page_token {:?}", req.page_token))
+            })?
+        };
+        let page_size = match req.page_size {
+            n if n <= 0 => MAX_TREE_PAGE,
+            n => (n as usize).min(MAX_TREE_PAGE),
+        };
+        let Some(root_dir) = self.read_directory(ns, &root)? else {
+            return Err(Status::not_found(format!(
+                "tree root {}/{} not found",
+                root.hash, root.size
+            )));
+        };
+        let byte_budget = self.0.max_batch as usize;
+        let mut pages = Vec::new();
+        let mut page = GetTreeResponse::default();
+        let mut page_bytes = 0usize;
+        let mut seen: HashSet<BlobDigest> = HashSet::from([root]);
+        let mut queue: VecDeque<Directory> = VecDeque::from([root_dir]);
+        let mut index = 0usize;
+        while let Some(dir) = queue.pop_front() {
+            for child in &dir.directories {
+                // A malformed or missing child is left out: the spec returns
+                // the part of the tree that is present.
+                let Some(d) = child.digest.as_ref().and_then(|d| parse_digest(d).ok()) else {
+                    continue;
+                };
+                if seen.insert(d)
+                    && let Some(c) = self.read_directory(ns, &d)?
+                {
+                    queue.push_back(c);
+                }
+            }
+            if index >= skip {
+                let len = dir.encoded_len();
+                if !page.directories.is_empty()
+                    && (page.directories.len() >= page_size || page_bytes + len > byte_budget)
+                {
+                    page.next_page_token = index.to_string();
+                    pages.push(std::mem::take(&mut page));
+                    page_bytes = 0;
+                }
+                page_bytes += len;
+                page.directories.push(dir);
+            }
+            index += 1;
+        }
+        pages.push(page);
+        Ok(pages)
+    }
+}
+
+#[tonic::async_trait]
+impl ContentAddressableStorage for CasService {
+    async fn find_missing_blobs(
+        &self,
+        req: Request<FindMissingBlobsRequest>,
+    ) -> Result<Response<FindMissingBlobsResponse>, Status> {
+        let start = Instant::now();
+        let r = self.find_missing(req.into_inner());
+        self.0
+            .observe("unary", SERVICE, "FindMissingBlobs", start, &r);
+        r
+    }
+
+    async fn batch_update_blobs(
+        &self,
+        req: Request<BatchUpdateBlobsRequest>,
+    ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
+        let start = Instant::now();
+        let r = self.batch_update(req.into_inner()).await;
+        self.0
+            .observe("unary", SERVICE, "BatchUpdateBlobs", start, &r);
+        r
+    }
+
+    async fn batch_read_blobs(
+        &self,
+        req: Request<BatchReadBlobsRequest>,
+    ) -> Result<Response<BatchReadBlobsResponse>, Status> {
+        let start = Instant::now();
+        let r = self.batch_read(req.into_inner());
+        self.0
+            .observe("unary", SERVICE, "BatchReadBlobs", start, &r);
+        r
+    }
+
+    type GetTreeStream = BoxStream<GetTreeResponse>;
+
+    async fn get_tree(
+        &self,
+        req: Request<GetTreeRequest>,
+    ) -> Result<Response<Self::GetTreeStream>, Status> {
+        let start = Instant::now();
+        let r = self.get_tree(req.into_inner());
+        self.0
+            .observe("server_stream", SERVICE, "GetTree", start, &r);
+        let pages = r?;
+        let stream: Self::GetTreeStream =
+            Box::pin(futures_util::stream::iter(pages.into_iter().map(Ok)));
+        Ok(Response::new(stream))
+    }
+}

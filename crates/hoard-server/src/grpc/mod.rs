@@ -1,0 +1,241 @@
+//! The gRPC front end: REAPI v2 (Capabilities, ActionCache,
+//! ContentAddressableStorage), ByteStream and grpc.health.v1 over tonic.
+//! Like the HTTP front end it only parses requests, calls the [`Cache`]
+//! facade and maps results to gRPC codes.
+
+// tonic's service traits return `tonic::Status`, a large type; helpers
+// return it too rather than converting at every call.
+#![allow(clippy::result_large_err)]
+
+mod ac;
+mod bytestream;
+mod capabilities;
+mod cas;
+mod resource;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::Stream;
+use hoard_proto::build::bazel::semver::SemVer;
+use hoard_proto::google::bytestream::byte_stream_server::ByteStreamServer;
+use hoard_proto::reapi::action_cache_server::ActionCacheServer;
+use hoard_proto::reapi::capabilities_server::CapabilitiesServer;
+use hoard_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status};
+
+use crate::cache::Cache;
+use crate::error::{CacheError, ErrorKind};
+
+pub use bytestream::Uploads;
+
+/// Largest total of blob bytes in one BatchUpdateBlobs or BatchReadBlobs
+/// call, and what Capabilities advertises. gRPC messages may be this plus
+/// [`MESSAGE_OVERHEAD`] (digests, field tags).
+pub const DEFAULT_MAX_BATCH_BYTES: u64 = 4 << 20;
+const MESSAGE_OVERHEAD: usize = 1 << 20;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// What every service needs.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub cache: Cache,
+    pub max_batch: u64,
+    pub uploads: Arc<Uploads>,
+}
+
+impl Shared {
+    pub fn namespace(&self, instance: &str) -> Result<hoard_disk::NamespaceId, Status> {
+        self.cache.namespace(instance).map_err(to_status)
+    }
+
+    /// Records `grpc_server_handled_total` and `grpc_server_handling_seconds`.
+    pub fn observe<T>(
+        &self,
+        kind: &str,
+        service: &str,
+        method: &str,
+        start: Instant,
+        r: &Result<T, Status>,
+    ) {
+        let code = match r {
+            Ok(_) => Code::Ok,
+            Err(s) => s.code(),
+        };
+        let m = self.cache.metrics();
+        m.grpc_handled
+            .with_label_values(&[kind, service, method, code_name(code)])
+            .inc();
+        m.grpc_seconds
+            .with_label_values(&[kind, service, method])
+            .observe(start.elapsed().as_secs_f64());
+    }
+}
+
+/// The gRPC code for a facade error.
+pub fn to_status(e: CacheError) -> Status {
+    let code = match e.kind {
+        ErrorKind::InvalidArgument | ErrorKind::TooLarge | ErrorKind::UnknownNamespace => {
+            Code::InvalidArgument
+        }
+        ErrorKind::NoSpace => Code::ResourceExhausted,
+        ErrorKind::Unavailable => Code::Unavailable,
+        ErrorKind::Internal => Code::Internal,
+    };
+    Status::new(code, e.message)
+}
+
+pub(crate) fn code_name(c: Code) -> &'static str {
+    match c {
+        Code::Ok => "OK",
+        Code::Cancelled => "Canceled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
+pub(crate) fn semver(major: i32, minor: i32) -> SemVer {
+    SemVer {
+        major,
+        minor,
+        patch: 0,
+        prerelease: String::new(),
+    }
+}
+
+/// gRPC settings.
+#[derive(Clone, Debug)]
+pub struct GrpcConfig {
+    pub max_batch_bytes: u64,
+    /// How long an interrupted ByteStream write stays resumable.
+    pub resumable_upload_ttl: Duration,
+    /// Most interrupted writes kept for resumption at once.
+    pub max_paused_uploads: usize,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        GrpcConfig {
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            resumable_upload_ttl: Duration::from_secs(600),
+            max_paused_uploads: 256,
+        }
+    }
+}
+
+/// Serves gRPC on `listener` until `shutdown` fires, then lets in-flight
+/// calls finish (up to `drain`).
+pub async fn serve(
+    listener: TcpListener,
+    cache: Cache,
+    cfg: GrpcConfig,
+    shutdown: CancellationToken,
+    drain: Duration,
+) -> Result<(), tonic::transport::Error> {
+    let uploads = Arc::new(Uploads::new(
+        cfg.resumable_upload_ttl,
+        cfg.max_paused_uploads,
+    ));
+    let reaper = Arc::clone(&uploads);
+    let reaper_stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = reaper_stop.cancelled() => return,
+                _ = tick.tick() => reaper.reap_expired(),
+            }
+        }
+    });
+    let shared = Shared {
+        cache,
+        max_batch: cfg.max_batch_bytes,
+        uploads,
+    };
+    let limit = cfg.max_batch_bytes as usize + MESSAGE_OVERHEAD;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let incoming = tokio_stream_from(listener);
+    let stop = shutdown.clone();
+    let server = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(
+            CapabilitiesServer::new(capabilities::CapabilitiesService(shared.clone()))
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+        )
+        .add_service(
+            ActionCacheServer::new(ac::ActionCacheService(shared.clone()))
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+        )
+        .add_service(
+            ContentAddressableStorageServer::new(cas::CasService(shared.clone()))
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+        )
+        .add_service(
+            ByteStreamServer::new(bytestream::ByteStreamService(shared.clone()))
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+        )
+        .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await });
+    let mut server = Box::pin(server);
+    tokio::select! {
+        r = &mut server => return r,
+        _ = shutdown.cancelled() => {}
+    }
+    // Shutdown was asked for: tonic stops accepting and drains; bound it.
+    match tokio::time::timeout(drain, server).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!("gRPC calls still running at the shutdown deadline");
+            Ok(())
+        }
+    }
+}
+
+/// Accepted connections as the stream tonic wants, with TCP_NODELAY.
+fn tokio_stream_from(
+    listener: TcpListener,
+) -> impl Stream<Item = Result<tokio::net::TcpStream, std::io::Error>> {
+    futures_util::stream::unfold(listener, |listener| async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Some((Ok(stream), listener));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "gRPC accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+}
+
+/// Address a listener is bound to, for logs.
+pub fn describe(addr: SocketAddr) -> String {
+    format!("grpc://{addr}")
+}
