@@ -178,3 +178,47 @@ fn bazel_gets_remote_cache_hits_over_http_before_and_after_a_restart() {
     bazel.clean();
     assert_all_cached(&bazel.build(&ns_url), cacheable, "namespace ci-linux");
 }
+
+#[test]
+fn bazel_gets_remote_cache_hits_over_grpc_and_across_protocols() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bazel = Bazel::new(tmp.path());
+    let hoard = Hoard::start(&tmp.path().join("cache"), &[]);
+    hoard.wait_ready();
+
+    let cold = bazel.build(&hoard.grpc_url());
+    let cacheable: u64 = cold
+        .iter()
+        .filter(|(k, _)| k.as_str() != "internal")
+        .map(|(_, n)| *n)
+        .sum();
+    assert_eq!(
+        cold.get("remote cache hit"),
+        None,
+        "cold build hit an empty cache: {cold:?}"
+    );
+    bazel.clean();
+    assert_all_cached(
+        &bazel.build(&hoard.grpc_url()),
+        cacheable,
+        "warm build over gRPC",
+    );
+
+    // What Bazel stored over gRPC serves it over HTTP, and the other way round.
+    bazel.clean();
+    assert_all_cached(
+        &bazel.build(&hoard.url()),
+        cacheable,
+        "HTTP after a gRPC build",
+    );
+    let hoard2 = Hoard::start(&tmp.path().join("cache2"), &[]);
+    hoard2.wait_ready();
+    bazel.clean();
+    bazel.build(&hoard2.url());
+    bazel.clean();
+    assert_all_cached(
+        &bazel.build(&hoard2.grpc_url()),
+        cacheable,
+        "gRPC after an HTTP build",
+    );
+}

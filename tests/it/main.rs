@@ -4,5 +4,6 @@
 //! everything.
 
 mod bazel;
+mod grpc;
 mod http;
 mod support;

@@ -32,6 +32,8 @@ pub fn sha256_hex(data: &[u8]) -> String {
 pub struct Hoard {
     child: Child,
     pub addr: SocketAddr,
+    /// The gRPC address, unless started with `--grpc_address=none`.
+    pub grpc: Option<SocketAddr>,
     pub dir: PathBuf,
     /// Keeps the reader thread draining hoard's stderr (a full pipe would
     /// block hoard's logging).
@@ -45,8 +47,10 @@ impl Hoard {
 
     pub fn try_start(dir: &Path, extra: &[&str]) -> Result<Hoard, String> {
         let mut cmd = Command::new(hoard_bin());
+        let want_grpc = !extra.iter().any(|a| a.starts_with("--grpc_address"));
         cmd.arg(format!("--dir={}", dir.display()))
             .arg("--http_address=127.0.0.1:0")
+            .args(want_grpc.then_some("--grpc_address=127.0.0.1:0"))
             .arg("--fsync=false")
             .args(extra)
             .stdin(Stdio::null())
@@ -64,23 +68,33 @@ impl Hoard {
             }
         });
         let mut seen = Vec::new();
+        let mut http = None;
+        let mut grpc = None;
         loop {
             match rx.recv_timeout(Duration::from_secs(20)) {
                 Ok(line) => {
-                    if let Some(rest) = line.split("address=").nth(1)
-                        && line.contains("serving HTTP")
-                    {
-                        let addr = rest.split_whitespace().next().unwrap_or("");
-                        let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
-                        let h = Hoard {
-                            child,
-                            addr,
-                            dir: dir.to_path_buf(),
-                            _stderr: rx,
-                        };
-                        return Ok(h);
+                    let addr = line
+                        .split("address=")
+                        .nth(1)
+                        .and_then(|rest| rest.split_whitespace().next())
+                        .and_then(|a| a.parse::<SocketAddr>().ok());
+                    if line.contains("serving HTTP") {
+                        http = addr;
+                    } else if line.contains("serving gRPC") {
+                        grpc = addr;
                     }
                     seen.push(line);
+                    if let Some(addr) = http {
+                        if grpc.is_some() || !want_grpc {
+                            return Ok(Hoard {
+                                child,
+                                addr,
+                                grpc,
+                                dir: dir.to_path_buf(),
+                                _stderr: rx,
+                            });
+                        }
+                    }
                 }
                 Err(_) => {
                     let _ = child.kill();
@@ -107,6 +121,20 @@ impl Hoard {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("grpc://{}", self.grpc.expect("started without gRPC"))
+    }
+
+    /// A tonic channel to the gRPC port.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        let addr = self.grpc.expect("started without gRPC");
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
     }
 
     pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
