@@ -84,16 +84,16 @@ impl Hoard {
                         grpc = addr;
                     }
                     seen.push(line);
-                    if let Some(addr) = http {
-                        if grpc.is_some() || !want_grpc {
-                            return Ok(Hoard {
-                                child,
-                                addr,
-                                grpc,
-                                dir: dir.to_path_buf(),
-                                _stderr: rx,
-                            });
-                        }
+                    if let Some(addr) = http
+                        && (grpc.is_some() || !want_grpc)
+                    {
+                        return Ok(Hoard {
+                            child,
+                            addr,
+                            grpc,
+                            dir: dir.to_path_buf(),
+                            _stderr: rx,
+                        });
                     }
                 }
                 Err(_) => {
