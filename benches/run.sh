@@ -5,11 +5,11 @@
 # shared 2-core host are noisy and only the ratios mean something.
 #
 #   bash benches/run.sh            # all
-#   bash benches/run.sh get put    # some: get put load concurrent
+#   bash benches/run.sh get put    # some: get put load concurrent grpc
 set -euo pipefail
 cd "$(dirname "$0")/.."
 which=("$@")
-[ ${#which[@]} -gt 0 ] || which=(get put load concurrent)
+[ ${#which[@]} -gt 0 ] || which=(get put load concurrent grpc)
 
 need=()
 command -v nginx >/dev/null || need+=(nginx-light)
@@ -133,6 +133,27 @@ concurrent)
   "$BENCH" concurrent-get 127.0.0.1:18097 "/cas/$h" 1000
   echo "peak_rss_kib=$(hwm_kib conc)"
   stop conc
+  ;;
+grpc)
+  echo "== gRPC: FindMissingBlobs of 10,000 present digests; ByteStream 64 MiB; BatchReadBlobs 100 x 4 KiB"
+  shm=$(mktemp -d /dev/shm/hoard-bench.XXXXXX)
+  "$HOARD" --http_address=127.0.0.1:18098 --grpc_address=127.0.0.1:19098 --access_log_level=none \
+    --dir="$shm/cache" --max_size=8 >"$W/grpc.out" 2>"$W/grpc.err" &
+  pids+=($!); echo $! >"$W/grpc.pid"
+  until curl -sf http://127.0.0.1:18098/readyz >/dev/null 2>&1; do sleep 0.02; done
+  "$BENCH" grpc-findmissing 127.0.0.1:19098 10000 200
+  # Server-side: the smallest histogram bucket holding 99% of the calls.
+  curl -s http://127.0.0.1:18098/metrics >"$W/metrics"
+  total=$(grep '^grpc_server_handling_seconds_count{grpc_method="FindMissingBlobs"' "$W/metrics" | awk '{print $2}')
+  grep '^grpc_server_handling_seconds_bucket{grpc_method="FindMissingBlobs"' "$W/metrics" \
+    | sed -E 's/.*le="([^"]+)"\} ([0-9]+)$/\1 \2/' \
+    | awk -v t="$total" '$2 >= 0.99 * t { print "findmissing_server_p99_at_most_seconds=" $1; exit }'
+  for round in 1 2; do
+    echo "round=$round $("$BENCH" grpc-bytestream 127.0.0.1:19098 64 3 $((round * 7000)))"
+    echo "round=$round $("$BENCH" reference 64 3 $((round * 7000)) 2>/dev/null)"
+  done
+  "$BENCH" grpc-batchread 127.0.0.1:19098 10 4
+  stop grpc; rm -rf "$shm"
   ;;
 *) echo "unknown benchmark $what" >&2; exit 1;;
 esac; done

@@ -9,6 +9,9 @@
 //! hoard-bench reference SIZE_MIB COUNT SEED  one pass of SHA-256 + zstd-1 over the same bytes
 //! hoard-bench concurrent-get ADDR PATH N     N simultaneous GETs of PATH, report totals
 //! hoard-bench mkcache DIR N                  a bazel-remote-layout directory of N entries
+//! hoard-bench grpc-findmissing ADDR N ROUNDS FindMissingBlobs of N present digests
+//! hoard-bench grpc-bytestream ADDR MIB COUNT SEED  ByteStream write then read, MB/s
+//! hoard-bench grpc-batchread ADDR SECS CONC  BatchReadBlobs of 100 x 4 KiB, blobs/s
 //! ```
 
 use std::io::{Read, Write};
@@ -17,6 +20,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
+
+mod grpc;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -58,6 +63,14 @@ fn run(args: &[String]) -> Res<()> {
             concurrent_get(arg(args, 1, "ADDR")?, &args[2], arg(args, 3, "N")?)
         }
         Some("mkcache") => mkcache(Path::new(&args[1]), arg(args, 2, "N")?),
+        Some("grpc-findmissing") => grpc::find_missing(&args[1], arg(args, 2, "N")?, arg(args, 3, "ROUNDS")?),
+        Some("grpc-bytestream") => grpc::bytestream(
+            &args[1],
+            arg(args, 2, "MIB")?,
+            arg(args, 3, "COUNT")?,
+            arg(args, 4, "SEED")?,
+        ),
+        Some("grpc-batchread") => grpc::batch_read(&args[1], arg(args, 2, "SECS")?, arg(args, 3, "CONC")?),
         _ => Err("usage: see the doc comment at the top of benches/src/main.rs".into()),
     }
 }
