@@ -31,12 +31,17 @@ fn runtime() -> Res<tokio::runtime::Runtime> {
 }
 
 async fn connect(addr: &str) -> Res<Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect()
-        .await?)
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?,
+    )
 }
 
-async fn upload_small(cas: &mut ContentAddressableStorageClient<Channel>, blobs: &[Vec<u8>]) -> Res<()> {
+async fn upload_small(
+    cas: &mut ContentAddressableStorageClient<Channel>,
+    blobs: &[Vec<u8>],
+) -> Res<()> {
     for batch in blobs.chunks(500) {
         let requests = batch
             .iter()
@@ -53,7 +58,11 @@ async fn upload_small(cas: &mut ContentAddressableStorageClient<Channel>, blobs:
             })
             .await?
             .into_inner();
-        if resp.responses.iter().any(|r| r.status.as_ref().is_some_and(|s| s.code != 0)) {
+        if resp
+            .responses
+            .iter()
+            .any(|r| r.status.as_ref().is_some_and(|s| s.code != 0))
+        {
             return Err("BatchUpdateBlobs refused a blob".into());
         }
     }
@@ -167,7 +176,9 @@ pub fn batch_read(addr: &str, secs: u64, conc: usize) -> Res<()> {
                 let mut n = 0u64;
                 let mut i = w * 100;
                 while Instant::now() < deadline {
-                    let batch: Vec<Digest> = (0..100).map(|k| digests[(i + k) % digests.len()].clone()).collect();
+                    let batch: Vec<Digest> = (0..100)
+                        .map(|k| digests[(i + k) % digests.len()].clone())
+                        .collect();
                     i += 100;
                     let r = cas
                         .batch_read_blobs(BatchReadBlobsRequest {
@@ -176,8 +187,13 @@ pub fn batch_read(addr: &str, secs: u64, conc: usize) -> Res<()> {
                         })
                         .await?
                         .into_inner();
-                    if r.responses.iter().any(|x| x.status.as_ref().is_some_and(|s| s.code != 0)) {
-                        return Err::<u64, Box<dyn std::error::Error + Send + Sync>>("a read failed".into());
+                    if r.responses
+                        .iter()
+                        .any(|x| x.status.as_ref().is_some_and(|s| s.code != 0))
+                    {
+                        return Err::<u64, Box<dyn std::error::Error + Send + Sync>>(
+                            "a read failed".into(),
+                        );
                     }
                     n += r.responses.len() as u64;
                 }

@@ -63,14 +63,18 @@ fn run(args: &[String]) -> Res<()> {
             concurrent_get(arg(args, 1, "ADDR")?, &args[2], arg(args, 3, "N")?)
         }
         Some("mkcache") => mkcache(Path::new(&args[1]), arg(args, 2, "N")?),
-        Some("grpc-findmissing") => grpc::find_missing(&args[1], arg(args, 2, "N")?, arg(args, 3, "ROUNDS")?),
+        Some("grpc-findmissing") => {
+            grpc::find_missing(&args[1], arg(args, 2, "N")?, arg(args, 3, "ROUNDS")?)
+        }
         Some("grpc-bytestream") => grpc::bytestream(
             &args[1],
             arg(args, 2, "MIB")?,
             arg(args, 3, "COUNT")?,
             arg(args, 4, "SEED")?,
         ),
-        Some("grpc-batchread") => grpc::batch_read(&args[1], arg(args, 2, "SECS")?, arg(args, 3, "CONC")?),
+        Some("grpc-batchread") => {
+            grpc::batch_read(&args[1], arg(args, 2, "SECS")?, arg(args, 3, "CONC")?)
+        }
         _ => Err("usage: see the doc comment at the top of benches/src/main.rs".into()),
     }
 }
