@@ -57,6 +57,15 @@ fn bad(msg: impl Into<String>) -> FormatError {
     FormatError::Header(msg.into())
 }
 
+/// The logical size a casblob's fixed header declares, if `fixed` starts
+/// with one.
+pub fn logical_size_of(fixed: &[u8]) -> Option<u64> {
+    if fixed.len() < FIXED_HEADER || u32_at(fixed, 0) != MAGIC {
+        return None;
+    }
+    u64::try_from(i64_at(fixed, 8)).ok()
+}
+
 /// Number of chunks a blob of `logical_size` bytes is split into.
 pub fn num_chunks(logical_size: u64, chunk_size: usize) -> usize {
     logical_size.div_ceil(chunk_size as u64) as usize

@@ -112,6 +112,8 @@ pub struct Committed {
     pub logical_size: u64,
     /// Stored bytes rounded up to 4 KiB: the unit of the LRU and of billing.
     pub size_on_disk: u64,
+    /// The blob came from the backend (a read-through), not from a client.
+    pub from_backend: bool,
 }
 
 /// Called once for each newly committed blob (not for a write that found

@@ -39,6 +39,7 @@ const ROOT_NAMES: &[&str] = &[
     "raw.v2",
     NS_DIR,
     crate::LOCK_FILE,
+    "upload.journal",
     "lost+found",
     ".DS_Store",
 ];

@@ -151,6 +151,23 @@ impl Blob {
         Ok(n)
     }
 
+    /// True when the stored file is a casblob (the bucket key is then
+    /// `cas.v2/...`); false for raw `.v1` CAS files and AC entries.
+    pub fn is_casblob(&self) -> bool {
+        self.header.is_some()
+    }
+
+    /// Path of the stored file (it may be unlinked by eviction at any time;
+    /// this open blob keeps its bytes readable through [`Blob::file`]).
+    pub fn path(&self) -> std::path::PathBuf {
+        self.cache.path_of(&self.loc)
+    }
+
+    /// A new descriptor of the stored file, sharing the open file.
+    pub fn file(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
     /// Uncompressed bytes per stored chunk, for casblobs.
     pub fn chunk_size(&self) -> Option<usize> {
         self.header.as_ref().map(|h| h.chunk_size)

@@ -41,6 +41,7 @@ pub struct Writer {
     received: u64,
     sink: Option<Sink>,
     reservation: u64,
+    from_backend: bool,
 }
 
 struct Sink {
@@ -94,6 +95,7 @@ impl Writer {
             received: 0,
             sink: None,
             reservation: 0,
+            from_backend: false,
         };
         if kind == Kind::Cas && w.cache.contains(ns, kind, &hash).is_some() {
             // Already stored: only verify the bytes, store nothing.
@@ -165,6 +167,12 @@ impl Writer {
             renamed: false,
         });
         Ok(w)
+    }
+
+    /// Marks the blob as fetched from the backend, so the commit hook can
+    /// tell it needs no upload.
+    pub fn set_from_backend(&mut self) {
+        self.from_backend = true;
     }
 
     /// Bytes accepted so far.
@@ -338,6 +346,7 @@ impl Writer {
                 hash: self.hash,
                 logical_size: self.expected,
                 size_on_disk,
+                from_backend: self.from_backend,
             });
         }
         Ok(WriteOutcome {

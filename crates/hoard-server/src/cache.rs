@@ -27,6 +27,9 @@ use crate::error::{CacheError, ErrorKind};
 use crate::metrics::Metrics;
 use crate::validate::{BlobDigest, parse_digest, references, validate_action_result};
 
+/// A blob's identity within the cache.
+type BlobKey = (NamespaceId, Kind, Hash);
+
 /// Which namespaces requests may use.
 #[derive(Clone, Debug, Default)]
 pub struct NamespacePolicy {
@@ -76,6 +79,10 @@ struct Inner {
     metrics: Arc<Metrics>,
     inflight: Arc<Semaphore>,
     inflight_budget: u32,
+    /// The bucket behind the disk, if configured.
+    backend: std::sync::OnceLock<hoard_upload::Backend>,
+    /// Read-throughs in progress: concurrent misses of one blob fetch once.
+    flights: parking_lot::Mutex<std::collections::HashMap<BlobKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Cache {
@@ -94,12 +101,24 @@ impl Cache {
                 metrics,
                 inflight: Arc::new(Semaphore::new(budget as usize)),
                 inflight_budget: budget,
+                backend: std::sync::OnceLock::new(),
+                flights: parking_lot::Mutex::new(std::collections::HashMap::new()),
             }),
         }
     }
 
     pub fn disk(&self) -> &DiskCache {
         &self.inner.disk
+    }
+
+    /// Puts the bucket behind the disk: misses read through it and
+    /// existence checks consult it. Only the first call has an effect.
+    pub fn set_backend(&self, backend: hoard_upload::Backend) {
+        let _ = self.inner.backend.set(backend);
+    }
+
+    pub fn backend(&self) -> Option<&hoard_upload::Backend> {
+        self.inner.backend.get()
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -178,48 +197,170 @@ impl Cache {
             .inc();
     }
 
-    /// Opens a CAS blob. Reads only the header of large files, so it is
-    /// cheap enough to call from an async task.
-    pub fn cas_get(&self, ns: NamespaceId, hash: &Hash) -> Result<Option<Found>, CacheError> {
+    /// Opens a CAS blob, reading it through from the bucket on a local
+    /// miss. Reads only the header of large local files.
+    pub async fn cas_get(&self, ns: NamespaceId, hash: &Hash) -> Result<Option<Found>, CacheError> {
         if hash.is_empty_blob() {
             self.count("get", Kind::Cas, true);
             return Ok(Some(Found::Empty));
         }
-        let found = self.inner.disk.get(ns, Kind::Cas, hash)?;
+        let mut found = self.inner.disk.get(ns, Kind::Cas, hash)?;
+        if found.is_none() && self.read_through(ns, Kind::Cas, hash).await {
+            found = self.inner.disk.get(ns, Kind::Cas, hash)?;
+        }
         self.count("get", Kind::Cas, found.is_some());
         Ok(found.map(|b| Found::Blob(Box::new(b))))
     }
 
-    /// The logical size of a CAS blob if present (marking it used).
-    pub fn cas_contains(&self, ns: NamespaceId, hash: &Hash) -> Option<u64> {
-        let size = if hash.is_empty_blob() {
-            Some(0)
+    /// Whether a CAS blob of this digest is available: on local disk (with
+    /// that size; the entry is marked used) or in the bucket (by hash: a
+    /// HEAD cannot tell the logical size of a compressed object).
+    pub async fn cas_has(&self, ns: NamespaceId, hash: &Hash, size: u64) -> bool {
+        let found = if hash.is_empty_blob() {
+            size == 0
+        } else if let Some(local) = self.inner.disk.contains(ns, Kind::Cas, hash) {
+            local == size
         } else {
-            self.inner.disk.contains(ns, Kind::Cas, hash)
+            match self.backend() {
+                Some(b) => {
+                    b.exists(&self.inner.disk.namespace_name(ns), Kind::Cas, hash)
+                        .await
+                }
+                None => false,
+            }
         };
-        self.count("contains", Kind::Cas, size.is_some());
-        size
+        self.count("contains", Kind::Cas, found);
+        found
     }
 
-    fn present(&self, ns: NamespaceId, d: &BlobDigest) -> bool {
-        d.is_empty_blob() || self.inner.disk.contains(ns, Kind::Cas, &d.hash) == Some(d.size)
+    async fn present(&self, ns: NamespaceId, d: &BlobDigest) -> bool {
+        if d.is_empty_blob() {
+            return true;
+        }
+        match self.inner.disk.contains(ns, Kind::Cas, &d.hash) {
+            Some(size) => size == d.size,
+            None => match self.backend() {
+                Some(b) => {
+                    b.exists(&self.inner.disk.namespace_name(ns), Kind::Cas, &d.hash)
+                        .await
+                }
+                None => false,
+            },
+        }
     }
 
-    /// Whether every blob `ar` references is present: output files, stdout,
-    /// stderr, each output directory's tree and every file in it.
-    pub fn is_complete(&self, ns: NamespaceId, ar: &ActionResult) -> Result<bool, CacheError> {
+    /// Fetches a blob missing locally from the bucket, verifies it while
+    /// storing it, and reports whether it is now local. Concurrent misses of
+    /// one blob fetch it once. A blob failing verification is counted and
+    /// never stored; a slow or dead bucket is a miss.
+    pub async fn read_through(&self, ns: NamespaceId, kind: Kind, hash: &Hash) -> bool {
+        let Some(backend) = self.backend().cloned() else {
+            return false;
+        };
+        let flight = Arc::clone(
+            self.inner
+                .flights
+                .lock()
+                .entry((ns, kind, *hash))
+                .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(()))),
+        );
+        let guard = flight.lock().await;
+        let done = if self.inner.disk.contains(ns, kind, hash).is_some() {
+            true // fetched by the flight we waited for
+        } else {
+            let name = self.inner.disk.namespace_name(ns);
+            match self.fetch_and_store(&backend, ns, &name, kind, hash).await {
+                Ok(stored) => stored,
+                Err(e) => {
+                    tracing::warn!(%kind, %hash, error = %e.message, "object from the bucket refused");
+                    backend.verification_failed(&name, kind, hash);
+                    false
+                }
+            }
+        };
+        drop(guard);
+        let mut flights = self.inner.flights.lock();
+        if Arc::strong_count(&flight) <= 2 {
+            flights.remove(&(ns, kind, *hash));
+        }
+        done
+    }
+
+    async fn fetch_and_store(
+        &self,
+        backend: &hoard_upload::Backend,
+        ns: NamespaceId,
+        name: &str,
+        kind: Kind,
+        hash: &Hash,
+    ) -> Result<bool, CacheError> {
+        let Some(fetched) = backend.fetch(name, kind, hash).await else {
+            return Ok(false);
+        };
+        let timeout = backend.read_timeout();
+        let mut body = fetched.body;
+        // A casblob names its logical size in its header; a raw object is
+        // its own size.
+        let mut head = bytes::BytesMut::new();
+        let (size, encoding) = match fetched.format {
+            hoard_upload::ObjectFormat::Casblob => {
+                while head.len() < hoard_disk::casblob::Header::FIXED_LEN {
+                    match next_chunk(&mut body, timeout).await? {
+                        Some(c) => head.extend_from_slice(&c),
+                        None => {
+                            return Err(CacheError::invalid(
+                                "object shorter than a casblob header",
+                            ));
+                        }
+                    }
+                }
+                let logical = hoard_disk::casblob::logical_size_of(&head)
+                    .ok_or_else(|| CacheError::invalid("object is not a casblob"))?;
+                (logical, Encoding::Zstd)
+            }
+            hoard_upload::ObjectFormat::Raw => (fetched.stored_len, Encoding::Identity),
+        };
+        let mut upload = self.begin_upload(ns, kind, *hash, size, encoding)?;
+        upload.set_from_backend();
+        let first = head.freeze();
+        let rest = futures_util::stream::unfold(body, move |mut body| async move {
+            match next_chunk(&mut body, timeout).await {
+                Ok(Some(c)) => Some((Ok(c), body)),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), body)),
+            }
+        });
+        let stream = futures_util::stream::iter([Ok(first)]).chain(rest);
+        self.put_upload(upload, Box::pin(stream)).await?;
+        Ok(true)
+    }
+
+    /// Whether every blob `ar` references is present (locally or in the
+    /// bucket): output files, stdout, stderr, each output directory's tree
+    /// and every file in it.
+    pub async fn is_complete(
+        &self,
+        ns: NamespaceId,
+        ar: &ActionResult,
+    ) -> Result<bool, CacheError> {
         let refs = match references(ar) {
             Ok(r) => r,
             Err(_) => return Ok(false),
         };
-        if !refs.files.iter().all(|d| self.present(ns, d)) {
-            return Ok(false);
+        for d in &refs.files {
+            if !self.present(ns, d).await {
+                return Ok(false);
+            }
         }
         for t in &refs.trees {
             if t.is_empty_blob() {
                 continue;
             }
-            let Some(mut blob) = self.inner.disk.get(ns, Kind::Cas, &t.hash)? else {
+            let mut blob = self.inner.disk.get(ns, Kind::Cas, &t.hash)?;
+            if blob.is_none() && self.read_through(ns, Kind::Cas, &t.hash).await {
+                blob = self.inner.disk.get(ns, Kind::Cas, &t.hash)?;
+            }
+            let Some(mut blob) = blob else {
                 return Ok(false);
             };
             if blob.logical_size() != t.size {
@@ -235,12 +376,10 @@ impl Cache {
             };
             for dir in tree.root.iter().chain(&tree.children) {
                 for f in &dir.files {
-                    let ok = f
-                        .digest
-                        .as_ref()
-                        .and_then(|d| parse_digest(d).ok())
-                        .is_some_and(|d| self.present(ns, &d));
-                    if !ok {
+                    let Some(d) = f.digest.as_ref().and_then(|d| parse_digest(d).ok()) else {
+                        return Ok(false);
+                    };
+                    if !self.present(ns, &d).await {
                         return Ok(false);
                     }
                 }
@@ -252,12 +391,16 @@ impl Cache {
     /// Looks up an action result and returns it (stored bytes and parsed
     /// form) only if it is complete. An incomplete or unreadable entry is
     /// removed and answers a miss.
-    pub fn ac_get(
+    pub async fn ac_get(
         &self,
         ns: NamespaceId,
         hash: &Hash,
     ) -> Result<Option<(Vec<u8>, ActionResult)>, CacheError> {
-        let Some(mut blob) = self.inner.disk.get(ns, Kind::Ac, hash)? else {
+        let mut blob = self.inner.disk.get(ns, Kind::Ac, hash)?;
+        if blob.is_none() && self.read_through(ns, Kind::Ac, hash).await {
+            blob = self.inner.disk.get(ns, Kind::Ac, hash)?;
+        }
+        let Some(mut blob) = blob else {
             self.count("get", Kind::Ac, false);
             return Ok(None);
         };
@@ -271,7 +414,7 @@ impl Cache {
         };
         let complete = match ActionResult::decode(bytes.as_slice()) {
             Ok(ar) => {
-                if self.is_complete(ns, &ar)? {
+                if self.is_complete(ns, &ar).await? {
                     self.count("get", Kind::Ac, true);
                     return Ok(Some((bytes, ar)));
                 }
@@ -359,12 +502,24 @@ impl Cache {
         hash: Hash,
         size: u64,
         encoding: Encoding,
-        mut body: S,
+        body: S,
     ) -> Result<WriteOutcome, CacheError>
     where
         S: Stream<Item = Result<Bytes, CacheError>> + Unpin,
     {
         let upload = self.begin_upload(ns, kind, hash, size, encoding)?;
+        self.put_upload(upload, body).await
+    }
+
+    /// Streams `body` into `upload` (see [`Cache::put`]).
+    pub async fn put_upload<S>(
+        &self,
+        upload: Upload,
+        mut body: S,
+    ) -> Result<WriteOutcome, CacheError>
+    where
+        S: Stream<Item = Result<Bytes, CacheError>> + Unpin,
+    {
         let (tx, mut rx) = mpsc::channel::<(Bytes, OwnedSemaphorePermit)>(4);
         let task = tokio::task::spawn_blocking(move || {
             let mut upload = upload;
@@ -399,6 +554,20 @@ impl Cache {
     }
 }
 
+/// The next chunk of an object from the bucket, waiting at most `timeout`.
+async fn next_chunk(
+    body: &mut hoard_upload::ByteStream,
+    timeout: std::time::Duration,
+) -> Result<Option<Bytes>, CacheError> {
+    match tokio::time::timeout(timeout, body.try_next()).await {
+        Ok(Ok(chunk)) => Ok(chunk),
+        Ok(Err(e)) => Err(CacheError::internal(format!(
+            "reading from the bucket: {e}"
+        ))),
+        Err(_) => Err(CacheError::internal("reading from the bucket timed out")),
+    }
+}
+
 /// An upload in progress: bytes as they come off the wire (zstd-decoded if
 /// needed) go to the disk writer, which hashes and stores them.
 pub struct Upload {
@@ -422,6 +591,13 @@ impl Upload {
     /// Logical size of the blob.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Marks the bytes as coming from the bucket (no upload back to it).
+    pub fn set_from_backend(&mut self) {
+        if let Some(w) = self.writer.as_mut() {
+            w.set_from_backend();
+        }
     }
 
     /// Takes more bytes. Blocking.

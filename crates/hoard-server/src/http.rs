@@ -252,13 +252,16 @@ async fn cache_request(
             }
             r
         }
-        (Method::HEAD, Kind::Cas) => Ok(match st.cache.cas_contains(ns, &hash) {
-            Some(size) => with_length(full(StatusCode::OK, Bytes::new()), size),
+        (Method::HEAD, Kind::Cas) => Ok(match st.cache.cas_get(ns, &hash).await? {
+            Some(Found::Empty) => with_length(full(StatusCode::OK, Bytes::new()), 0),
+            Some(Found::Blob(b)) => {
+                with_length(full(StatusCode::OK, Bytes::new()), b.logical_size())
+            }
             None => text(StatusCode::NOT_FOUND, "Not found"),
         }),
         (_, Kind::Cas) => get_cas(st, req.headers(), ns, hash).await,
         (m, Kind::Ac | Kind::Raw) => {
-            let Some((bytes, ar)) = st.cache.ac_get(ns, &hash)? else {
+            let Some((bytes, ar)) = st.cache.ac_get(ns, &hash).await? else {
                 return Ok(text(StatusCode::NOT_FOUND, "Not found"));
             };
             if m == Method::HEAD {
@@ -322,7 +325,7 @@ async fn get_cas(
     ns: hoard_disk::NamespaceId,
     hash: Hash,
 ) -> Result<Response<Body>, CacheError> {
-    let blob = match st.cache.cas_get(ns, &hash)? {
+    let blob = match st.cache.cas_get(ns, &hash).await? {
         None => return Ok(text(StatusCode::NOT_FOUND, "Not found")),
         Some(Found::Empty) => return Ok(with_length(full(StatusCode::OK, Bytes::new()), 0)),
         Some(Found::Blob(b)) => *b,
@@ -575,6 +578,20 @@ struct Status {
     in_flight_bytes: u64,
     namespaces: Vec<String>,
     uptime_seconds: u64,
+    /// The S3 tier, when configured.
+    backend: Option<BackendStatus>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct BackendStatus {
+    /// None until the startup probe has run.
+    honors_if_none_match: Option<bool>,
+    atomic_create: Option<bool>,
+    /// How uploads are classified: conditional PUT, or HEAD before PUT on a
+    /// bucket that ignores If-None-Match.
+    upload_mode: &'static str,
+    upload_queue_length: usize,
 }
 
 fn status_page(st: &HttpState) -> Response<Body> {
@@ -609,6 +626,19 @@ fn status_page(st: &HttpState) -> Response<Body> {
             .duration_since(st.started)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        backend: st.cache.backend().map(|b| {
+            let probe = b.probe_report();
+            BackendStatus {
+                honors_if_none_match: probe.as_ref().map(|p| p.honors_if_none_match),
+                atomic_create: probe.as_ref().map(|p| p.atomic_create),
+                upload_mode: match &probe {
+                    None => "waiting for the probe",
+                    Some(p) if p.honors_if_none_match => "conditional PUT (If-None-Match: *)",
+                    Some(_) => "HEAD before PUT (the bucket ignores If-None-Match)",
+                },
+                upload_queue_length: b.queue_len(),
+            }
+        }),
     };
     let body = serde_json::to_vec_pretty(&status).unwrap_or_default();
     let mut r = full(StatusCode::OK, body);

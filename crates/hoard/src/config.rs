@@ -33,6 +33,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub namespaces: NamespacePolicy,
     pub max_namespaces: usize,
+    /// The S3 tier, when `s3_proxy.bucket` is set.
+    pub s3: Option<(hoard_upload::S3Config, hoard_upload::UploadConfig)>,
 }
 
 /// What the command line asked for.
@@ -131,7 +133,7 @@ fn parse_flags(args: &[String]) -> Result<Option<BTreeMap<String, Raw>>, ConfigE
             Some((n, v)) => (n, Some(v.to_string())),
             None => (body, None),
         };
-        let name = name.replace("s3.", "s3_proxy.");
+        let name = name.to_string();
         let setting = match settings::find_by_flag(&name) {
             Some(s) => s,
             None => {
@@ -173,7 +175,7 @@ fn parse_flags(args: &[String]) -> Result<Option<BTreeMap<String, Raw>>, ConfigE
 
 fn unsupported(key: &str) -> Result<(), ConfigError> {
     let top = key.split('.').next().unwrap_or(key);
-    if UNSUPPORTED.contains(&top) {
+    if UNSUPPORTED.contains(&top) || UNSUPPORTED.contains(&key) {
         return err(format!(
             "{key}: not supported by this version of hoard; remove it (it would otherwise be ignored)"
         ));
@@ -332,6 +334,101 @@ fn parse_address(key: &str, v: &str, src: &str) -> Result<SocketAddr, ConfigErro
     })
 }
 
+fn s3_config(
+    v: &Values,
+    dir: &std::path::Path,
+) -> Result<Option<(hoard_upload::S3Config, hoard_upload::UploadConfig)>, ConfigError> {
+    let bucket = v.string("s3_proxy.bucket");
+    if bucket.is_empty() {
+        return Ok(None);
+    }
+    let endpoint = v.string("s3_proxy.endpoint");
+    if endpoint.is_empty() {
+        return err(format!(
+            "s3_proxy.endpoint: required when s3_proxy.bucket is set ({})",
+            v.source("s3_proxy.bucket")
+        ));
+    }
+    match v.string("s3_proxy.auth_method").as_str() {
+        "access_key" => {}
+        other => {
+            return err(format!(
+                "s3_proxy.auth_method: {other:?} is not supported by this version of hoard; use access_key ({})",
+                v.source("s3_proxy.auth_method")
+            ));
+        }
+    }
+    let (ak, sk) = (
+        v.string("s3_proxy.access_key_id"),
+        v.string("s3_proxy.secret_access_key"),
+    );
+    if ak.is_empty() || sk.is_empty() {
+        return err(
+            "s3_proxy.access_key_id and s3_proxy.secret_access_key: both are required with auth_method access_key",
+        );
+    }
+    let path_style = match v.string("s3_proxy.bucket_lookup_type").as_str() {
+        "auto" | "path" => true,
+        "dns" => false,
+        other => {
+            return err(format!(
+                "s3_proxy.bucket_lookup_type: expected auto, path or dns, got {other:?} ({})",
+                v.source("s3_proxy.bucket_lookup_type")
+            ));
+        }
+    };
+    let part_size = v.int("s3_proxy.part_size")?;
+    if part_size < 5 << 20 {
+        return err(format!(
+            "s3_proxy.part_size: S3 parts are at least 5 MiB (5242880), got {part_size}"
+        ));
+    }
+    let token = v.string("s3_proxy.session_token");
+    let host_id = match v.string("host_id") {
+        h if !h.is_empty() => h,
+        _ => std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "hoard".into()),
+    };
+    if !host_id
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    {
+        return err(format!(
+            "host_id: {host_id:?} must be letters, digits, '-', '_' or '.'"
+        ));
+    }
+    Ok(Some((
+        hoard_upload::S3Config {
+            endpoint,
+            bucket,
+            prefix: v.string("s3_proxy.prefix"),
+            region: v.string("s3_proxy.region"),
+            access_key_id: ak,
+            secret_access_key: sk,
+            session_token: (!token.is_empty()).then_some(token),
+            disable_ssl: v.bool("s3_proxy.disable_ssl")?,
+            path_style,
+        },
+        hoard_upload::UploadConfig {
+            num_uploaders: v.int("num_uploaders")? as usize,
+            max_queued_uploads: v.int("max_queued_uploads")?.max(1) as usize,
+            max_proxy_blob_size: v.int("max_proxy_blob_size")?,
+            multipart_threshold: v.int("s3_proxy.multipart_threshold")?.max(part_size),
+            part_size,
+            max_attempts: 5,
+            read_timeout: v.duration("s3_proxy.read_timeout")?,
+            existence_ttl: v.duration("s3_proxy.existence_ttl")?,
+            existence_capacity: 1_000_000,
+            drain_timeout: v.duration("upload_drain_timeout")?,
+            journal_path: dir.join("upload.journal"),
+            host_id,
+        },
+    )))
+}
+
 fn build(m: &BTreeMap<String, Raw>) -> Result<Config, ConfigError> {
     let v = Values { merged: m };
     let max_size = v.int("max_size")?;
@@ -421,8 +518,11 @@ fn build(m: &BTreeMap<String, Raw>) -> Result<Config, ConfigError> {
     }
     let idle = v.duration("idle_timeout")?;
     let http = v.string("http_address");
+    let dir = PathBuf::from(dir);
+    let s3 = s3_config(&v, &dir)?;
     Ok(Config {
-        dir: PathBuf::from(dir),
+        s3,
+        dir,
         max_size_bytes: max_size.saturating_mul(GIB),
         hard_limit_bytes: (hard > 0).then(|| hard.saturating_mul(GIB)),
         storage_mode,
@@ -520,7 +620,8 @@ mod tests {
         let readme = include_str!("../../../README.md");
         for s in SETTINGS {
             assert!(
-                readme.contains(&format!("| `{}` |", s.key)),
+                readme.contains(&format!("| `{}` |", s.key))
+                    || readme.contains(&format!("| `{}` (`--{}`) |", s.key, s.flag)),
                 "README lacks {}",
                 s.key
             );

@@ -54,6 +54,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .context("starting the index loader")?;
 
     let metrics = Arc::new(Metrics::new().context("creating metrics")?);
+    let backend = match cfg.s3.clone() {
+        Some((s3, upload)) => {
+            tracing::info!(endpoint = %s3.endpoint_url(), bucket = %s3.bucket, "S3 tier on");
+            let b = hoard_upload::Backend::start(upload, s3, disk.clone(), &metrics.registry, None)
+                .context("starting the S3 uploader")?;
+            let hook_backend = b.clone();
+            let hook_disk = disk.clone();
+            disk.set_commit_hook(Box::new(move |c| {
+                hook_backend.enqueue(c, &hook_disk.namespace_name(c.namespace));
+            }));
+            Some(b)
+        }
+        None => None,
+    };
     let cache = Cache::new(
         disk.clone(),
         cfg.namespaces.clone(),
@@ -64,6 +78,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         },
         metrics,
     );
+    if let Some(b) = &backend {
+        cache.set_backend(b.clone());
+    }
     let state = Arc::new(HttpState {
         cache,
         access_log: cfg.access_log.then(AccessLog::start),
@@ -99,7 +116,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             Err(e) => tracing::error!(error = %e, "gRPC server task failed"),
         }
     }
-    tracing::info!("servers stopped; stopping the disk cache");
+    if let Some(b) = backend {
+        tracing::info!(queued = b.queue_len(), "servers stopped; draining uploads");
+        let _ = tokio::task::spawn_blocking(move || b.shutdown()).await;
+    }
+    tracing::info!("stopping the disk cache");
     disk.shutdown();
     tracing::info!("shutdown complete");
     Ok(())

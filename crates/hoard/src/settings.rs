@@ -147,6 +147,164 @@ pub const SETTINGS: &[Setting] = &[
         "on SIGTERM, how long in-flight requests may take to finish"
     ),
     s!(
+        "s3_proxy.endpoint",
+        "s3.endpoint",
+        ["BAZEL_REMOTE_S3_ENDPOINT"],
+        Str,
+        "",
+        "S3 endpoint, host:port (scheme from s3.disable_ssl) or a full URL"
+    ),
+    s!(
+        "s3_proxy.bucket",
+        "s3.bucket",
+        ["BAZEL_REMOTE_S3_BUCKET"],
+        Str,
+        "",
+        "bucket shared by all hosts; setting it turns the S3 tier on"
+    ),
+    s!(
+        "s3_proxy.prefix",
+        "s3.prefix",
+        ["BAZEL_REMOTE_S3_PREFIX"],
+        Str,
+        "",
+        "key prefix inside the bucket"
+    ),
+    s!(
+        "s3_proxy.auth_method",
+        "s3.auth_method",
+        ["BAZEL_REMOTE_S3_AUTH_METHOD"],
+        Str,
+        "access_key",
+        "how to authenticate: access_key (the only method this version supports)"
+    ),
+    s!(
+        "s3_proxy.access_key_id",
+        "s3.access_key_id",
+        ["BAZEL_REMOTE_S3_ACCESS_KEY_ID"],
+        Str,
+        "",
+        "S3 access key id"
+    ),
+    s!(
+        "s3_proxy.secret_access_key",
+        "s3.secret_access_key",
+        ["BAZEL_REMOTE_S3_SECRET_ACCESS_KEY"],
+        Str,
+        "",
+        "S3 secret access key"
+    ),
+    s!(
+        "s3_proxy.session_token",
+        "s3.session_token",
+        ["BAZEL_REMOTE_S3_SESSION_TOKEN"],
+        Str,
+        "",
+        "S3 session token, if the credentials are temporary"
+    ),
+    s!(
+        "s3_proxy.disable_ssl",
+        "s3.disable_ssl",
+        ["BAZEL_REMOTE_S3_DISABLE_SSL"],
+        Bool,
+        "false",
+        "talk plain HTTP to the endpoint"
+    ),
+    s!(
+        "s3_proxy.region",
+        "s3.region",
+        ["BAZEL_REMOTE_S3_REGION"],
+        Str,
+        "us-east-1",
+        "region used for signing"
+    ),
+    s!(
+        "s3_proxy.bucket_lookup_type",
+        "s3.bucket_lookup_type",
+        ["BAZEL_REMOTE_S3_BUCKET_LOOKUP_TYPE"],
+        Str,
+        "auto",
+        "auto or path: path-style URLs; dns: virtual-host style"
+    ),
+    s!(
+        "s3_proxy.read_timeout",
+        "s3.read_timeout",
+        ["HOARD_S3_READ_TIMEOUT"],
+        Duration,
+        "5s",
+        "longest wait for the bucket on a request's behalf (read-through, existence check); then it is a miss"
+    ),
+    s!(
+        "s3_proxy.existence_ttl",
+        "s3.existence_ttl",
+        ["HOARD_S3_EXISTENCE_TTL"],
+        Duration,
+        "10m",
+        "how long a blob known to be in the bucket is trusted without asking again"
+    ),
+    s!(
+        "s3_proxy.multipart_threshold",
+        "s3.multipart_threshold",
+        ["HOARD_S3_MULTIPART_THRESHOLD"],
+        Int,
+        "67108864",
+        "stored size from which uploads use multipart (bytes)"
+    ),
+    s!(
+        "s3_proxy.part_size",
+        "s3.part_size",
+        ["HOARD_S3_PART_SIZE"],
+        Int,
+        "16777216",
+        "multipart part size (bytes, at least 5 MiB)"
+    ),
+    s!(
+        "num_uploaders",
+        "num_uploaders",
+        ["BAZEL_REMOTE_NUM_UPLOADERS", "HOARD_NUM_UPLOADERS"],
+        Int,
+        "100",
+        "concurrent uploads to the bucket; 0 makes the bucket read-only"
+    ),
+    s!(
+        "max_queued_uploads",
+        "max_queued_uploads",
+        [
+            "BAZEL_REMOTE_MAX_QUEUED_UPLOADS",
+            "HOARD_MAX_QUEUED_UPLOADS"
+        ],
+        Int,
+        "1000000",
+        "upload queue capacity; a blob arriving at a full queue is counted as dropped"
+    ),
+    s!(
+        "max_proxy_blob_size",
+        "max_proxy_blob_size",
+        [
+            "BAZEL_REMOTE_MAX_PROXY_BLOB_SIZE",
+            "HOARD_MAX_PROXY_BLOB_SIZE"
+        ],
+        Int,
+        "9223372036854775807",
+        "blobs larger than this are neither uploaded nor fetched"
+    ),
+    s!(
+        "upload_drain_timeout",
+        "upload_drain_timeout",
+        ["HOARD_UPLOAD_DRAIN_TIMEOUT"],
+        Duration,
+        "30s",
+        "on SIGTERM, how long queued uploads may still run; the rest wait in the journal"
+    ),
+    s!(
+        "host_id",
+        "host_id",
+        ["HOARD_HOST_ID"],
+        Str,
+        "",
+        "this host's name in object metadata (default: the hostname)"
+    ),
+    s!(
         "namespaces.default",
         "namespaces.default",
         ["HOARD_NAMESPACES_DEFAULT"],
@@ -186,7 +344,10 @@ pub const UNSUPPORTED: &[&str] = &[
     "http_proxy",
     "grpc_proxy",
     "azblob_proxy",
-    "s3_proxy",
+    "s3_proxy.signature_type",
+    "s3_proxy.iam_role_endpoint",
+    "s3_proxy.aws_profile",
+    "s3_proxy.aws_shared_credentials_file",
     "disable_http_ac_validation",
     "enable_ac_key_instance_mangling",
     "experimental_remote_asset_api",
@@ -201,6 +362,9 @@ pub const IGNORED: &[&str] = &[
     "log_timezone",
     "disable_grpc_ac_deps_check",
     "profile_address",
+    "s3_proxy.update_timestamps",
+    "s3_proxy.key_version",
+    "s3_proxy.max_idle_conns",
     "http_read_timeout",
     "http_write_timeout",
 ];
@@ -216,7 +380,7 @@ pub fn find_by_flag(flag: &str) -> Option<&'static Setting> {
 /// The `--help` text.
 pub fn help() -> String {
     let mut out = String::from(
-        "hoard: a Bazel remote cache (HTTP and gRPC, disk LRU)\n\n\
+        "hoard: a Bazel remote cache (HTTP and gRPC, disk LRU, S3 write-behind)\n\n\
          usage: hoard [--flag=value ...]\n\n\
          Settings merge in this order: YAML file (--config_file), then environment\n\
          variables, then flags. Each setting:\n\n",

@@ -28,8 +28,8 @@ pub(crate) fn required_digest(what: &str, d: Option<&Digest>) -> Result<BlobDige
 
 impl ActionCacheService {
     /// Reads a CAS blob whole, if present and of the expected size.
-    fn read_blob(&self, ns: NamespaceId, d: &BlobDigest) -> Result<Option<Vec<u8>>, Status> {
-        match self.0.cache.cas_get(ns, &d.hash).map_err(to_status)? {
+    async fn read_blob(&self, ns: NamespaceId, d: &BlobDigest) -> Result<Option<Vec<u8>>, Status> {
+        match self.0.cache.cas_get(ns, &d.hash).await.map_err(to_status)? {
             Some(Found::Empty) => Ok(Some(Vec::new())),
             Some(Found::Blob(mut b)) if b.logical_size() == d.size => match b.read_to_vec() {
                 Ok(v) => Ok(Some(v)),
@@ -43,7 +43,7 @@ impl ActionCacheService {
     async fn get(&self, req: GetActionResultRequest) -> Result<Response<ActionResult>, Status> {
         let ns = self.0.namespace(&req.instance_name)?;
         let d = required_digest("action_digest", req.action_digest.as_ref())?;
-        let Some((_, mut ar)) = self.0.cache.ac_get(ns, &d.hash).map_err(to_status)? else {
+        let Some((_, mut ar)) = self.0.cache.ac_get(ns, &d.hash).await.map_err(to_status)? else {
             return Err(Status::not_found(format!(
                 "action result {}/{} not found",
                 d.hash, d.size
@@ -52,38 +52,48 @@ impl ActionCacheService {
         // Inline what was asked for while it fits the batch limit; what does
         // not fit stays a digest, which the spec allows.
         let mut budget = self.0.max_batch;
-        let mut inline = |digest: &Option<Digest>, into: &mut Bytes| -> Result<(), Status> {
-            let Some(d) = digest.as_ref().and_then(|d| parse_digest(d).ok()) else {
-                return Ok(());
-            };
-            if d.size > budget {
-                return Ok(());
-            }
-            if let Some(bytes) = self.read_blob(ns, &d)? {
-                budget -= d.size;
-                *into = bytes.into();
-            }
-            Ok(())
-        };
-        if req.inline_stdout {
-            let digest = ar.stdout_digest.clone();
-            inline(&digest, &mut ar.stdout_raw)?;
+        if req.inline_stdout
+            && let Some(b) = self.inline(ns, &ar.stdout_digest, &mut budget).await?
+        {
+            ar.stdout_raw = b;
         }
-        if req.inline_stderr {
-            let digest = ar.stderr_digest.clone();
-            inline(&digest, &mut ar.stderr_raw)?;
+        if req.inline_stderr
+            && let Some(b) = self.inline(ns, &ar.stderr_digest, &mut budget).await?
+        {
+            ar.stderr_raw = b;
         }
         if !req.inline_output_files.is_empty() {
             let wanted: HashSet<&str> =
                 req.inline_output_files.iter().map(String::as_str).collect();
             for f in ar.output_files.iter_mut() {
-                if wanted.contains(f.path.as_str()) {
-                    let digest = f.digest.clone();
-                    inline(&digest, &mut f.contents)?;
+                if wanted.contains(f.path.as_str())
+                    && let Some(b) = self.inline(ns, &f.digest, &mut budget).await?
+                {
+                    f.contents = b;
                 }
             }
         }
         Ok(Response::new(ar))
+    }
+
+    /// A blob's bytes for inlining, if it fits what is left of `budget`.
+    async fn inline(
+        &self,
+        ns: NamespaceId,
+        digest: &Option<Digest>,
+        budget: &mut u64,
+    ) -> Result<Option<Bytes>, Status> {
+        let Some(d) = digest.as_ref().and_then(|d| parse_digest(d).ok()) else {
+            return Ok(None);
+        };
+        if d.size > *budget {
+            return Ok(None);
+        }
+        let Some(bytes) = self.read_blob(ns, &d).await? else {
+            return Ok(None);
+        };
+        *budget -= d.size;
+        Ok(Some(bytes.into()))
     }
 
     /// Stores inlined bytes in the CAS and returns the digest naming them.

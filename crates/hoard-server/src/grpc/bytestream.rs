@@ -146,7 +146,7 @@ impl ByteStreamService {
         let done = |res: &BlobResource| WriteResponse {
             committed_size: if res.compressed { -1 } else { res.size as i64 },
         };
-        if self.0.cache.cas_contains(ns, &res.hash) == Some(res.size) {
+        if self.0.cache.cas_has(ns, &res.hash, res.size).await {
             // Already stored (perhaps by another client): the spec's early return.
             self.0.uploads.remove(&key);
             return Ok(Response::new(done(&res)));
@@ -263,7 +263,7 @@ impl ByteStreamService {
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
         let res = parse_write(&req.resource_name)?;
         let ns = self.0.namespace(&res.instance)?;
-        if self.0.cache.cas_contains(ns, &res.hash) == Some(res.size) {
+        if self.0.cache.cas_has(ns, &res.hash, res.size).await {
             return Ok(Response::new(QueryWriteStatusResponse {
                 committed_size: res.size as i64,
                 complete: true,
@@ -279,7 +279,7 @@ impl ByteStreamService {
         }))
     }
 
-    fn read(&self, req: ReadRequest) -> Result<BoxStream<ReadResponse>, Status> {
+    async fn read(&self, req: ReadRequest) -> Result<BoxStream<ReadResponse>, Status> {
         let res = parse_read(&req.resource_name)?;
         let ns = self.0.namespace(&res.instance)?;
         if req.read_offset < 0 || req.read_limit < 0 {
@@ -301,7 +301,13 @@ impl ByteStreamService {
             )));
         }
         let not_found = || Status::not_found(format!("blob {}/{} not found", res.hash, res.size));
-        let blob = match self.0.cache.cas_get(ns, &res.hash).map_err(to_status)? {
+        let blob = match self
+            .0
+            .cache
+            .cas_get(ns, &res.hash)
+            .await
+            .map_err(to_status)?
+        {
             Some(Found::Empty) if res.size == 0 => None,
             Some(Found::Blob(b)) if b.logical_size() == res.size => Some(*b),
             _ => return Err(not_found()),
@@ -459,7 +465,7 @@ impl ByteStream for ByteStreamService {
 
     async fn read(&self, req: Request<ReadRequest>) -> Result<Response<Self::ReadStream>, Status> {
         let start = Instant::now();
-        let r = ByteStreamService::read(self, req.into_inner());
+        let r = ByteStreamService::read(self, req.into_inner()).await;
         self.0.observe("server_stream", SERVICE, "Read", start, &r);
         r.map(Response::new)
     }

@@ -2,6 +2,8 @@
 //! GetTree with paging.
 
 use std::collections::{HashSet, VecDeque};
+
+use futures_util::StreamExt;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -40,7 +42,7 @@ fn ok_status() -> Option<RpcStatus> {
 }
 
 impl CasService {
-    fn find_missing(
+    async fn find_missing(
         &self,
         req: FindMissingBlobsRequest,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
@@ -50,13 +52,19 @@ impl CasService {
         for d in &req.blob_digests {
             parsed.push(parse_digest(d).map_err(|e| Status::invalid_argument(e.message))?);
         }
-        let missing = req
+        // Local answers are immediate; bucket checks (for local misses) run
+        // a few at a time, in order.
+        let cache = &self.0.cache;
+        let checks = req
             .blob_digests
             .into_iter()
             .zip(parsed)
-            .filter(|(_, p)| self.0.cache.cas_contains(ns, &p.hash) != Some(p.size))
-            .map(|(d, _)| d)
-            .collect();
+            .map(|(d, p)| async move { (!cache.cas_has(ns, &p.hash, p.size).await).then_some(d) });
+        let missing: Vec<Digest> = futures_util::stream::iter(checks)
+            .buffered(32)
+            .filter_map(|d| async move { d })
+            .collect()
+            .await;
         Ok(Response::new(FindMissingBlobsResponse {
             missing_blob_digests: missing,
         }))
@@ -137,7 +145,7 @@ impl CasService {
         }
     }
 
-    fn batch_read(
+    async fn batch_read(
         &self,
         req: BatchReadBlobsRequest,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
@@ -152,15 +160,14 @@ impl CasService {
         let zstd_ok = req
             .acceptable_compressors
             .contains(&(compressor::Value::Zstd as i32));
-        let responses = req
-            .digests
-            .into_iter()
-            .map(|d| self.read_one(ns, d, zstd_ok))
-            .collect();
+        let mut responses = Vec::with_capacity(req.digests.len());
+        for d in req.digests {
+            responses.push(self.read_one(ns, d, zstd_ok).await);
+        }
         Ok(Response::new(BatchReadBlobsResponse { responses }))
     }
 
-    fn read_one(
+    async fn read_one(
         &self,
         ns: NamespaceId,
         d: Digest,
@@ -185,7 +192,7 @@ impl CasService {
                 format!("blob {}/{} not found", p.hash, p.size),
             )
         };
-        match self.0.cache.cas_get(ns, &p.hash) {
+        match self.0.cache.cas_get(ns, &p.hash).await {
             Ok(Some(Found::Empty)) => r.status = ok_status(),
             Ok(Some(Found::Blob(mut b))) if b.logical_size() == p.size => {
                 let data = if zstd_ok && b.is_zstd_stream() {
@@ -216,8 +223,12 @@ impl CasService {
         r
     }
 
-    fn read_directory(&self, ns: NamespaceId, d: &BlobDigest) -> Result<Option<Directory>, Status> {
-        let bytes = match self.0.cache.cas_get(ns, &d.hash).map_err(to_status)? {
+    async fn read_directory(
+        &self,
+        ns: NamespaceId,
+        d: &BlobDigest,
+    ) -> Result<Option<Directory>, Status> {
+        let bytes = match self.0.cache.cas_get(ns, &d.hash).await.map_err(to_status)? {
             Some(Found::Empty) => Vec::new(),
             Some(Found::Blob(mut b)) if b.logical_size() == d.size => match b.read_to_vec() {
                 Ok(v) => v,
@@ -237,7 +248,7 @@ impl CasService {
     /// Walks the tree breadth first, each distinct directory once. The page
     /// token is the number of directories already returned: the walk is
     /// deterministic for a given tree, so a later page replays it to there.
-    fn get_tree(&self, req: GetTreeRequest) -> Result<Vec<GetTreeResponse>, Status> {
+    async fn get_tree(&self, req: GetTreeRequest) -> Result<Vec<GetTreeResponse>, Status> {
         let ns = self.0.namespace(&req.instance_name)?;
         let root = super::ac::required_digest("root_digest", req.root_digest.as_ref())?;
         let skip: usize = if req.page_token.is_empty() {
@@ -251,7 +262,7 @@ impl CasService {
             n if n <= 0 => MAX_TREE_PAGE,
             n => (n as usize).min(MAX_TREE_PAGE),
         };
-        let Some(root_dir) = self.read_directory(ns, &root)? else {
+        let Some(root_dir) = self.read_directory(ns, &root).await? else {
             return Err(Status::not_found(format!(
                 "tree root {}/{} not found",
                 root.hash, root.size
@@ -272,7 +283,7 @@ impl CasService {
                     continue;
                 };
                 if seen.insert(d)
-                    && let Some(c) = self.read_directory(ns, &d)?
+                    && let Some(c) = self.read_directory(ns, &d).await?
                 {
                     queue.push_back(c);
                 }
@@ -303,7 +314,7 @@ impl ContentAddressableStorage for CasService {
         req: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
         let start = Instant::now();
-        let r = self.find_missing(req.into_inner());
+        let r = self.find_missing(req.into_inner()).await;
         self.0
             .observe("unary", SERVICE, "FindMissingBlobs", start, &r);
         r
@@ -325,7 +336,7 @@ impl ContentAddressableStorage for CasService {
         req: Request<BatchReadBlobsRequest>,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
         let start = Instant::now();
-        let r = self.batch_read(req.into_inner());
+        let r = self.batch_read(req.into_inner()).await;
         self.0
             .observe("unary", SERVICE, "BatchReadBlobs", start, &r);
         r
@@ -338,7 +349,7 @@ impl ContentAddressableStorage for CasService {
         req: Request<GetTreeRequest>,
     ) -> Result<Response<Self::GetTreeStream>, Status> {
         let start = Instant::now();
-        let r = self.get_tree(req.into_inner());
+        let r = CasService::get_tree(self, req.into_inner()).await;
         self.0
             .observe("server_stream", SERVICE, "GetTree", start, &r);
         let pages = r?;

@@ -1,0 +1,777 @@
+//! hoard-upload: the shared S3 tier behind the local disk.
+//!
+//! What it owns: the bucket. Every blob committed locally by a client is
+//! uploaded in the background with a create-if-absent PUT and ends in
+//! exactly one [`Status`] (created, already_exists, error, dropped), which
+//! is counted and published as an [`Outcome`]. It also answers "is this blob
+//! in the bucket?" (with a positive-existence cache) and fetches objects for
+//! read-through. What it must not do: decide what a client sees. Verifying
+//! fetched bytes and storing them locally is the cache facade's job
+//! (`hoard-server`), which streams them through the same digest-checking
+//! writer as a client upload.
+//!
+//! # Invariants
+//!
+//! * Jobs enqueued = outcomes published: every job taken by
+//!   [`Backend::enqueue`] ends in exactly one outcome, in this process or,
+//!   after a restart, the next (the journal).
+//! * A queued job holds no open file: it names the blob, and the worker
+//!   opens it when it starts.
+//! * An action result is uploaded only after every CAS blob it references
+//!   is known to be in the bucket; otherwise it ends as `error` and
+//!   `hoard_upload_ac_skipped_total` counts it, so another host can never
+//!   read an action result whose outputs are absent from the bucket.
+//! * `created` means this job's request created the object. A job that may
+//!   have created it in an earlier attempt (a timeout, or a process that
+//!   died) checks the writer tag it put in the object's metadata before
+//!   calling a refused create `already_exists`.
+
+mod config;
+mod existence;
+mod journal;
+mod keys;
+mod metrics;
+mod s3;
+
+pub use aws_sdk_s3::primitives::ByteStream;
+pub use config::{S3Config, UploadConfig};
+pub use keys::{ObjectFormat, object_key};
+pub use s3::PutResult;
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_sdk_s3::primitives::Length;
+use hoard_disk::{Committed, DiskCache, Hash, Kind};
+use hoard_proto::prost::Message;
+use hoard_proto::reapi::{ActionResult, Digest, Tree};
+use tokio::sync::watch;
+
+use existence::ExistenceCache;
+use journal::{JobKey, Journal};
+use metrics::Metrics;
+use s3::Store;
+
+/// The terminal outcome of an upload job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Status {
+    Created,
+    AlreadyExists,
+    Error,
+    Dropped,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Created => "created",
+            Status::AlreadyExists => "already_exists",
+            Status::Error => "error",
+            Status::Dropped => "dropped",
+        }
+    }
+}
+
+/// One job's terminal outcome, for accounting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub namespace: String,
+    pub kind: Kind,
+    pub hash: Hash,
+    pub status: Status,
+    pub size_on_disk: u64,
+    pub at: SystemTime,
+}
+
+/// What the startup probe learned about the bucket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeReport {
+    /// A second create-if-absent PUT of one key was refused.
+    pub honors_if_none_match: bool,
+    /// Of two simultaneous creates of a new key, exactly one won.
+    pub atomic_create: bool,
+    /// HTTP status of the refused second PUT (412, or 304 on older MinIO).
+    pub refusal_status: Option<u16>,
+}
+
+const MODE_UNKNOWN: u8 = 0;
+const MODE_CONDITIONAL: u8 = 1;
+const MODE_HEAD_FIRST: u8 = 2;
+
+struct Job {
+    key: JobKey,
+    size_on_disk: u64,
+    nonce: u64,
+    /// Re-queued from the journal: an earlier process may have sent it.
+    replayed: bool,
+}
+
+/// The S3 tier. Cheap to clone.
+#[derive(Clone)]
+pub struct Backend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: UploadConfig,
+    prefix: String,
+    store: Store,
+    metrics: Metrics,
+    disk: DiskCache,
+    tx: crossbeam_channel::Sender<Job>,
+    rx: crossbeam_channel::Receiver<Job>,
+    queued_at: parking_lot::Mutex<VecDeque<Instant>>,
+    journal: Journal,
+    existence: ExistenceCache,
+    pending_cas: parking_lot::Mutex<HashMap<JobKey, watch::Sender<Option<Status>>>>,
+    mode: AtomicU8,
+    probe: parking_lot::Mutex<Option<ProbeReport>>,
+    outcomes: Option<crossbeam_channel::Sender<Outcome>>,
+    runtime: tokio::runtime::Handle,
+    stop_after: parking_lot::Mutex<Option<Instant>>,
+    stopping: AtomicBool,
+    workers: parking_lot::Mutex<Vec<std::thread::JoinHandle<()>>>,
+    random: std::hash::RandomState,
+}
+
+/// Errors starting the backend.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("upload journal {path}: {source}")]
+    Journal {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("starting upload workers: {0}")]
+    Spawn(std::io::Error),
+}
+
+impl Backend {
+    /// Opens the journal, re-queues what it holds, starts the workers and
+    /// the probe (workers wait for the probe before their first upload).
+    /// Must be called inside a tokio runtime.
+    pub fn start(
+        cfg: UploadConfig,
+        s3: S3Config,
+        disk: DiskCache,
+        registry: &prometheus::Registry,
+        outcomes: Option<crossbeam_channel::Sender<Outcome>>,
+    ) -> Result<Backend, Error> {
+        let metrics = Metrics::register(registry)?;
+        let (journal, pending) =
+            Journal::open(&cfg.journal_path).map_err(|source| Error::Journal {
+                path: cfg.journal_path.clone(),
+                source,
+            })?;
+        let capacity = cfg.max_queued_uploads.max(pending.len()).max(1);
+        let (tx, rx) = crossbeam_channel::bounded(capacity);
+        let store = Store::new(&s3, Duration::from_secs(60));
+        let inner = Arc::new(Inner {
+            prefix: s3.prefix.clone(),
+            existence: ExistenceCache::new(cfg.existence_ttl, cfg.existence_capacity),
+            cfg,
+            store,
+            metrics,
+            disk,
+            tx,
+            rx,
+            queued_at: parking_lot::Mutex::new(VecDeque::new()),
+            journal,
+            pending_cas: parking_lot::Mutex::new(HashMap::new()),
+            mode: AtomicU8::new(MODE_UNKNOWN),
+            probe: parking_lot::Mutex::new(None),
+            outcomes,
+            runtime: tokio::runtime::Handle::current(),
+            stop_after: parking_lot::Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            workers: parking_lot::Mutex::new(Vec::new()),
+            random: std::hash::RandomState::new(),
+        });
+        let b = Backend { inner };
+        if !pending.is_empty() {
+            tracing::info!(jobs = pending.len(), "re-queuing uploads from the journal");
+        }
+        for (key, size_on_disk, nonce) in pending {
+            b.push(Job {
+                key,
+                size_on_disk,
+                nonce,
+                replayed: true,
+            });
+        }
+        let prober = b.clone();
+        b.inner
+            .runtime
+            .spawn(async move { prober.probe_until_done().await });
+        for i in 0..b.inner.cfg.num_uploaders {
+            let w = b.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("hoard-upload-{i}"))
+                .spawn(move || w.worker())
+                .map_err(Error::Spawn)?;
+            b.inner.workers.lock().push(h);
+        }
+        Ok(b)
+    }
+
+    /// The probe's findings, once it has run.
+    pub fn probe_report(&self) -> Option<ProbeReport> {
+        self.inner.probe.lock().clone()
+    }
+
+    /// Jobs waiting in the queue.
+    pub fn queue_len(&self) -> usize {
+        self.inner.rx.len()
+    }
+
+    /// The hook for newly committed blobs: queues an upload unless the blob
+    /// came from the bucket, uploads are off (`num_uploaders: 0`), or it is
+    /// larger than `max_proxy_blob_size`.
+    pub fn enqueue(&self, c: &Committed, namespace: &str) {
+        let i = &self.inner;
+        if c.from_backend {
+            i.existence
+                .insert(namespace, c.kind, &c.hash, c.size_on_disk);
+            return;
+        }
+        if i.cfg.num_uploaders == 0 || c.logical_size > i.cfg.max_proxy_blob_size {
+            return;
+        }
+        let key = JobKey {
+            namespace: namespace.to_string(),
+            kind: c.kind,
+            hash: c.hash,
+        };
+        let nonce = i.random.hash_one((&key.hash, Instant::now()));
+        if let Err(e) = i.journal.added(&key, c.size_on_disk, nonce) {
+            tracing::error!(error = %e, "writing the upload journal failed; this upload will not survive a restart");
+        }
+        self.push(Job {
+            key,
+            size_on_disk: c.size_on_disk,
+            nonce,
+            replayed: false,
+        });
+    }
+
+    fn push(&self, job: Job) {
+        let i = &self.inner;
+        if job.key.kind == Kind::Cas {
+            let (wtx, _) = watch::channel(None);
+            i.pending_cas.lock().insert(job.key.clone(), wtx);
+        }
+        let mut q = i.queued_at.lock();
+        match i.tx.try_send(job) {
+            Ok(()) => {
+                q.push_back(Instant::now());
+                i.metrics.queue_length.set(i.rx.len() as i64);
+            }
+            Err(crossbeam_channel::TrySendError::Full(job))
+            | Err(crossbeam_channel::TrySendError::Disconnected(job)) => {
+                drop(q);
+                tracing::warn!(kind = %job.key.kind, hash = %job.key.hash, "upload queue full; upload dropped");
+                self.finish(&job, Status::Dropped);
+            }
+        }
+    }
+
+    /// Records a terminal outcome: metrics, existence, waiters, journal,
+    /// outcome channel. Called exactly once per job.
+    fn finish(&self, job: &Job, status: Status) {
+        let i = &self.inner;
+        let kind = job.key.kind.as_str();
+        i.metrics
+            .outcomes
+            .with_label_values(&[kind, status.as_str()])
+            .inc();
+        i.metrics
+            .bytes
+            .with_label_values(&[kind, status.as_str()])
+            .inc_by(job.size_on_disk);
+        if status == Status::Created {
+            i.metrics.created_bytes.inc_by(job.size_on_disk);
+        }
+        if matches!(status, Status::Created | Status::AlreadyExists) {
+            i.existence.insert(
+                &job.key.namespace,
+                job.key.kind,
+                &job.key.hash,
+                job.size_on_disk,
+            );
+        }
+        if let Some(w) = i.pending_cas.lock().remove(&job.key) {
+            let _ = w.send(Some(status));
+        }
+        if let Err(e) = i.journal.done(&job.key) {
+            tracing::error!(error = %e, "writing the upload journal failed");
+        }
+        if let Some(tx) = &i.outcomes {
+            let _ = tx.send(Outcome {
+                namespace: job.key.namespace.clone(),
+                kind: job.key.kind,
+                hash: job.key.hash,
+                status,
+                size_on_disk: job.size_on_disk,
+                at: SystemTime::now(),
+            });
+        }
+    }
+
+    fn worker(&self) {
+        let i = &self.inner;
+        loop {
+            if i.stopping.load(Ordering::Relaxed) {
+                let past = i.stop_after.lock().is_some_and(|d| Instant::now() >= d);
+                if past || i.rx.is_empty() {
+                    return;
+                }
+            }
+            let job = match i.rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(j) => j,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            };
+            {
+                let mut q = i.queued_at.lock();
+                q.pop_front();
+                i.metrics.queue_length.set(i.rx.len() as i64);
+                let oldest = q.front().map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+                i.metrics.queue_oldest_seconds.set(oldest);
+            }
+            let status = i.runtime.block_on(self.process(&job));
+            self.finish(&job, status);
+        }
+    }
+
+    fn key_for(&self, ns: &str, kind: Kind, hash: &Hash, format: ObjectFormat) -> String {
+        object_key(&self.inner.prefix, ns, kind, hash, format)
+    }
+
+    async fn process(&self, job: &Job) -> Status {
+        let i = &self.inner;
+        while i.mode.load(Ordering::Acquire) == MODE_UNKNOWN {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let k = &job.key;
+        let blob = match i
+            .disk
+            .namespace(&k.namespace)
+            .and_then(|ns| i.disk.get(ns, k.kind, &k.hash))
+        {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                tracing::warn!(kind = %k.kind, hash = %k.hash, "blob left the local cache before its upload");
+                return Status::Error;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open a blob to upload it");
+                return Status::Error;
+            }
+        };
+        let format = if blob.is_casblob() {
+            ObjectFormat::Casblob
+        } else {
+            ObjectFormat::Raw
+        };
+        let key = self.key_for(&k.namespace, k.kind, &k.hash, format);
+        let len = blob.stored_len();
+        if k.kind == Kind::Ac {
+            let mut blob = blob;
+            let bytes = match blob.read_to_vec() {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read an action result to upload it");
+                    return Status::Error;
+                }
+            };
+            if !self.references_in_bucket(&k.namespace, &bytes).await {
+                i.metrics.ac_skipped.inc();
+                tracing::warn!(action = %k.hash, "action result not uploaded: a blob it references is not in the bucket");
+                return Status::Error;
+            }
+            return self
+                .put_with_retries(job, &key, Source::Bytes(bytes.into()), len)
+                .await;
+        }
+        let path = blob.path();
+        let file = match blob.file() {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open a blob to upload it");
+                return Status::Error;
+            }
+        };
+        drop(blob);
+        self.put_with_retries(job, &key, Source::File(file, path), len)
+            .await
+    }
+
+    async fn put_with_retries(&self, job: &Job, key: &str, src: Source, len: u64) -> Status {
+        let i = &self.inner;
+        let writer = format!("{}/{:x}", i.cfg.host_id, job.nonce);
+        let mut maybe_sent = job.replayed;
+        if i.mode.load(Ordering::Acquire) == MODE_HEAD_FIRST {
+            // The bucket ignores If-None-Match: ask before writing, so the
+            // outcome stays truthful (though not race-free between hosts).
+            match i.store.head(&i.metrics, key).await {
+                Ok(Some(h)) => {
+                    return if maybe_sent && h.writer.as_deref() == Some(writer.as_str()) {
+                        Status::Created
+                    } else {
+                        Status::AlreadyExists
+                    };
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(key, error = %e, "HEAD before PUT failed"),
+            }
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = if len >= i.cfg.multipart_threshold {
+                match &src {
+                    Source::File(_, path) => {
+                        i.store
+                            .multipart_if_absent(
+                                &i.metrics,
+                                key,
+                                path,
+                                len,
+                                i.cfg.part_size,
+                                &writer,
+                            )
+                            .await
+                    }
+                    Source::Bytes(_) => PutResult::Failed("multipart needs a file".into()),
+                }
+            } else {
+                match src.body(len).await {
+                    Ok(body) => {
+                        i.store
+                            .put_if_absent(&i.metrics, key, body, len, &writer)
+                            .await
+                    }
+                    Err(e) => PutResult::Failed(e),
+                }
+            };
+            match result {
+                PutResult::Created => return Status::Created,
+                PutResult::Exists(_) => {
+                    if !maybe_sent {
+                        return Status::AlreadyExists;
+                    }
+                    // An earlier attempt may have created it: the writer tag says.
+                    return match i.store.head(&i.metrics, key).await {
+                        Ok(Some(h)) if h.writer.as_deref() == Some(writer.as_str()) => {
+                            Status::Created
+                        }
+                        _ => Status::AlreadyExists,
+                    };
+                }
+                PutResult::Failed(e) => {
+                    tracing::warn!(key, error = %e, "upload failed");
+                    return Status::Error;
+                }
+                PutResult::Conflict | PutResult::Transient(_) if attempt >= i.cfg.max_attempts => {
+                    tracing::warn!(key, attempts = attempt, "upload failed after retries");
+                    return Status::Error;
+                }
+                PutResult::Conflict => {}
+                PutResult::Transient(e) => {
+                    maybe_sent = true;
+                    tracing::debug!(key, error = %e, attempt, "upload attempt failed; retrying");
+                }
+            }
+            // Exponential backoff with full jitter: 100 ms, 200 ms, ... 5 s.
+            let cap = (100u64 << attempt.min(6)).min(5_000);
+            let jitter = i.random.hash_one((key, attempt, Instant::now())) % cap.max(1);
+            tokio::time::sleep(Duration::from_millis(jitter.max(20))).await;
+        }
+    }
+
+    /// Whether every blob an action result references is in the bucket,
+    /// waiting for this host's own uploads of them to finish first.
+    async fn references_in_bucket(&self, ns: &str, ac_bytes: &[u8]) -> bool {
+        let Ok(ar) = ActionResult::decode(ac_bytes) else {
+            return false;
+        };
+        let mut digests: Vec<Digest> = ar
+            .output_files
+            .iter()
+            .filter_map(|f| f.digest.clone())
+            .collect();
+        digests.extend(ar.stdout_digest.clone());
+        digests.extend(ar.stderr_digest.clone());
+        for d in ar
+            .output_directories
+            .iter()
+            .filter_map(|d| d.tree_digest.as_ref())
+        {
+            digests.push(d.clone());
+            // The tree's files too, read from the local copy of the tree.
+            let Ok(h) = Hash::parse(&d.hash) else {
+                return false;
+            };
+            let tree = self
+                .inner
+                .disk
+                .namespace(ns)
+                .ok()
+                .and_then(|id| self.inner.disk.get(id, Kind::Cas, &h).ok().flatten())
+                .and_then(|mut b| b.read_to_vec().ok())
+                .and_then(|bytes| Tree::decode(bytes.as_slice()).ok());
+            let Some(tree) = tree else { return false };
+            for dir in tree.root.iter().chain(&tree.children) {
+                digests.extend(dir.files.iter().filter_map(|f| f.digest.clone()));
+            }
+        }
+        for d in digests {
+            let Ok(h) = Hash::parse(&d.hash) else {
+                return false;
+            };
+            if d.size_bytes == 0 && h.is_empty_blob() {
+                continue;
+            }
+            if !self.cas_uploaded(ns, &h).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn cas_uploaded(&self, ns: &str, hash: &Hash) -> bool {
+        let i = &self.inner;
+        if i.existence.get(ns, Kind::Cas, hash).is_some() {
+            return true;
+        }
+        let key = JobKey {
+            namespace: ns.to_string(),
+            kind: Kind::Cas,
+            hash: *hash,
+        };
+        let waiter = i.pending_cas.lock().get(&key).map(|w| w.subscribe());
+        if let Some(mut rx) = waiter {
+            let done =
+                tokio::time::timeout(Duration::from_secs(600), rx.wait_for(|s| s.is_some())).await;
+            return matches!(done, Ok(Ok(s)) if matches!(*s, Some(Status::Created | Status::AlreadyExists)));
+        }
+        self.exists(ns, Kind::Cas, hash).await
+    }
+
+    /// Whether an object is in the bucket: the existence cache, else a HEAD
+    /// (bounded by `read_timeout`; a slow or dead bucket answers false).
+    pub async fn exists(&self, ns: &str, kind: Kind, hash: &Hash) -> bool {
+        let i = &self.inner;
+        if i.existence.get(ns, kind, hash).is_some() {
+            i.metrics.existence.with_label_values(&["hit"]).inc();
+            return true;
+        }
+        i.metrics.existence.with_label_values(&["miss"]).inc();
+        let formats: &[ObjectFormat] = if kind == Kind::Cas {
+            &[ObjectFormat::Casblob, ObjectFormat::Raw]
+        } else {
+            &[ObjectFormat::Raw]
+        };
+        for f in formats {
+            let key = self.key_for(ns, kind, hash, *f);
+            match tokio::time::timeout(i.cfg.read_timeout, i.store.head(&i.metrics, &key)).await {
+                Ok(Ok(Some(h))) => {
+                    i.existence.insert(ns, kind, hash, h.len);
+                    return true;
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(key, error = %e, "HEAD failed");
+                    return false;
+                }
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+
+    /// Fetches an object for read-through: its body, stored length and
+    /// format, or `None` when it is not in the bucket or the bucket does not
+    /// answer within `read_timeout`. The caller must verify the bytes.
+    pub async fn fetch(&self, ns: &str, kind: Kind, hash: &Hash) -> Option<Fetched> {
+        let i = &self.inner;
+        let formats: &[ObjectFormat] = if kind == Kind::Cas {
+            &[ObjectFormat::Casblob, ObjectFormat::Raw]
+        } else {
+            &[ObjectFormat::Raw]
+        };
+        for f in formats {
+            let key = self.key_for(ns, kind, hash, *f);
+            match tokio::time::timeout(i.cfg.read_timeout, i.store.get(&i.metrics, &key)).await {
+                Ok(Ok(Some((body, len)))) => {
+                    if len > i.cfg.max_proxy_blob_size {
+                        return None;
+                    }
+                    i.metrics.s3_hits.inc();
+                    return Some(Fetched {
+                        body,
+                        stored_len: len,
+                        format: *f,
+                    });
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(key, error = %e, "read-through GET failed; answering a miss");
+                    return None;
+                }
+                Err(_) => {
+                    tracing::warn!(key, "read-through GET timed out; answering a miss");
+                    return None;
+                }
+            }
+        }
+        i.metrics.s3_misses.inc();
+        i.existence.remove(ns, kind, hash);
+        None
+    }
+
+    /// Counts a fetched object that failed verification and forgets that it
+    /// exists.
+    pub fn verification_failed(&self, ns: &str, kind: Kind, hash: &Hash) {
+        self.inner.metrics.verify_failed.inc();
+        self.inner.existence.remove(ns, kind, hash);
+    }
+
+    /// The read timeout, for callers that bound their own waits.
+    pub fn read_timeout(&self) -> Duration {
+        self.inner.cfg.read_timeout
+    }
+
+    /// Stops the workers after the queue drains or `drain_timeout` passes,
+    /// whichever is first. What is still queued stays in the journal.
+    pub fn shutdown(&self) {
+        let i = &self.inner;
+        *i.stop_after.lock() = Some(Instant::now() + i.cfg.drain_timeout);
+        i.stopping.store(true, Ordering::Relaxed);
+        let workers = std::mem::take(&mut *i.workers.lock());
+        for w in workers {
+            let _ = w.join();
+        }
+        let left = i.rx.len();
+        if left > 0 {
+            tracing::warn!(
+                jobs = left,
+                "uploads still queued at shutdown; kept in the journal for the next start"
+            );
+        }
+    }
+
+    async fn probe_until_done(&self) {
+        loop {
+            match self.probe().await {
+                Ok(r) => {
+                    let i = &self.inner;
+                    if r.honors_if_none_match {
+                        tracing::info!(atomic = r.atomic_create, refusal = ?r.refusal_status, "bucket honours create-if-absent PUTs");
+                        i.metrics.backend_honors_conditional.set(1);
+                        i.mode.store(MODE_CONDITIONAL, Ordering::Release);
+                    } else {
+                        tracing::error!(
+                            "THE BUCKET IGNORES If-None-Match: a second create-if-absent PUT of one key succeeded and overwrote it. \
+                             Uploads will HEAD before PUT to keep outcomes truthful; concurrent hosts can still both count `created`."
+                        );
+                        i.metrics.backend_honors_conditional.set(0);
+                        i.mode.store(MODE_HEAD_FIRST, Ordering::Release);
+                    }
+                    if !r.atomic_create && r.honors_if_none_match {
+                        tracing::warn!(
+                            "two simultaneous creates of one key both succeeded: the bucket's conditional PUT is not atomic"
+                        );
+                    }
+                    *i.probe.lock() = Some(r);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "bucket probe failed; uploads wait for it; retrying in 5 s");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        }
+    }
+
+    async fn probe(&self) -> Result<ProbeReport, String> {
+        let i = &self.inner;
+        let base = format!(
+            "{}_hoard/probe/{}-{:x}",
+            if i.prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{}/", i.prefix.trim_end_matches('/'))
+            },
+            i.cfg.host_id,
+            i.random.hash_one(Instant::now())
+        );
+        let put = |key: String| async move {
+            let body = ByteStream::from_static(b"hoard probe");
+            i.store
+                .put_if_absent(&i.metrics, &key, body, 11, "probe")
+                .await
+        };
+        let (k1, k2) = (format!("{base}-a"), format!("{base}-b"));
+        let first = put(k1.clone()).await;
+        if let PutResult::Transient(e) | PutResult::Failed(e) = &first {
+            return Err(format!("probe PUT failed: {e}"));
+        }
+        let second = put(k1.clone()).await;
+        let (honors, refusal) = match second {
+            PutResult::Exists(s) => (true, Some(s)),
+            PutResult::Created => (false, None),
+            PutResult::Conflict => (true, Some(409)),
+            PutResult::Transient(e) | PutResult::Failed(e) => {
+                return Err(format!("probe PUT failed: {e}"));
+            }
+        };
+        let (a, b) = tokio::join!(put(k2.clone()), put(k2.clone()));
+        let winners = [a, b].iter().filter(|r| **r == PutResult::Created).count();
+        for k in [k1, k2] {
+            let _ = i.store.delete(&i.metrics, &k).await;
+        }
+        Ok(ProbeReport {
+            honors_if_none_match: honors,
+            atomic_create: winners == 1,
+            refusal_status: refusal,
+        })
+    }
+}
+
+enum Source {
+    File(std::fs::File, std::path::PathBuf),
+    Bytes(bytes::Bytes),
+}
+
+impl Source {
+    async fn body(&self, len: u64) -> Result<ByteStream, String> {
+        match self {
+            Source::Bytes(b) => Ok(ByteStream::from(b.clone())),
+            Source::File(f, path) => {
+                let f = f
+                    .try_clone()
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                ByteStream::read_from()
+                    .file(tokio::fs::File::from_std(f))
+                    .offset(0)
+                    .length(Length::Exact(len))
+                    .build()
+                    .await
+                    .map_err(|e| format!("{}: {e}", path.display()))
+            }
+        }
+    }
+}
+
+/// An object fetched for read-through.
+pub struct Fetched {
+    pub body: ByteStream,
+    pub stored_len: u64,
+    pub format: ObjectFormat,
+}

@@ -1,0 +1,396 @@
+//! The few S3 operations hoard needs, with every answer classified.
+//! SDK-level retries are off: the uploader retries itself, so it knows
+//! exactly which attempt produced which answer.
+
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    retry::RetryConfig, timeout::TimeoutConfig,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+
+use crate::config::S3Config;
+use crate::metrics::Metrics;
+
+/// Metadata key naming the host (and job) that wrote an object.
+pub const WRITER_META: &str = "hoard-writer";
+
+/// What a create-if-absent PUT came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PutResult {
+    /// 2xx: this request created the object.
+    Created,
+    /// 412, 304 (older MinIO) or 409 BlobAlreadyExists-style: it was there.
+    Exists(u16),
+    /// 409 ConditionalRequestConflict: a concurrent create; try again.
+    Conflict,
+    /// Timeout, connection failure, 5xx, throttling: may be retried, and the
+    /// object may or may not have been created.
+    Transient(String),
+    /// Anything else (4xx): retrying will not help.
+    Failed(String),
+}
+
+/// What a HEAD found.
+#[derive(Clone, Debug)]
+pub struct HeadInfo {
+    pub len: u64,
+    pub writer: Option<String>,
+}
+
+pub struct Store {
+    client: Client,
+    bucket: String,
+}
+
+fn status_of<E, R>(e: &SdkError<E, R>) -> Option<u16>
+where
+    R: HasStatus,
+{
+    e.raw_response().map(|r| r.status_code())
+}
+
+/// The HTTP status of a raw response, whatever its type.
+pub trait HasStatus {
+    fn status_code(&self) -> u16;
+}
+
+impl HasStatus for aws_sdk_s3::config::http::HttpResponse {
+    fn status_code(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+fn describe<E: ProvideErrorMetadata + std::fmt::Debug, R: std::fmt::Debug>(
+    e: &SdkError<E, R>,
+) -> String {
+    match e {
+        SdkError::ServiceError(se) => {
+            let err = se.err();
+            format!(
+                "{}: {}",
+                err.code().unwrap_or("error"),
+                err.message().unwrap_or("no message")
+            )
+        }
+        SdkError::TimeoutError(_) => "timeout".into(),
+        SdkError::DispatchFailure(d) => format!("dispatch failure: {d:?}"),
+        other => format!("{other:?}").chars().take(300).collect(),
+    }
+}
+
+fn classify_put<E: ProvideErrorMetadata + std::fmt::Debug>(
+    e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> PutResult {
+    let code = match e {
+        SdkError::ServiceError(se) => se.err().code().map(str::to_string),
+        _ => None,
+    };
+    match status_of(e) {
+        Some(412) | Some(304) => PutResult::Exists(status_of(e).unwrap_or(412)),
+        Some(409) if code.as_deref() == Some("ConditionalRequestConflict") => PutResult::Conflict,
+        Some(409) => PutResult::Exists(409),
+        Some(s) if s >= 500 || s == 429 => {
+            PutResult::Transient(format!("HTTP {s}: {}", describe(e)))
+        }
+        Some(s) => PutResult::Failed(format!("HTTP {s}: {}", describe(e))),
+        None => PutResult::Transient(describe(e)),
+    }
+}
+
+impl Store {
+    pub fn new(cfg: &S3Config, attempt_timeout: Duration) -> Store {
+        let creds = Credentials::new(
+            cfg.access_key_id.clone(),
+            cfg.secret_access_key.clone(),
+            cfg.session_token.clone(),
+            None,
+            "hoard-config",
+        );
+        let conf = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(cfg.region.clone()))
+            .endpoint_url(cfg.endpoint_url())
+            .force_path_style(cfg.path_style)
+            .credentials_provider(creds)
+            // Only what the operation requires: some S3-compatible servers
+            // reject the SDK's default streaming checksums.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(2))
+                    .operation_attempt_timeout(attempt_timeout)
+                    .build(),
+            )
+            .build();
+        Store {
+            client: Client::from_conf(conf),
+            bucket: cfg.bucket.clone(),
+        }
+    }
+
+    fn observe(m: &Metrics, op: &str, start: Instant, code: Option<u16>) {
+        let code = code.map(|c| c.to_string()).unwrap_or_else(|| "none".into());
+        m.s3_seconds
+            .with_label_values(&[op, &code])
+            .observe(start.elapsed().as_secs_f64());
+    }
+
+    /// `PUT` with `If-None-Match: *`.
+    pub async fn put_if_absent(
+        &self,
+        m: &Metrics,
+        key: &str,
+        body: ByteStream,
+        len: u64,
+        writer: &str,
+    ) -> PutResult {
+        let start = Instant::now();
+        let r = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .if_none_match("*")
+            .metadata(WRITER_META, writer)
+            .content_length(len as i64)
+            .body(body)
+            .send()
+            .await;
+        match r {
+            Ok(_) => {
+                Self::observe(m, "put", start, Some(200));
+                PutResult::Created
+            }
+            Err(e) => {
+                Self::observe(m, "put", start, status_of(&e));
+                classify_put(&e)
+            }
+        }
+    }
+
+    /// Multipart upload with the condition on the completion. Any failure
+    /// aborts the upload, so no part is left behind and no object appears.
+    pub async fn multipart_if_absent(
+        &self,
+        m: &Metrics,
+        key: &str,
+        file: &std::path::Path,
+        len: u64,
+        part_size: u64,
+        writer: &str,
+    ) -> PutResult {
+        let start = Instant::now();
+        let created = match self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .metadata(WRITER_META, writer)
+            .send()
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                Self::observe(m, "create_multipart", start, status_of(&e));
+                return classify_put(&e);
+            }
+        };
+        Self::observe(m, "create_multipart", start, Some(200));
+        let Some(upload_id) = created.upload_id().map(str::to_string) else {
+            return PutResult::Failed("CreateMultipartUpload returned no upload id".into());
+        };
+        let result = self
+            .upload_parts_and_complete(m, key, &upload_id, file, len, part_size)
+            .await;
+        if result != PutResult::Created {
+            let start = Instant::now();
+            let r = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .send()
+                .await;
+            Self::observe(
+                m,
+                "abort_multipart",
+                start,
+                r.as_ref().err().and_then(status_of).or(Some(204)),
+            );
+            if let Err(e) = r {
+                tracing::warn!(key, error = %describe(&e), "aborting a multipart upload failed; a bucket lifecycle rule for incomplete uploads will clean it up");
+            }
+        }
+        result
+    }
+
+    async fn upload_parts_and_complete(
+        &self,
+        m: &Metrics,
+        key: &str,
+        upload_id: &str,
+        file: &std::path::Path,
+        len: u64,
+        part_size: u64,
+    ) -> PutResult {
+        let mut parts = Vec::new();
+        let mut offset = 0u64;
+        let mut number = 1i32;
+        while offset < len {
+            let n = part_size.min(len - offset);
+            let body = match ByteStream::read_from()
+                .path(file)
+                .offset(offset)
+                .length(Length::Exact(n))
+                .build()
+                .await
+            {
+                Ok(b) => b,
+                Err(e) => return PutResult::Failed(format!("reading {}: {e}", file.display())),
+            };
+            let start = Instant::now();
+            let r = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .part_number(number)
+                .content_length(n as i64)
+                .body(body)
+                .send()
+                .await;
+            match r {
+                Ok(out) => {
+                    Self::observe(m, "upload_part", start, Some(200));
+                    parts.push(
+                        CompletedPart::builder()
+                            .part_number(number)
+                            .set_e_tag(out.e_tag().map(str::to_string))
+                            .build(),
+                    );
+                }
+                Err(e) => {
+                    Self::observe(m, "upload_part", start, status_of(&e));
+                    return match classify_put(&e) {
+                        PutResult::Exists(_) | PutResult::Conflict => {
+                            PutResult::Transient(format!("UploadPart: {}", describe(&e)))
+                        }
+                        other => other,
+                    };
+                }
+            }
+            offset += n;
+            number += 1;
+        }
+        let start = Instant::now();
+        let r = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .if_none_match("*")
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await;
+        match r {
+            Ok(_) => {
+                Self::observe(m, "complete_multipart", start, Some(200));
+                PutResult::Created
+            }
+            Err(e) => {
+                Self::observe(m, "complete_multipart", start, status_of(&e));
+                classify_put(&e)
+            }
+        }
+    }
+
+    /// `HEAD`: `Ok(None)` when the object does not exist.
+    pub async fn head(&self, m: &Metrics, key: &str) -> Result<Option<HeadInfo>, String> {
+        let start = Instant::now();
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => {
+                Self::observe(m, "head", start, Some(200));
+                Ok(Some(HeadInfo {
+                    len: out.content_length().unwrap_or(0).max(0) as u64,
+                    writer: out.metadata().and_then(|md| md.get(WRITER_META)).cloned(),
+                }))
+            }
+            Err(e) => {
+                let s = status_of(&e);
+                Self::observe(m, "head", start, s);
+                if s == Some(404) {
+                    Ok(None)
+                } else {
+                    Err(describe(&e))
+                }
+            }
+        }
+    }
+
+    /// `GET`: the body and its length, or `Ok(None)` when absent.
+    pub async fn get(&self, m: &Metrics, key: &str) -> Result<Option<(ByteStream, u64)>, String> {
+        let start = Instant::now();
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => {
+                Self::observe(m, "get", start, Some(200));
+                let len = out.content_length().unwrap_or(0).max(0) as u64;
+                Ok(Some((out.body, len)))
+            }
+            Err(e) => {
+                let s = status_of(&e);
+                Self::observe(m, "get", start, s);
+                if s == Some(404) {
+                    Ok(None)
+                } else {
+                    Err(describe(&e))
+                }
+            }
+        }
+    }
+
+    pub async fn delete(&self, m: &Metrics, key: &str) -> Result<(), String> {
+        let start = Instant::now();
+        let r = self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await;
+        Self::observe(
+            m,
+            "delete",
+            start,
+            r.as_ref().err().and_then(status_of).or(Some(204)),
+        );
+        r.map(|_| ()).map_err(|e| describe(&e))
+    }
+}
