@@ -17,12 +17,23 @@ apt_install() {
 
 missing=()
 bazel --version >/dev/null 2>&1 || missing+=(bazel-bootstrap)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v mount >/dev/null 2>&1 || missing+=(mount)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   apt_install "${missing[@]}"
 fi
 bazel --version >/dev/null 2>&1 || { echo "tests/run.sh: bazel is still not usable after installing bazel-bootstrap" >&2; exit 1; }
+
+# A real S3 server for the upload tests: moto in server mode, in a venv.
+venv="$PWD/target/e2e-venv"
+if ! "$venv/bin/moto_server" --help >/dev/null 2>&1; then
+  echo "installing moto 5.2.5 into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q 'moto[s3]==5.2.5' flask flask-cors
+fi
+"$venv/bin/moto_server" --help >/dev/null 2>&1 || { echo "tests/run.sh: moto_server does not run from $venv" >&2; exit 1; }
+export MOTO_SERVER="$venv/bin/moto_server"
 
 echo "== cargo fmt"
 cargo fmt --all -- --check

@@ -6,4 +6,6 @@
 mod bazel;
 mod grpc;
 mod http;
+mod s3;
 mod support;
+mod upload;

@@ -164,6 +164,11 @@ impl Hoard {
         None
     }
 
+    /// What hoard logged to stderr since the last call.
+    pub fn logs(&self) -> Vec<String> {
+        self._stderr.try_iter().collect()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -157,15 +157,10 @@ impl Blob {
         self.header.is_some()
     }
 
-    /// Path of the stored file (it may be unlinked by eviction at any time;
-    /// this open blob keeps its bytes readable through [`Blob::file`]).
+    /// Path of the stored file. Eviction may unlink it at any time; whoever
+    /// opens it by path must treat "not found" as the blob being gone.
     pub fn path(&self) -> std::path::PathBuf {
         self.cache.path_of(&self.loc)
-    }
-
-    /// A new descriptor of the stored file, sharing the open file.
-    pub fn file(&self) -> io::Result<File> {
-        self.file.try_clone()
     }
 
     /// Uncompressed bytes per stored chunk, for casblobs.

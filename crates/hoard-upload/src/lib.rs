@@ -261,6 +261,10 @@ impl Backend {
 
     fn push(&self, job: Job) {
         let i = &self.inner;
+        i.metrics
+            .jobs
+            .with_label_values(&[job.key.kind.as_str()])
+            .inc();
         if job.key.kind == Kind::Cas {
             let (wtx, _) = watch::channel(None);
             i.pending_cas.lock().insert(job.key.clone(), wtx);
@@ -398,16 +402,10 @@ impl Backend {
                 .put_with_retries(job, &key, Source::Bytes(bytes.into()), len)
                 .await;
         }
+        // The upload reads the file by path, afresh for each attempt.
         let path = blob.path();
-        let file = match blob.file() {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot open a blob to upload it");
-                return Status::Error;
-            }
-        };
         drop(blob);
-        self.put_with_retries(job, &key, Source::File(file, path), len)
+        self.put_with_retries(job, &key, Source::File(path), len)
             .await
     }
 
@@ -431,11 +429,12 @@ impl Backend {
             }
         }
         let mut attempt = 0;
+        let mut last = String::new();
         loop {
             attempt += 1;
             let result = if len >= i.cfg.multipart_threshold {
                 match &src {
-                    Source::File(_, path) => {
+                    Source::File(path) => {
                         i.store
                             .multipart_if_absent(
                                 &i.metrics,
@@ -477,14 +476,23 @@ impl Backend {
                     tracing::warn!(key, error = %e, "upload failed");
                     return Status::Error;
                 }
-                PutResult::Conflict | PutResult::Transient(_) if attempt >= i.cfg.max_attempts => {
-                    tracing::warn!(key, attempts = attempt, "upload failed after retries");
+                PutResult::Conflict if attempt >= i.cfg.max_attempts => {
+                    tracing::warn!(
+                        key,
+                        attempts = attempt,
+                        "upload failed after retries: concurrent create conflicts"
+                    );
+                    return Status::Error;
+                }
+                PutResult::Transient(e) if attempt >= i.cfg.max_attempts => {
+                    tracing::warn!(key, attempts = attempt, error = %e, previous = %last, "upload failed after retries");
                     return Status::Error;
                 }
                 PutResult::Conflict => {}
                 PutResult::Transient(e) => {
                     maybe_sent = true;
                     tracing::debug!(key, error = %e, attempt, "upload attempt failed; retrying");
+                    last = e;
                 }
             }
             // Exponential backoff with full jitter: 100 ms, 200 ms, ... 5 s.
@@ -745,7 +753,7 @@ impl Backend {
 }
 
 enum Source {
-    File(std::fs::File, std::path::PathBuf),
+    File(std::path::PathBuf),
     Bytes(bytes::Bytes),
 }
 
@@ -753,13 +761,10 @@ impl Source {
     async fn body(&self, len: u64) -> Result<ByteStream, String> {
         match self {
             Source::Bytes(b) => Ok(ByteStream::from(b.clone())),
-            Source::File(f, path) => {
-                let f = f
-                    .try_clone()
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            Source::File(path) => {
+                // Opened afresh for every attempt, so a retry starts at byte 0.
                 ByteStream::read_from()
-                    .file(tokio::fs::File::from_std(f))
-                    .offset(0)
+                    .path(path)
                     .length(Length::Exact(len))
                     .build()
                     .await

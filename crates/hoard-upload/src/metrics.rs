@@ -4,6 +4,7 @@ use prometheus::{
 
 /// The uploader's metrics.
 pub struct Metrics {
+    pub jobs: IntCounterVec,
     pub outcomes: IntCounterVec,
     pub bytes: IntCounterVec,
     pub created_bytes: IntCounter,
@@ -21,6 +22,13 @@ pub struct Metrics {
 impl Metrics {
     pub fn register(r: &Registry) -> Result<Metrics, prometheus::Error> {
         let m = Metrics {
+            jobs: IntCounterVec::new(
+                Opts::new(
+                    "hoard_upload_jobs_total",
+                    "Upload jobs taken (including those re-queued from the journal); equals the sum of outcomes once the queue is empty.",
+                ),
+                &["kind"],
+            )?,
             outcomes: IntCounterVec::new(
                 Opts::new(
                     "hoard_upload_outcomes_total",
@@ -83,6 +91,7 @@ impl Metrics {
                 "1 if the startup probe saw the bucket honour If-None-Match, 0 if not, -1 before the probe.",
             )?,
         };
+        r.register(Box::new(m.jobs.clone()))?;
         r.register(Box::new(m.outcomes.clone()))?;
         r.register(Box::new(m.bytes.clone()))?;
         r.register(Box::new(m.created_bytes.clone()))?;
@@ -97,6 +106,7 @@ impl Metrics {
         r.register(Box::new(m.backend_honors_conditional.clone()))?;
         m.backend_honors_conditional.set(-1);
         for kind in ["ac", "cas"] {
+            m.jobs.with_label_values(&[kind]);
             for status in ["created", "already_exists", "error", "dropped"] {
                 m.outcomes.with_label_values(&[kind, status]);
                 m.bytes.with_label_values(&[kind, status]);

@@ -1,0 +1,554 @@
+//! The S3 tier against a real S3 server (moto) and, for answers moto never
+//! gives, a scriptable stub: exactly one outcome per upload, create-if-absent
+//! on the wire, read-through that never serves bad bytes, no false hits.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use hoard_proto::prost::Message;
+use hoard_proto::reapi::{ActionResult, Digest, OutputFile};
+
+use crate::s3::{Bucket, Moto, StubMode, StubS3};
+use crate::support::{Hoard, noise, sha256_hex};
+
+fn s3_args(endpoint: &str, bucket: &str, host: &str) -> Vec<String> {
+    vec![
+        format!("--s3.endpoint={endpoint}"),
+        "--s3.disable_ssl".into(),
+        format!("--s3.bucket={bucket}"),
+        "--s3.access_key_id=AK".into(),
+        "--s3.secret_access_key=SK".into(),
+        format!("--host_id={host}"),
+        "--s3.read_timeout=2s".into(),
+        "--grpc_address=none".into(),
+    ]
+}
+
+fn start(dir: &std::path::Path, args: &[String]) -> Hoard {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let h = Hoard::start(dir, &a);
+    h.wait_ready();
+    h
+}
+
+/// `metric{labels} value` lines of /metrics, summed by the given label.
+fn metric(h: &Hoard, name: &str) -> HashMap<String, f64> {
+    let text = h.get("/metrics").text();
+    let mut out = HashMap::new();
+    for line in text.lines().filter(|l| l.starts_with(name)) {
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let labels = series.strip_prefix(name).unwrap_or("");
+        if !labels.is_empty() && !labels.starts_with('{') {
+            continue;
+        }
+        out.insert(labels.to_string(), value.parse().unwrap_or(0.0));
+    }
+    out
+}
+
+fn outcomes(h: &Hoard) -> HashMap<(String, String), f64> {
+    metric(h, "hoard_upload_outcomes_total")
+        .into_iter()
+        .map(|(labels, v)| {
+            let kind = labels
+                .split("kind=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+                .to_string();
+            let status = labels
+                .split("status=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+                .to_string();
+            ((kind, status), v)
+        })
+        .collect()
+}
+
+fn jobs(h: &Hoard) -> f64 {
+    metric(h, "hoard_upload_jobs_total").values().sum()
+}
+
+/// Waits until every job has its outcome; returns the outcome counts.
+fn drained(h: &Hoard) -> HashMap<(String, String), f64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = outcomes(h);
+        let total: f64 = o.values().sum();
+        if total == jobs(h) {
+            return o;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "uploads never drained: {} jobs, outcomes {o:?}",
+            jobs(h)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn count(o: &HashMap<(String, String), f64>, kind: &str, status: &str) -> f64 {
+    o.get(&(kind.to_string(), status.to_string()))
+        .copied()
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn two_hoards_sharing_a_bucket_create_each_blob_once_and_read_through_each_other() {
+    let moto = Moto::start();
+    let bucket = Bucket::new(&moto.endpoint(), "shared");
+    bucket.create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = start(
+        &tmp.path().join("a"),
+        &s3_args(&moto.endpoint(), "shared", "host-a"),
+    );
+    let b = start(
+        &tmp.path().join("b"),
+        &s3_args(&moto.endpoint(), "shared", "host-b"),
+    );
+    // 60 blobs on A, 60 on B, 30 of them the same: uploaded concurrently.
+    let blobs: Vec<Vec<u8>> = (0..90)
+        .map(|i| noise(2000 + i * 37, 100 + i as u64))
+        .collect();
+    let (addr_a, addr_b) = (a.addr, b.addr);
+    std::thread::scope(|s| {
+        for (i, blob) in blobs.iter().enumerate() {
+            let targets: Vec<_> = match i {
+                0..30 => vec![addr_a],
+                30..60 => vec![addr_b],
+                _ => vec![addr_a, addr_b],
+            };
+            for t in targets {
+                s.spawn(move || {
+                    let r = crate::support::request(
+                        t,
+                        "PUT",
+                        &format!("/cas/{}", sha256_hex(blob)),
+                        &[("Content-Length", &blob.len().to_string())],
+                        blob,
+                    );
+                    assert_eq!(r.status, 200);
+                });
+            }
+        }
+    });
+    let (oa, ob) = (drained(&a), drained(&b));
+    let created = count(&oa, "cas", "created") + count(&ob, "cas", "created");
+    let existing = count(&oa, "cas", "already_exists") + count(&ob, "cas", "already_exists");
+    assert_eq!(
+        created, 90.0,
+        "each distinct blob created exactly once: A {oa:?} B {ob:?}"
+    );
+    assert_eq!(
+        existing, 30.0,
+        "the 30 shared blobs already existed for the second host"
+    );
+    assert_eq!(count(&oa, "cas", "error") + count(&ob, "cas", "error"), 0.0);
+    let cas_objects = bucket
+        .objects()
+        .keys()
+        .filter(|k| k.starts_with("cas.v2/"))
+        .count();
+    assert_eq!(cas_objects, 90);
+    // B reads what only A uploaded, verified, and does not upload it back.
+    let jobs_before = jobs(&b);
+    for blob in &blobs[..30] {
+        assert_eq!(b.get(&format!("/cas/{}", sha256_hex(blob))).body, *blob);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        jobs(&b),
+        jobs_before,
+        "read-through blobs must not be uploaded again"
+    );
+    assert_eq!(
+        metric(&b, "bazel_remote_s3_cache_hits")
+            .values()
+            .sum::<f64>(),
+        30.0
+    );
+}
+
+#[test]
+fn kill_9_with_a_full_queue_loses_no_upload() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cache");
+    // No bucket reachable: the probe cannot run, so uploads wait in the queue.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let h = start(
+        &dir,
+        &s3_args(&format!("127.0.0.1:{dead_port}"), "journal", "host-j"),
+    );
+    let blobs: Vec<Vec<u8>> = (0..40).map(|i| noise(3000, 500 + i)).collect();
+    for blob in &blobs {
+        assert_eq!(
+            h.put(&format!("/cas/{}", sha256_hex(blob)), blob).status,
+            200
+        );
+    }
+    assert_eq!(jobs(&h), 40.0);
+    assert_eq!(outcomes(&h).values().sum::<f64>(), 0.0);
+    let pid = h.pid().to_string();
+    std::process::Command::new("kill")
+        .args(["-9", &pid])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    drop(h);
+    // The bucket comes up; the restarted hoard uploads every journaled job.
+    let moto = Moto::start_on(dead_port);
+    let bucket = Bucket::new(&moto.endpoint(), "journal");
+    bucket.create();
+    let h = start(&dir, &s3_args(&moto.endpoint(), "journal", "host-j"));
+    let o = drained(&h);
+    assert_eq!(jobs(&h), 40.0, "every journaled job re-queued once");
+    assert_eq!(count(&o, "cas", "created"), 40.0, "{o:?}");
+    assert_eq!(bucket.objects().len(), 40);
+    // Nothing is left to replay after a clean stop.
+    assert_eq!(h.stop(), Some(0));
+    let h = start(&dir, &s3_args(&moto.endpoint(), "journal", "host-j"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(jobs(&h), 0.0);
+}
+
+fn action_with_output(h: &Hoard, out: &[u8], action: &[u8]) -> String {
+    assert_eq!(h.put(&format!("/cas/{}", sha256_hex(out)), out).status, 200);
+    let ar = ActionResult {
+        output_files: vec![OutputFile {
+            path: "out/x".into(),
+            digest: Some(Digest {
+                hash: sha256_hex(out),
+                size_bytes: out.len() as i64,
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let key = sha256_hex(action);
+    assert_eq!(
+        h.put(&format!("/ac/{key}"), &ar.encode_to_vec()).status,
+        200
+    );
+    key
+}
+
+#[test]
+fn an_object_deleted_behind_hoards_back_is_a_miss_not_a_hit_that_later_404s() {
+    let moto = Moto::start();
+    let bucket = Bucket::new(&moto.endpoint(), "gone");
+    bucket.create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = start(
+        &tmp.path().join("a"),
+        &s3_args(&moto.endpoint(), "gone", "host-a"),
+    );
+    let out = noise(5000, 7);
+    let key = action_with_output(&a, &out, b"action deleted");
+    let o = drained(&a);
+    assert_eq!(
+        (count(&o, "cas", "created"), count(&o, "ac", "created")),
+        (1.0, 1.0),
+        "{o:?}"
+    );
+    // Another host sees the complete entry through the bucket.
+    let b = start(
+        &tmp.path().join("b"),
+        &s3_args(&moto.endpoint(), "gone", "host-b"),
+    );
+    assert_eq!(b.get(&format!("/ac/{key}")).status, 200);
+    // The output is deleted from the bucket (a lifecycle rule, a wipe).
+    let cas_key = bucket
+        .objects()
+        .into_keys()
+        .find(|k| k.contains(&sha256_hex(&out)))
+        .unwrap();
+    bucket.delete(&cas_key);
+    let c = start(
+        &tmp.path().join("c"),
+        &s3_args(&moto.endpoint(), "gone", "host-c"),
+    );
+    assert_eq!(
+        c.get(&format!("/ac/{key}")).status,
+        404,
+        "an AC hit whose output is gone"
+    );
+    assert_eq!(
+        c.request("HEAD", &format!("/ac/{key}"), &[], b"").status,
+        404
+    );
+    assert!(
+        !crate::support::files_under(&c.dir)
+            .iter()
+            .any(|f| f.starts_with("ac.v2/")),
+        "the stale entry is not kept locally"
+    );
+}
+
+#[test]
+fn a_corrupted_object_is_refused_by_read_through_and_counted() {
+    let moto = Moto::start();
+    let bucket = Bucket::new(&moto.endpoint(), "bad");
+    bucket.create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = start(
+        &tmp.path().join("a"),
+        &s3_args(&moto.endpoint(), "bad", "host-a"),
+    );
+    let blob = noise(70_000, 8);
+    let hx = sha256_hex(&blob);
+    assert_eq!(a.put(&format!("/cas/{hx}"), &blob).status, 200);
+    drained(&a);
+    let key = bucket
+        .objects()
+        .into_keys()
+        .find(|k| k.contains(&hx))
+        .unwrap();
+    // Same length, different bytes, still a valid zstd stream of the wrong data.
+    let other = noise(70_000, 9);
+    let mut body = Vec::new();
+    let hl = hoard_disk_header_len(other.len());
+    let chunk = zstd::bulk::compress(&other, 1).unwrap();
+    body.extend(casblob_header(
+        other.len() as u64,
+        &[hl as u64, (hl + chunk.len()) as u64],
+    ));
+    body.extend(chunk);
+    bucket.put(&key, &body);
+    let b = start(
+        &tmp.path().join("b"),
+        &s3_args(&moto.endpoint(), "bad", "host-b"),
+    );
+    assert_eq!(b.get(&format!("/cas/{hx}")).status, 404);
+    assert_eq!(
+        metric(&b, "hoard_readthrough_verify_failures_total")
+            .values()
+            .sum::<f64>(),
+        1.0
+    );
+    assert!(
+        !crate::support::files_under(&b.dir)
+            .iter()
+            .any(|f| f.starts_with("cas.v2/"))
+    );
+    // Plain garbage too.
+    bucket.put(&key, b"not a casblob at all");
+    assert_eq!(b.get(&format!("/cas/{hx}")).status, 404);
+}
+
+fn hoard_disk_header_len(size: usize) -> usize {
+    29 + 8 * (size.div_ceil(1 << 20) + 1)
+}
+
+fn casblob_header(size: u64, offsets: &[u64]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+    out.extend_from_slice(&((21 + 8 * offsets.len()) as u32).to_le_bytes());
+    out.extend_from_slice(&(size as i64).to_le_bytes());
+    out.push(1);
+    out.extend_from_slice(&(1u32 << 20).to_le_bytes());
+    out.extend_from_slice(&(offsets.len() as i64).to_le_bytes());
+    for o in offsets {
+        out.extend_from_slice(&(*o as i64).to_le_bytes());
+    }
+    out
+}
+
+#[test]
+fn the_bucket_dying_mid_load_fails_no_client_request_and_outcomes_add_up() {
+    let mut moto = Moto::start();
+    let port = moto.port;
+    let bucket = Bucket::new(&moto.endpoint(), "flaky");
+    bucket.create();
+    let tmp = tempfile::tempdir().unwrap();
+    let h = start(
+        &tmp.path().join("c"),
+        &s3_args(&moto.endpoint(), "flaky", "host-f"),
+    );
+    let mut statuses = Vec::new();
+    for i in 0..60u64 {
+        if i == 20 {
+            moto.kill();
+        }
+        if i == 40 {
+            moto = Moto::start_on(port);
+            Bucket::new(&moto.endpoint(), "flaky").create();
+        }
+        let blob = noise(4000, 900 + i);
+        statuses.push(h.put(&format!("/cas/{}", sha256_hex(&blob)), &blob).status);
+        // A local read never waits for the dead bucket past read_timeout.
+        let t = Instant::now();
+        assert_eq!(h.get(&format!("/cas/{}", sha256_hex(&blob))).status, 200);
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let o = drained(&h);
+    assert_eq!(o.values().sum::<f64>(), 60.0, "one outcome per job: {o:?}");
+    assert_eq!(count(&o, "cas", "dropped"), 0.0);
+    assert!(count(&o, "cas", "created") >= 20.0, "{o:?}");
+    let _ = bucket;
+}
+
+#[test]
+fn if_none_match_goes_out_as_a_bare_star_and_refusals_are_classified() {
+    for (mode, expect) in [
+        (StubMode::Conditional(412), "already_exists"),
+        (StubMode::Conditional(304), "already_exists"),
+        (StubMode::AlreadyExists409, "already_exists"),
+    ] {
+        let stub = StubS3::start(mode);
+        let tmp = tempfile::tempdir().unwrap();
+        let args = s3_args(&stub.endpoint(), "stub", "host-s");
+        let h = start(&tmp.path().join("a"), &args);
+        let blob = noise(1000, 11);
+        assert_eq!(
+            h.put(&format!("/cas/{}", sha256_hex(&blob)), &blob).status,
+            200
+        );
+        let o = drained(&h);
+        assert_eq!(count(&o, "cas", "created"), 1.0, "{mode:?}: {o:?}");
+        // A second host uploads the same blob: refused, classified.
+        let h2 = start(&tmp.path().join("b"), &args);
+        assert_eq!(
+            h2.put(&format!("/cas/{}", sha256_hex(&blob)), &blob).status,
+            200
+        );
+        let o = drained(&h2);
+        assert_eq!(count(&o, "cas", expect), 1.0, "{mode:?}: {o:?}");
+        let puts: Vec<_> = stub
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.method == "PUT")
+            .cloned()
+            .collect();
+        assert!(!puts.is_empty());
+        for p in &puts {
+            let inm: Vec<&str> = p
+                .headers
+                .iter()
+                .filter(|(k, _)| k == "if-none-match")
+                .map(|(_, v)| v.as_str())
+                .collect();
+            assert_eq!(inm, vec!["*"], "If-None-Match must be the bare *: {p:?}");
+        }
+        let status: serde_json::Value = serde_json::from_slice(&h.get("/status").body).unwrap();
+        assert_eq!(status["Backend"]["HonorsIfNoneMatch"], true);
+    }
+}
+
+#[test]
+fn a_conditional_conflict_is_retried_and_a_bucket_ignoring_the_header_is_detected() {
+    let stub = StubS3::start(StubMode::ConflictFirst(2));
+    let tmp = tempfile::tempdir().unwrap();
+    let h = start(
+        &tmp.path().join("a"),
+        &s3_args(&stub.endpoint(), "stub", "host-c"),
+    );
+    let blob = noise(1000, 12);
+    assert_eq!(
+        h.put(&format!("/cas/{}", sha256_hex(&blob)), &blob).status,
+        200
+    );
+    let o = drained(&h);
+    assert_eq!(
+        count(&o, "cas", "created"),
+        1.0,
+        "409 ConditionalRequestConflict is retried: {o:?} {:?}",
+        h.logs()
+    );
+
+    let stub = StubS3::start(StubMode::Ignoring);
+    let args = s3_args(&stub.endpoint(), "stub", "host-i");
+    let h = start(&tmp.path().join("b"), &args);
+    assert_eq!(
+        h.put(&format!("/cas/{}", sha256_hex(&blob)), &blob).status,
+        200
+    );
+    let o = drained(&h);
+    assert_eq!(count(&o, "cas", "created"), 1.0, "{o:?}");
+    let status: serde_json::Value = serde_json::from_slice(&h.get("/status").body).unwrap();
+    assert_eq!(status["Backend"]["HonorsIfNoneMatch"], false, "{status}");
+    assert!(
+        status["Backend"]["UploadMode"]
+            .as_str()
+            .unwrap()
+            .contains("HEAD before PUT")
+    );
+    // With HEAD before PUT, a second host's upload is still classified truthfully.
+    let h2 = start(
+        &tmp.path().join("c"),
+        &s3_args(&stub.endpoint(), "stub", "host-i2"),
+    );
+    assert_eq!(
+        h2.put(&format!("/cas/{}", sha256_hex(&blob)), &blob).status,
+        200
+    );
+    let o = drained(&h2);
+    assert_eq!(count(&o, "cas", "already_exists"), 1.0, "{o:?}");
+}
+
+#[test]
+fn large_blobs_use_multipart_and_a_failed_part_aborts_the_upload() {
+    let moto = Moto::start();
+    let bucket = Bucket::new(&moto.endpoint(), "multipart");
+    bucket.create();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut args = s3_args(&moto.endpoint(), "multipart", "host-m");
+    args.push("--s3.multipart_threshold=6291456".into());
+    args.push("--s3.part_size=5242880".into());
+    let h = start(&tmp.path().join("a"), &args);
+    let blob = noise(12 << 20, 13);
+    assert_eq!(
+        h.put(&format!("/cas/{}", sha256_hex(&blob)), &blob).status,
+        200
+    );
+    let o = drained(&h);
+    assert_eq!(count(&o, "cas", "created"), 1.0, "{o:?}");
+    assert_eq!(bucket.multipart_uploads(), 0);
+    let size = bucket.objects().into_values().next().unwrap();
+    assert!(
+        size > 12 << 20,
+        "the whole casblob is in the bucket ({size} bytes)"
+    );
+    // Read back through a second host: the parts reassemble to the blob.
+    let b = start(&tmp.path().join("b"), &args);
+    assert_eq!(b.get(&format!("/cas/{}", sha256_hex(&blob))).body, blob);
+
+    let stub = StubS3::start(StubMode::FailingParts);
+    let mut args = s3_args(&stub.endpoint(), "stub", "host-m2");
+    args.push("--s3.multipart_threshold=6291456".into());
+    args.push("--s3.part_size=5242880".into());
+    let h = start(&tmp.path().join("c"), &args);
+    assert_eq!(
+        h.put(&format!("/cas/{}", sha256_hex(&blob)), &blob).status,
+        200
+    );
+    let o = drained(&h);
+    assert_eq!(count(&o, "cas", "error"), 1.0, "{o:?}");
+    let seen = stub.seen.lock().unwrap();
+    let aborts = seen
+        .iter()
+        .filter(|s| s.method == "DELETE" && !s.path.contains("_hoard"))
+        .count();
+    assert!(
+        aborts >= 1,
+        "every failed multipart upload is aborted: {seen:?}"
+    );
+    assert!(
+        stub.objects
+            .lock()
+            .unwrap()
+            .keys()
+            .all(|k| !k.contains(&sha256_hex(&blob)))
+    );
+}
