@@ -5,11 +5,11 @@
 # shared 2-core host are noisy and only the ratios mean something.
 #
 #   bash benches/run.sh            # all
-#   bash benches/run.sh get put    # some: get put load concurrent grpc
+#   bash benches/run.sh get put    # some: get put load concurrent grpc s3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 which=("$@")
-[ ${#which[@]} -gt 0 ] || which=(get put load concurrent grpc)
+[ ${#which[@]} -gt 0 ] || which=(get put load concurrent grpc s3)
 
 need=()
 command -v nginx >/dev/null || need+=(nginx-light)
@@ -154,6 +154,33 @@ grpc)
   done
   "$BENCH" grpc-batchread 127.0.0.1:19098 10 4
   stop grpc; rm -rf "$shm"
+  ;;
+s3)
+  echo "== S3 tier against moto (the local S3 server the tests use)"
+  moto="${MOTO_SERVER:-$PWD/target/e2e-venv/bin/moto_server}"
+  [ -x "$moto" ] || { echo "moto_server not found at $moto: run tests/run.sh first" >&2; exit 1; }
+  start_moto() {
+    "$moto" -H 127.0.0.1 -p "$1" >"$W/moto-$1.log" 2>&1 & echo $! >"$W/moto-$1.pid"; pids+=($!)
+    until curl -s -o /dev/null "http://127.0.0.1:$1/"; do sleep 0.05; done
+    curl -s -o /dev/null -X PUT "http://127.0.0.1:$1/bench"
+  }
+  s3=(--s3.endpoint=127.0.0.1:18500 --s3.disable_ssl --s3.bucket=bench --s3.access_key_id=AK --s3.secret_access_key=SK --grpc_address=none)
+  start_moto 18500
+  shm=$(mktemp -d /dev/shm/hoard-bench.XXXXXX)
+  start_hoard s3a 18501 --dir="$shm/a" --host_id=bench-a "${s3[@]}" >/dev/null
+  "$BENCH" s3-upload 127.0.0.1:18501 4096 2000 1
+  stop s3a
+  start_hoard s3a2 18502 --dir="$shm/a2" --host_id=bench-a2 "${s3[@]}" >/dev/null
+  "$BENCH" s3-upload 127.0.0.1:18502 $((64 << 20)) 4 5000
+  echo "bucket=healthy $("$BENCH" s3-put-latency 127.0.0.1:18502 1000 20000)"
+  kill "$(cat "$W/moto-18500.pid")"; sleep 0.5
+  echo "bucket=stopped $("$BENCH" s3-put-latency 127.0.0.1:18502 1000 30000)"
+  stop s3a2
+  start_moto 18500
+  start_hoard s3c 18503 --dir="$shm/c" --host_id=bench-c "${s3[@]}" >/dev/null
+  start_hoard s3d 18504 --dir="$shm/d" --host_id=bench-d "${s3[@]}" >/dev/null
+  "$BENCH" s3-heads 127.0.0.1:18503 127.0.0.1:18504 100 5
+  stop s3c; stop s3d; rm -rf "$shm"
   ;;
 *) echo "unknown benchmark $what" >&2; exit 1;;
 esac; done

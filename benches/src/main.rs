@@ -12,6 +12,9 @@
 //! hoard-bench grpc-findmissing ADDR N ROUNDS FindMissingBlobs of N present digests
 //! hoard-bench grpc-bytestream ADDR MIB COUNT SEED  ByteStream write then read, MB/s
 //! hoard-bench grpc-batchread ADDR SECS CONC  BatchReadBlobs of 100 x 4 KiB, blobs/s
+//! hoard-bench s3-upload ADDR SIZE COUNT SEED  uploads/s until every outcome is in
+//! hoard-bench s3-put-latency ADDR COUNT SEED   p50/p99 of sequential 4 KiB PUTs
+//! hoard-bench s3-heads ADDR_A ADDR_B ACTIONS ROUNDS  bucket HEADs per GET on a second host
 //! ```
 
 use std::io::{Read, Write};
@@ -22,6 +25,7 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 
 mod grpc;
+mod s3;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -72,6 +76,23 @@ fn run(args: &[String]) -> Res<()> {
             arg(args, 3, "COUNT")?,
             arg(args, 4, "SEED")?,
         ),
+        Some("s3-upload") => s3::upload_throughput(
+            arg(args, 1, "ADDR")?,
+            arg(args, 2, "SIZE")?,
+            arg(args, 3, "COUNT")?,
+            arg(args, 4, "SEED")?,
+        ),
+        Some("s3-put-latency") => s3::put_latency(
+            arg(args, 1, "ADDR")?,
+            arg(args, 2, "COUNT")?,
+            arg(args, 3, "SEED")?,
+        ),
+        Some("s3-heads") => s3::heads_per_get(
+            arg(args, 1, "ADDR_A")?,
+            arg(args, 2, "ADDR_B")?,
+            arg(args, 3, "ACTIONS")?,
+            arg(args, 4, "ROUNDS")?,
+        ),
         Some("grpc-batchread") => {
             grpc::batch_read(&args[1], arg(args, 2, "SECS")?, arg(args, 3, "CONC")?)
         }
@@ -80,7 +101,7 @@ fn run(args: &[String]) -> Res<()> {
 }
 
 /// Deterministic incompressible bytes.
-fn noise(n: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn noise(n: usize, seed: u64) -> Vec<u8> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
@@ -94,7 +115,7 @@ fn noise(n: usize, seed: u64) -> Vec<u8> {
 }
 
 /// Build-output-like bytes: half text-ish, half random, so zstd has work.
-fn build_output(n: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn build_output(n: usize, seed: u64) -> Vec<u8> {
     let mut out = noise(n, seed);
     for (i, b) in out.iter_mut().enumerate() {
         if (i / 4096) % 2 == 0 {
@@ -114,7 +135,7 @@ fn gen_blobs(dir: &Path, n: usize, size: usize) -> Res<()> {
     Ok(())
 }
 
-fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Res<(u16, u64)> {
+pub(crate) fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Res<(u16, u64)> {
     let mut s = TcpStream::connect(addr)?;
     // One write for the whole head: a real client sends it in one segment.
     let head = format!(

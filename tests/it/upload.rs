@@ -552,3 +552,98 @@ fn large_blobs_use_multipart_and_a_failed_part_aborts_the_upload() {
             .all(|k| !k.contains(&sha256_hex(&blob)))
     );
 }
+
+#[test]
+fn an_action_result_goes_up_only_after_its_outputs_and_is_skipped_without_them() {
+    let moto = Moto::start();
+    let bucket = Bucket::new(&moto.endpoint(), "ordering");
+    bucket.create();
+    let tmp = tempfile::tempdir().unwrap();
+    let h = start(
+        &tmp.path().join("a"),
+        &s3_args(&moto.endpoint(), "ordering", "host-o"),
+    );
+    // Complete: output first, then the action result.
+    let key = action_with_output(&h, &noise(3000, 21), b"complete action");
+    // Incomplete: the action result names an output nobody uploaded.
+    let ar = ActionResult {
+        output_files: vec![OutputFile {
+            path: "out/y".into(),
+            digest: Some(Digest {
+                hash: sha256_hex(b"never uploaded"),
+                size_bytes: 14,
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let bad_key = sha256_hex(b"incomplete action");
+    assert_eq!(
+        h.put(&format!("/ac/{bad_key}"), &ar.encode_to_vec()).status,
+        200
+    );
+    let o = drained(&h);
+    assert_eq!(count(&o, "ac", "created"), 1.0, "{o:?}");
+    assert_eq!(count(&o, "ac", "error"), 1.0, "{o:?}");
+    assert_eq!(
+        metric(&h, "hoard_upload_ac_skipped_total")
+            .values()
+            .sum::<f64>(),
+        1.0
+    );
+    let keys: Vec<String> = bucket.objects().into_keys().collect();
+    assert!(keys.iter().any(|k| k.ends_with(&key)));
+    assert!(
+        !keys.iter().any(|k| k.ends_with(&bad_key)),
+        "an AC whose output is absent reached the bucket"
+    );
+}
+
+#[test]
+fn concurrent_misses_of_one_blob_fetch_it_once_and_a_read_only_host_uploads_nothing() {
+    let moto = Moto::start();
+    let bucket = Bucket::new(&moto.endpoint(), "flight");
+    bucket.create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = start(
+        &tmp.path().join("a"),
+        &s3_args(&moto.endpoint(), "flight", "host-a"),
+    );
+    let blob = noise(3 << 20, 31);
+    let hx = sha256_hex(&blob);
+    assert_eq!(a.put(&format!("/cas/{hx}"), &blob).status, 200);
+    drained(&a);
+    let mut args = s3_args(&moto.endpoint(), "flight", "host-r");
+    args.push("--num_uploaders=0".into());
+    let r = start(&tmp.path().join("r"), &args);
+    let addr = r.addr;
+    std::thread::scope(|s| {
+        for _ in 0..16 {
+            s.spawn(|| {
+                let resp = crate::support::request(addr, "GET", &format!("/cas/{hx}"), &[], b"");
+                assert_eq!(resp.status, 200);
+                assert!(resp.body == blob);
+            });
+        }
+    });
+    let gets: f64 = metric(&r, "hoard_s3_request_duration_seconds_count")
+        .iter()
+        .filter(|(l, _)| l.contains("op=\"get\""))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(gets, 1.0, "16 concurrent misses of one blob, one GET");
+    // Read-only: a client upload stays local.
+    let mine = noise(1000, 32);
+    assert_eq!(
+        r.put(&format!("/cas/{}", sha256_hex(&mine)), &mine).status,
+        200
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(jobs(&r), 0.0);
+    assert!(
+        !bucket
+            .objects()
+            .keys()
+            .any(|k| k.contains(&sha256_hex(&mine)))
+    );
+}
