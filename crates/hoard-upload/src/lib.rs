@@ -580,12 +580,7 @@ impl Backend {
             return true;
         }
         i.metrics.existence.with_label_values(&["miss"]).inc();
-        let formats: &[ObjectFormat] = if kind == Kind::Cas {
-            &[ObjectFormat::Casblob, ObjectFormat::Raw]
-        } else {
-            &[ObjectFormat::Raw]
-        };
-        for f in formats {
+        for f in formats_of(kind) {
             let key = self.key_for(ns, kind, hash, *f);
             match tokio::time::timeout(i.cfg.read_timeout, i.store.head(&i.metrics, &key)).await {
                 Ok(Ok(Some(h))) => {
@@ -608,12 +603,7 @@ impl Backend {
     /// answer within `read_timeout`. The caller must verify the bytes.
     pub async fn fetch(&self, ns: &str, kind: Kind, hash: &Hash) -> Option<Fetched> {
         let i = &self.inner;
-        let formats: &[ObjectFormat] = if kind == Kind::Cas {
-            &[ObjectFormat::Casblob, ObjectFormat::Raw]
-        } else {
-            &[ObjectFormat::Raw]
-        };
-        for f in formats {
+        for f in formats_of(kind) {
             let key = self.key_for(ns, kind, hash, *f);
             match tokio::time::timeout(i.cfg.read_timeout, i.store.get(&i.metrics, &key)).await {
                 Ok(Ok(Some((body, len)))) => {
@@ -771,6 +761,17 @@ impl Source {
                     .map_err(|e| format!("{}: {e}", path.display()))
             }
         }
+    }
+}
+
+/// The forms an object of `kind` may take in the bucket, most likely
+/// first: CAS blobs are casblobs (`cas.v2/`) unless a host stored them
+/// uncompressed (`cas/`).
+fn formats_of(kind: Kind) -> &'static [ObjectFormat] {
+    if kind == Kind::Cas {
+        &[ObjectFormat::Casblob, ObjectFormat::Raw]
+    } else {
+        &[ObjectFormat::Raw]
     }
 }
 
