@@ -197,6 +197,18 @@ fn kill_9_with_a_full_queue_loses_no_upload() {
     }
     assert_eq!(jobs(&h), 40.0);
     assert_eq!(outcomes(&h).values().sum::<f64>(), 0.0);
+    assert_eq!(
+        metric(&h, "hoard_upload_queue_length")
+            .values()
+            .sum::<f64>(),
+        40.0
+    );
+    assert!(
+        metric(&h, "hoard_upload_queue_oldest_seconds")
+            .values()
+            .sum::<f64>()
+            > 0.0
+    );
     let pid = h.pid().to_string();
     std::process::Command::new("kill")
         .args(["-9", &pid])
@@ -646,4 +658,37 @@ fn concurrent_misses_of_one_blob_fetch_it_once_and_a_read_only_host_uploads_noth
             .keys()
             .any(|k| k.contains(&sha256_hex(&mine)))
     );
+}
+
+#[test]
+fn sigterm_drains_uploads_until_the_deadline_and_journals_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cache");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let mut args = s3_args(&format!("127.0.0.1:{port}"), "drain", "host-d");
+    args.push("--upload_drain_timeout=1s".into());
+    let h = start(&dir, &args);
+    let blobs: Vec<Vec<u8>> = (0..10).map(|i| noise(2000, 700 + i)).collect();
+    for b in &blobs {
+        assert_eq!(h.put(&format!("/cas/{}", sha256_hex(b)), b).status, 200);
+    }
+    let t = Instant::now();
+    assert_eq!(
+        h.stop(),
+        Some(0),
+        "SIGTERM with a dead bucket still exits cleanly"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "the drain deadline bounds shutdown"
+    );
+    let moto = Moto::start_on(port);
+    let bucket = Bucket::new(&moto.endpoint(), "drain");
+    bucket.create();
+    let h = start(&dir, &args);
+    let o = drained(&h);
+    assert_eq!(count(&o, "cas", "created"), 10.0, "{o:?}");
+    assert_eq!(bucket.objects().len(), 10);
 }

@@ -152,6 +152,9 @@ async fn route(st: &HttpState, req: Request<Incoming>) -> (Response<Body>, &'sta
         "/metrics" => {
             let m = st.cache.metrics();
             m.inflight_bytes.set(st.cache.inflight_bytes() as i64);
+            if let Some(b) = st.cache.backend() {
+                b.refresh_gauges();
+            }
             let mut r = full(StatusCode::OK, m.render(st.cache.disk()));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

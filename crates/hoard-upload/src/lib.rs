@@ -229,6 +229,16 @@ impl Backend {
         self.inner.rx.len()
     }
 
+    /// Brings the queue gauges up to date (called when metrics are read, so
+    /// a stalled queue shows its age growing).
+    pub fn refresh_gauges(&self) {
+        let i = &self.inner;
+        let q = i.queued_at.lock();
+        i.metrics.queue_length.set(i.rx.len() as i64);
+        let oldest = q.front().map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+        i.metrics.queue_oldest_seconds.set(oldest);
+    }
+
     /// The hook for newly committed blobs: queues an upload unless the blob
     /// came from the bucket, uploads are off (`num_uploaders: 0`), or it is
     /// larger than `max_proxy_blob_size`.
@@ -335,6 +345,12 @@ impl Backend {
                     return;
                 }
             }
+            // Until the probe has said how the bucket answers, jobs stay in
+            // the queue (where the gauges and the journal can see them).
+            if i.mode.load(Ordering::Acquire) == MODE_UNKNOWN {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
             let job = match i.rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(j) => j,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
@@ -358,9 +374,6 @@ impl Backend {
 
     async fn process(&self, job: &Job) -> Status {
         let i = &self.inner;
-        while i.mode.load(Ordering::Acquire) == MODE_UNKNOWN {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
         let k = &job.key;
         let blob = match i
             .disk
