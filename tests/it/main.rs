@@ -3,7 +3,9 @@
 //! missing: run them through the README's test command, which installs
 //! everything.
 
+mod accounting;
 mod bazel;
+mod clickhouse;
 mod grpc;
 mod http;
 mod s3;

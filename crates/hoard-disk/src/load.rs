@@ -40,6 +40,7 @@ const ROOT_NAMES: &[&str] = &[
     NS_DIR,
     crate::LOCK_FILE,
     "upload.journal",
+    "accounting.spool",
     "lost+found",
     ".DS_Store",
 ];

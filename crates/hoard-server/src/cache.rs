@@ -27,6 +27,9 @@ use crate::error::{CacheError, ErrorKind};
 use crate::metrics::Metrics;
 use crate::validate::{BlobDigest, parse_digest, references, validate_action_result};
 
+/// Told of each refused client upload: namespace name and kind.
+pub type RejectionSink = Box<dyn Fn(&str, Kind) + Send + Sync>;
+
 /// A blob's identity within the cache.
 type BlobKey = (NamespaceId, Kind, Hash);
 
@@ -81,6 +84,7 @@ struct Inner {
     inflight_budget: u32,
     /// The bucket behind the disk, if configured.
     backend: std::sync::OnceLock<hoard_upload::Backend>,
+    rejections: std::sync::OnceLock<RejectionSink>,
     /// Read-throughs in progress: concurrent misses of one blob fetch once.
     flights: parking_lot::Mutex<std::collections::HashMap<BlobKey, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -102,6 +106,7 @@ impl Cache {
                 inflight: Arc::new(Semaphore::new(budget as usize)),
                 inflight_budget: budget,
                 backend: std::sync::OnceLock::new(),
+                rejections: std::sync::OnceLock::new(),
                 flights: parking_lot::Mutex::new(std::collections::HashMap::new()),
             }),
         }
@@ -189,12 +194,21 @@ impl Cache {
     }
 
     /// Records a refused upload.
-    pub fn count_rejected(&self, kind: Kind, err: &CacheError) {
+    pub fn count_rejected(&self, ns: NamespaceId, kind: Kind, err: &CacheError) {
         self.inner
             .metrics
             .rejected_uploads
             .with_label_values(&[kind.as_str(), err.reason()])
             .inc();
+        if let Some(sink) = self.inner.rejections.get() {
+            sink(&self.inner.disk.namespace_name(ns), kind);
+        }
+    }
+
+    /// Receives every refused client upload (for accounting's `rejected`).
+    /// Only the first call has an effect.
+    pub fn set_rejection_sink(&self, sink: RejectionSink) {
+        let _ = self.inner.rejections.set(sink);
     }
 
     /// Opens a CAS blob, reading it through from the bucket on a local

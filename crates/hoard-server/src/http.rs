@@ -250,7 +250,7 @@ async fn cache_request(
         (Method::PUT, _) => {
             let r = put(st, req, ns, kind, hash).await;
             if let Err(e) = &r {
-                st.cache.count_rejected(kind, e);
+                st.cache.count_rejected(ns, kind, e);
                 tracing::info!(%kind, %hash, error = %e.message, "upload refused");
             }
             r

@@ -86,6 +86,9 @@ pub struct Outcome {
     pub at: SystemTime,
 }
 
+/// Receives every terminal outcome, once, as it happens (accounting).
+pub type OutcomeSink = Box<dyn Fn(&Outcome) + Send + Sync>;
+
 /// What the startup probe learned about the bucket.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProbeReport {
@@ -129,7 +132,7 @@ struct Inner {
     pending_cas: parking_lot::Mutex<HashMap<JobKey, watch::Sender<Option<Status>>>>,
     mode: AtomicU8,
     probe: parking_lot::Mutex<Option<ProbeReport>>,
-    outcomes: Option<crossbeam_channel::Sender<Outcome>>,
+    outcomes: Option<OutcomeSink>,
     runtime: tokio::runtime::Handle,
     stop_after: parking_lot::Mutex<Option<Instant>>,
     stopping: AtomicBool,
@@ -160,7 +163,7 @@ impl Backend {
         s3: S3Config,
         disk: DiskCache,
         registry: &prometheus::Registry,
-        outcomes: Option<crossbeam_channel::Sender<Outcome>>,
+        outcomes: Option<OutcomeSink>,
     ) -> Result<Backend, Error> {
         let metrics = Metrics::register(registry)?;
         let (journal, pending) =
@@ -324,8 +327,8 @@ impl Backend {
         if let Err(e) = i.journal.done(&job.key) {
             tracing::error!(error = %e, "writing the upload journal failed");
         }
-        if let Some(tx) = &i.outcomes {
-            let _ = tx.send(Outcome {
+        if let Some(sink) = &i.outcomes {
+            sink(&Outcome {
                 namespace: job.key.namespace.clone(),
                 kind: job.key.kind,
                 hash: job.key.hash,

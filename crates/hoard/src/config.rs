@@ -35,6 +35,8 @@ pub struct Config {
     pub max_namespaces: usize,
     /// The S3 tier, when `s3_proxy.bucket` is set.
     pub s3: Option<(hoard_upload::S3Config, hoard_upload::UploadConfig)>,
+    /// Storage accounting, when `accounting.clickhouse_url` is set.
+    pub accounting: Option<hoard_accounting::AccountingConfig>,
 }
 
 /// What the command line asked for.
@@ -334,6 +336,48 @@ fn parse_address(key: &str, v: &str, src: &str) -> Result<SocketAddr, ConfigErro
     })
 }
 
+fn accounting_config(
+    v: &Values,
+    dir: &std::path::Path,
+    host: Option<String>,
+) -> Result<Option<hoard_accounting::AccountingConfig>, ConfigError> {
+    let url = v.string("accounting.clickhouse_url");
+    if url.is_empty() {
+        return Ok(None);
+    }
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return err(format!(
+            "accounting.clickhouse_url: expected an http:// or https:// URL, got {url:?} ({})",
+            v.source("accounting.clickhouse_url")
+        ));
+    }
+    let Some(host) = host else {
+        return err(
+            "accounting.clickhouse_url: accounting counts upload outcomes; it needs s3_proxy.bucket set",
+        );
+    };
+    let interval = v.duration("accounting.flush_interval")?;
+    if interval.is_zero() {
+        return err("accounting.flush_interval: must be more than 0s");
+    }
+    let spool = v.string("accounting.spool_dir");
+    Ok(Some(hoard_accounting::AccountingConfig {
+        clickhouse_url: url,
+        database: v.string("accounting.database"),
+        table: v.string("accounting.table"),
+        user: v.string("accounting.user"),
+        password: v.string("accounting.password"),
+        flush_interval: interval,
+        spool_dir: if spool.is_empty() {
+            dir.join("accounting.spool")
+        } else {
+            PathBuf::from(spool)
+        },
+        spool_max_bytes: v.int("accounting.spool_max_bytes")?,
+        host,
+    }))
+}
+
 fn s3_config(
     v: &Values,
     dir: &std::path::Path,
@@ -520,8 +564,10 @@ fn build(m: &BTreeMap<String, Raw>) -> Result<Config, ConfigError> {
     let http = v.string("http_address");
     let dir = PathBuf::from(dir);
     let s3 = s3_config(&v, &dir)?;
+    let accounting = accounting_config(&v, &dir, s3.as_ref().map(|(_, u)| u.host_id.clone()))?;
     Ok(Config {
         s3,
+        accounting,
         dir,
         max_size_bytes: max_size.saturating_mul(GIB),
         hard_limit_bytes: (hard > 0).then(|| hard.saturating_mul(GIB)),

@@ -54,10 +54,31 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .context("starting the index loader")?;
 
     let metrics = Arc::new(Metrics::new().context("creating metrics")?);
+    let accounting = match cfg.accounting.clone() {
+        Some(a) => {
+            tracing::info!(url = %a.clickhouse_url, table = %a.table, "storage accounting on");
+            Some(
+                hoard_accounting::Accounting::start(a, &metrics.registry)
+                    .context("starting accounting")?,
+            )
+        }
+        None => None,
+    };
     let backend = match cfg.s3.clone() {
         Some((s3, upload)) => {
             tracing::info!(endpoint = %s3.endpoint_url(), bucket = %s3.bucket, "S3 tier on");
-            let b = hoard_upload::Backend::start(upload, s3, disk.clone(), &metrics.registry, None)
+            let sink: Option<hoard_upload::OutcomeSink> = accounting.clone().map(|acc| {
+                Box::new(move |o: &hoard_upload::Outcome| {
+                    acc.record(hoard_accounting::Event {
+                        namespace: o.namespace.clone(),
+                        kind: o.kind.as_str(),
+                        status: o.status.as_str(),
+                        bytes: o.size_on_disk,
+                        at: o.at,
+                    })
+                }) as hoard_upload::OutcomeSink
+            });
+            let b = hoard_upload::Backend::start(upload, s3, disk.clone(), &metrics.registry, sink)
                 .context("starting the S3 uploader")?;
             let hook_backend = b.clone();
             let hook_disk = disk.clone();
@@ -80,6 +101,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     );
     if let Some(b) = &backend {
         cache.set_backend(b.clone());
+    }
+    if let Some(acc) = accounting.clone() {
+        cache.set_rejection_sink(Box::new(move |ns: &str, kind: hoard_disk::Kind| {
+            acc.record(hoard_accounting::Event {
+                namespace: ns.to_string(),
+                kind: kind.as_str(),
+                status: "rejected",
+                bytes: 0,
+                at: std::time::SystemTime::now(),
+            })
+        }));
     }
     let state = Arc::new(HttpState {
         cache,
@@ -119,6 +151,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(b) = backend {
         tracing::info!(queued = b.queue_len(), "servers stopped; draining uploads");
         let _ = tokio::task::spawn_blocking(move || b.shutdown()).await;
+    }
+    if let Some(acc) = accounting {
+        tracing::info!("spooling and sending accounting");
+        let _ = tokio::task::spawn_blocking(move || acc.shutdown()).await;
     }
     tracing::info!("stopping the disk cache");
     disk.shutdown();

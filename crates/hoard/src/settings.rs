@@ -305,6 +305,70 @@ pub const SETTINGS: &[Setting] = &[
         "this host's name in object metadata (default: the hostname)"
     ),
     s!(
+        "accounting.clickhouse_url",
+        "accounting.clickhouse_url",
+        ["HOARD_ACCOUNTING_CLICKHOUSE_URL"],
+        Str,
+        "",
+        "ClickHouse HTTP URL for storage accounting, e.g. http://127.0.0.1:8123; empty: accounting off"
+    ),
+    s!(
+        "accounting.database",
+        "accounting.database",
+        ["HOARD_ACCOUNTING_DATABASE"],
+        Str,
+        "default",
+        "ClickHouse database"
+    ),
+    s!(
+        "accounting.table",
+        "accounting.table",
+        ["HOARD_ACCOUNTING_TABLE"],
+        Str,
+        "remote_build_cache_operations",
+        "ClickHouse table (deploy/clickhouse/schema.sql)"
+    ),
+    s!(
+        "accounting.user",
+        "accounting.user",
+        ["HOARD_ACCOUNTING_USER"],
+        Str,
+        "default",
+        "ClickHouse user"
+    ),
+    s!(
+        "accounting.password",
+        "accounting.password",
+        ["HOARD_ACCOUNTING_PASSWORD"],
+        Str,
+        "",
+        "ClickHouse password"
+    ),
+    s!(
+        "accounting.flush_interval",
+        "accounting.flush_interval",
+        ["HOARD_ACCOUNTING_FLUSH_INTERVAL"],
+        Duration,
+        "60s",
+        "how often closed minutes are sent"
+    ),
+    s!(
+        "accounting.spool_dir",
+        "accounting.spool_dir",
+        ["HOARD_ACCOUNTING_SPOOL_DIR"],
+        Str,
+        "",
+        "where batches wait for ClickHouse (default: <dir>/accounting.spool)"
+    ),
+    s!(
+        "accounting.spool_max_bytes",
+        "accounting.spool_max_bytes",
+        ["HOARD_ACCOUNTING_SPOOL_MAX_BYTES"],
+        Int,
+        "1073741824",
+        "spool bound; a batch beyond it is dropped and counted"
+    ),
+    s!(
         "namespaces.default",
         "namespaces.default",
         ["HOARD_NAMESPACES_DEFAULT"],

@@ -138,7 +138,7 @@ impl CasService {
                 details: Vec::new(),
             },
             Err(e) => {
-                self.0.cache.count_rejected(Kind::Cas, &e);
+                self.0.cache.count_rejected(ns, Kind::Cas, &e);
                 let s = to_status(e);
                 fail(s.code(), s.message().to_string())
             }

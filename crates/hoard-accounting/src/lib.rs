@@ -1,0 +1,381 @@
+//! hoard-accounting: the storage footprint customers are billed for.
+//!
+//! What it owns: counting. Upload outcomes (created, already_exists, error,
+//! dropped) and refused client uploads (rejected) are summed per (minute,
+//! namespace, kind, status): a count and SizeOnDisk bytes. Every
+//! `flush_interval` the closed minutes become one batch with a fresh
+//! batch_id, which is spooled to disk and then inserted into ClickHouse's
+//! `remote_build_cache_operations`.
+//!
+//! # Exactly once
+//!
+//! Delivery is at least once: a batch leaves the spool only after
+//! ClickHouse acknowledged it, so a lost acknowledgement sends it again.
+//! Counting is exactly once because every row carries its batch_id and the
+//! table (`deploy/clickhouse/schema.sql`) keeps one row per (batch_id, row
+//! key), read with FINAL. The spool keeps order: an older batch is always
+//! sent before a newer one.
+//!
+//! # Limits
+//!
+//! The hot path is a send on an unbounded lock-free channel. Counts not yet
+//! spooled live in memory for at most one flush interval: a graceful stop
+//! spools them; a `kill -9` loses them. The spool is bounded by
+//! `spool_max_bytes`; a batch that does not fit is dropped, logged, and
+//! counted in `hoard_accounting_spool_overflow_batches_total`.
+
+mod spool;
+
+use std::collections::BTreeMap;
+use std::hash::BuildHasher;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus::{IntCounter, IntGauge, Registry};
+use serde::{Deserialize, Serialize};
+
+use spool::Spool;
+
+/// Where and how often to report.
+#[derive(Clone, Debug)]
+pub struct AccountingConfig {
+    /// ClickHouse HTTP interface, e.g. `http://127.0.0.1:8123`.
+    pub clickhouse_url: String,
+    pub database: String,
+    pub table: String,
+    pub user: String,
+    pub password: String,
+    pub flush_interval: Duration,
+    pub spool_dir: PathBuf,
+    pub spool_max_bytes: u64,
+    /// This host's name in every row.
+    pub host: String,
+}
+
+/// One counted event.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub namespace: String,
+    pub kind: &'static str,
+    pub status: &'static str,
+    pub bytes: u64,
+    pub at: SystemTime,
+}
+
+/// A row of `remote_build_cache_operations` (without `ingested_at`, which
+/// the server assigns).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
+pub struct Row {
+    /// The minute, as a Unix time.
+    pub created_at: u32,
+    pub host: String,
+    pub namespace: String,
+    pub kind: String,
+    pub status: String,
+    pub count: u64,
+    pub bytes: u64,
+    pub batch_id: String,
+}
+
+/// Rows sent together under one batch_id.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Batch {
+    pub batch_id: String,
+    pub rows: Vec<Row>,
+}
+
+struct Metrics {
+    completed: IntCounter,
+    failed: IntCounter,
+    spool_bytes: IntGauge,
+    spool_batches: IntGauge,
+    last_success: IntGauge,
+    overflow: IntCounter,
+}
+
+/// Errors starting accounting.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("accounting spool {dir}: {source}")]
+    Spool {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("starting the accounting thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// The accounting pipeline. Cheap to clone.
+#[derive(Clone)]
+pub struct Accounting {
+    tx: crossbeam_channel::Sender<Msg>,
+    thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+enum Msg {
+    Event(Event),
+    Stop(crossbeam_channel::Sender<()>),
+}
+
+impl Accounting {
+    /// Starts the aggregating thread; sends what an earlier run left in the
+    /// spool first. Must be called inside a tokio runtime (the ClickHouse
+    /// client runs on it).
+    pub fn start(cfg: AccountingConfig, registry: &Registry) -> Result<Accounting, Error> {
+        let metrics = Metrics {
+            completed: IntCounter::new(
+                "bazelre_cache_accounting_reports_completed",
+                "Accounting batches ClickHouse acknowledged.",
+            )?,
+            failed: IntCounter::new(
+                "bazelre_cache_accounting_reports_failed_to_send",
+                "Attempts to send an accounting batch that failed (the batch stays spooled).",
+            )?,
+            spool_bytes: IntGauge::new(
+                "hoard_accounting_spool_bytes",
+                "Bytes of batches waiting in the spool.",
+            )?,
+            spool_batches: IntGauge::new(
+                "hoard_accounting_spool_batches",
+                "Batches waiting in the spool.",
+            )?,
+            last_success: IntGauge::new(
+                "hoard_accounting_last_success_timestamp_seconds",
+                "Unix time of the last batch ClickHouse acknowledged.",
+            )?,
+            overflow: IntCounter::new(
+                "hoard_accounting_spool_overflow_batches_total",
+                "Batches dropped because the spool was full (their counts are lost).",
+            )?,
+        };
+        registry.register(Box::new(metrics.completed.clone()))?;
+        registry.register(Box::new(metrics.failed.clone()))?;
+        registry.register(Box::new(metrics.spool_bytes.clone()))?;
+        registry.register(Box::new(metrics.spool_batches.clone()))?;
+        registry.register(Box::new(metrics.last_success.clone()))?;
+        registry.register(Box::new(metrics.overflow.clone()))?;
+        let spool = Spool::open(&cfg.spool_dir).map_err(|source| Error::Spool {
+            dir: cfg.spool_dir.clone(),
+            source,
+        })?;
+        let client = clickhouse::Client::default()
+            .with_url(&cfg.clickhouse_url)
+            .with_database(&cfg.database)
+            .with_user(&cfg.user)
+            .with_password(&cfg.password)
+            // ClickHouse 18.16 knows neither the validation queries nor
+            // RowBinaryWithNamesAndTypes; compression stays off for it too.
+            .with_validation(false)
+            .with_compression(clickhouse::Compression::None);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let runtime = tokio::runtime::Handle::current();
+        let mut worker = Worker {
+            cfg,
+            spool,
+            client,
+            metrics,
+            sums: BTreeMap::new(),
+            runtime,
+            random: std::hash::RandomState::new(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("hoard-accounting".into())
+            .spawn(move || worker.run(rx))
+            .map_err(Error::Spawn)?;
+        Ok(Accounting {
+            tx,
+            thread: Arc::new(std::sync::Mutex::new(Some(handle))),
+        })
+    }
+
+    /// Counts one event. Never blocks.
+    pub fn record(&self, e: Event) {
+        let _ = self.tx.send(Msg::Event(e));
+    }
+
+    /// Spools everything counted so far (the current minute too), tries to
+    /// send the spool once, and stops the thread.
+    pub fn shutdown(&self) {
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        if self.tx.send(Msg::Stop(done_tx)).is_ok() {
+            let _ = done_rx.recv_timeout(Duration::from_secs(30));
+        }
+        if let Ok(mut g) = self.thread.lock()
+            && let Some(h) = g.take()
+        {
+            let _ = h.join();
+        }
+    }
+}
+
+type Key = (u32, String, &'static str, &'static str);
+
+struct Worker {
+    cfg: AccountingConfig,
+    spool: Spool,
+    client: clickhouse::Client,
+    metrics: Metrics,
+    sums: BTreeMap<Key, (u64, u64)>,
+    runtime: tokio::runtime::Handle,
+    random: std::hash::RandomState,
+}
+
+fn minute_of(t: SystemTime) -> u32 {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    (secs - secs % 60).min(u32::MAX as u64) as u32
+}
+
+impl Worker {
+    fn run(&mut self, rx: crossbeam_channel::Receiver<Msg>) {
+        self.update_spool_gauges();
+        self.send_spooled();
+        let mut next_flush = Instant::now() + self.cfg.flush_interval;
+        loop {
+            let wait = next_flush.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(Msg::Event(e)) => {
+                    let key = (minute_of(e.at), e.namespace, e.kind, e.status);
+                    let s = self.sums.entry(key).or_insert((0, 0));
+                    s.0 += 1;
+                    s.1 += e.bytes;
+                }
+                Ok(Msg::Stop(done)) => {
+                    self.flush(true);
+                    self.send_spooled();
+                    let _ = done.send(());
+                    return;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    self.flush(false);
+                    self.send_spooled();
+                    next_flush = Instant::now() + self.cfg.flush_interval;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    self.flush(true);
+                    self.send_spooled();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Moves the closed minutes (all of them with `everything`) into one
+    /// spooled batch.
+    fn flush(&mut self, everything: bool) {
+        let current = minute_of(SystemTime::now());
+        let keys: Vec<Key> = self
+            .sums
+            .keys()
+            .filter(|k| everything || k.0 < current)
+            .cloned()
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        let batch_id = format!(
+            "{:016x}{:016x}",
+            self.random.hash_one((Instant::now(), 1u8)),
+            self.random.hash_one((SystemTime::now(), 2u8))
+        );
+        let rows: Vec<Row> = keys
+            .iter()
+            .filter_map(|k| {
+                let (count, bytes) = self.sums.remove(k)?;
+                Some(Row {
+                    created_at: k.0,
+                    host: self.cfg.host.clone(),
+                    namespace: k.1.clone(),
+                    kind: k.2.to_string(),
+                    status: k.3.to_string(),
+                    count,
+                    bytes,
+                    batch_id: batch_id.clone(),
+                })
+            })
+            .collect();
+        let batch = Batch { batch_id, rows };
+        let size = serde_json::to_vec(&batch)
+            .map(|v| v.len() as u64)
+            .unwrap_or(0);
+        if self.spool.bytes() + size > self.cfg.spool_max_bytes {
+            self.metrics.overflow.inc();
+            tracing::error!(
+                batch = %batch.batch_id,
+                rows = batch.rows.len(),
+                "accounting spool is full (spool_max_bytes); this batch is dropped and its counts are lost"
+            );
+            return;
+        }
+        if let Err(e) = self.spool.push(&batch) {
+            self.metrics.overflow.inc();
+            tracing::error!(error = %e, "cannot write the accounting spool; this batch is dropped");
+        }
+        self.update_spool_gauges();
+    }
+
+    /// Sends spooled batches oldest first; stops at the first failure so
+    /// order is kept.
+    fn send_spooled(&mut self) {
+        for path in self.spool.files() {
+            let batch = match Spool::read(&path) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "unreadable accounting batch; set aside");
+                    let _ = std::fs::rename(&path, path.with_extension("bad"));
+                    continue;
+                }
+            };
+            match self
+                .runtime
+                .block_on(insert(&self.client, &self.cfg.table, &batch.rows))
+            {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&path);
+                    self.metrics.completed.inc();
+                    let now = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    self.metrics.last_success.set(now as i64);
+                }
+                Err(e) => {
+                    self.metrics.failed.inc();
+                    tracing::warn!(error = %e, spooled = self.spool.files().len(), "sending accounting to ClickHouse failed; batches stay spooled");
+                    break;
+                }
+            }
+        }
+        self.update_spool_gauges();
+    }
+
+    fn update_spool_gauges(&self) {
+        self.metrics
+            .spool_batches
+            .set(self.spool.files().len() as i64);
+        self.metrics.spool_bytes.set(self.spool.bytes() as i64);
+    }
+}
+
+async fn insert(
+    client: &clickhouse::Client,
+    table: &str,
+    rows: &[Row],
+) -> Result<(), clickhouse::error::Error> {
+    let fut = async {
+        let mut insert = client.insert::<Row>(table).await?;
+        for r in rows {
+            insert.write(r).await?;
+        }
+        insert.end().await
+    };
+    match tokio::time::timeout(Duration::from_secs(30), fut).await {
+        Ok(r) => r,
+        Err(_) => Err(clickhouse::error::Error::Custom("insert timed out".into())),
+    }
+}

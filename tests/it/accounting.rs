@@ -1,0 +1,278 @@
+//! Storage accounting against a real ClickHouse: the footprint the table
+//! reports equals what the bucket holds, through outages, restarts and lost
+//! acknowledgements.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use hoard_proto::prost::Message;
+use hoard_proto::reapi::{ActionResult, Digest, OutputFile};
+
+use crate::clickhouse::{ClickHouse, LosingProxy};
+use crate::s3::{Bucket, Moto};
+use crate::support::{Hoard, noise, sha256_hex};
+
+fn args(moto: &Moto, bucket: &str, host: &str, ch_url: &str) -> Vec<String> {
+    vec![
+        format!("--s3.endpoint={}", moto.endpoint()),
+        "--s3.disable_ssl".into(),
+        format!("--s3.bucket={bucket}"),
+        "--s3.access_key_id=AK".into(),
+        "--s3.secret_access_key=SK".into(),
+        format!("--host_id={host}"),
+        "--grpc_address=none".into(),
+        format!("--accounting.clickhouse_url={ch_url}"),
+        "--accounting.flush_interval=1s".into(),
+    ]
+}
+
+fn start(dir: &std::path::Path, a: &[String]) -> Hoard {
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let h = Hoard::start(dir, &a);
+    h.wait_ready();
+    h
+}
+
+fn metric(h: &Hoard, name: &str) -> f64 {
+    h.get("/metrics")
+        .text()
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+fn wait_uploads(h: &Hoard) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(h, "hoard_upload_outcomes_total") != metric(h, "hoard_upload_jobs_total") {
+        assert!(Instant::now() < deadline, "uploads never drained");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// SizeOnDisk of what the bucket holds, per namespace: each object's size
+/// rounded up to 4 KiB, the unit hoard counts in.
+fn bucket_footprint(bucket: &Bucket) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (key, size) in bucket.objects() {
+        if key.starts_with("_hoard/") {
+            continue; // the startup probe's own short-lived keys
+        }
+        let ns = match key.strip_prefix("ns.v1/") {
+            Some(rest) => rest.split('/').next().unwrap_or("").to_string(),
+            None => String::new(),
+        };
+        *out.entry(ns).or_insert(0) += (size as u64).div_ceil(4096) * 4096;
+    }
+    out
+}
+
+fn put_action(h: &Hoard, prefix: &str, outputs: &[Vec<u8>], action: &str) {
+    for o in outputs {
+        assert_eq!(
+            h.put(&format!("{prefix}/cas/{}", sha256_hex(o)), o).status,
+            200
+        );
+    }
+    let ar = ActionResult {
+        output_files: outputs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| OutputFile {
+                path: format!("out/{i}"),
+                digest: Some(Digest {
+                    hash: sha256_hex(o),
+                    size_bytes: o.len() as i64,
+                }),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    assert_eq!(
+        h.put(
+            &format!("{prefix}/ac/{}", sha256_hex(action.as_bytes())),
+            &ar.encode_to_vec()
+        )
+        .status,
+        200
+    );
+}
+
+#[test]
+fn the_footprint_equals_the_bucket_after_a_mixed_workload_on_two_hosts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ch = ClickHouse::start(&tmp.path().join("ch"));
+    let moto = Moto::start();
+    let bucket = Bucket::new(&moto.endpoint(), "billing");
+    bucket.create();
+    let a = start(
+        &tmp.path().join("a"),
+        &args(&moto, "billing", "host-a", &ch.url()),
+    );
+    let b = start(
+        &tmp.path().join("b"),
+        &args(&moto, "billing", "host-b", &ch.url()),
+    );
+    let shared: Vec<Vec<u8>> = (0..10)
+        .map(|i| noise(3000 + i * 500, 40 + i as u64))
+        .collect();
+    for i in 0..5 {
+        put_action(
+            &a,
+            "",
+            &[noise(9000, 60 + i), shared[i as usize].clone()],
+            &format!("a{i}"),
+        );
+    }
+    for blob in &shared {
+        assert_eq!(
+            b.put(&format!("/cas/{}", sha256_hex(blob)), blob).status,
+            200
+        );
+    }
+    put_action(
+        &b,
+        "/team",
+        &[noise(5000, 80), noise(70_000, 81)],
+        "team action",
+    );
+    // A refused upload is counted as rejected, never as footprint.
+    assert_eq!(
+        b.put(&format!("/cas/{}", sha256_hex(b"claimed")), b"different")
+            .status,
+        400
+    );
+    wait_uploads(&a);
+    wait_uploads(&b);
+    assert_eq!(a.stop(), Some(0));
+    assert_eq!(b.stop(), Some(0));
+    let want = bucket_footprint(&bucket);
+    assert_eq!(
+        ch.footprint(),
+        want,
+        "footprint per namespace vs the bucket"
+    );
+    assert!(want.contains_key("team") && want.contains_key(""));
+    let rejected = ch.query("SELECT sum(count) FROM remote_build_cache_operations FINAL WHERE status = 'rejected' FORMAT TSV");
+    assert_eq!(rejected.trim(), "1");
+    let existing = ch.query("SELECT sum(count) FROM remote_build_cache_operations FINAL WHERE status = 'already_exists' FORMAT TSV");
+    assert_eq!(existing.trim(), "5", "the 5 shared blobs A uploaded first");
+}
+
+#[test]
+fn clickhouse_down_through_a_restart_loses_nothing_and_counts_nothing_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut ch = ClickHouse::start(&tmp.path().join("ch"));
+    let url = ch.url();
+    ch.stop();
+    let moto = Moto::start();
+    let bucket = Bucket::new(&moto.endpoint(), "outage");
+    bucket.create();
+    let dir = tmp.path().join("a");
+    let a = start(&dir, &args(&moto, "outage", "host-o", &url));
+    for i in 0..10 {
+        let blob = noise(6000, 200 + i);
+        assert_eq!(
+            a.put(&format!("/cas/{}", sha256_hex(&blob)), &blob).status,
+            200
+        );
+    }
+    wait_uploads(&a);
+    // SIGTERM spools every count (the current minute too) and tries once.
+    assert_eq!(a.stop(), Some(0));
+    // Restarted while ClickHouse is still down: the spool is there and
+    // cannot be sent; more work, more spool.
+    let a = start(&dir, &args(&moto, "outage", "host-o", &url));
+    assert!(metric(&a, "hoard_accounting_spool_batches") >= 1.0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&a, "bazelre_cache_accounting_reports_failed_to_send") < 1.0 {
+        assert!(Instant::now() < deadline, "no send was attempted");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for i in 0..5 {
+        let blob = noise(6000, 300 + i);
+        assert_eq!(
+            a.put(&format!("/cas/{}", sha256_hex(&blob)), &blob).status,
+            200
+        );
+    }
+    wait_uploads(&a);
+    assert_eq!(a.stop(), Some(0));
+    ch.restart();
+    let a = start(&dir, &args(&moto, "outage", "host-o", &url));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&a, "hoard_accounting_spool_batches") > 0.0
+        || metric(&a, "bazelre_cache_accounting_reports_completed") < 1.0
+    {
+        assert!(Instant::now() < deadline, "the spool never drained");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        ch.footprint(),
+        bucket_footprint(&bucket),
+        "{:?}",
+        bucket.objects()
+    );
+    let raw = ch.query("SELECT count() FROM remote_build_cache_operations FORMAT TSV");
+    let fin = ch.query("SELECT count() FROM remote_build_cache_operations FINAL FORMAT TSV");
+    assert_eq!(raw, fin, "no batch reached ClickHouse twice");
+}
+
+#[test]
+fn an_insert_whose_acknowledgement_is_lost_is_sent_again_and_counted_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ch = ClickHouse::start(&tmp.path().join("ch"));
+    let proxy = LosingProxy::start(ch.http_port);
+    let moto = Moto::start();
+    let bucket = Bucket::new(&moto.endpoint(), "lostack");
+    bucket.create();
+    let dir = tmp.path().join("a");
+    let a = start(&dir, &args(&moto, "lostack", "host-l", &proxy.url()));
+    for i in 0..8 {
+        let blob = noise(10_000, 400 + i);
+        assert_eq!(
+            a.put(&format!("/cas/{}", sha256_hex(&blob)), &blob).status,
+            200
+        );
+    }
+    wait_uploads(&a);
+    // SIGTERM spools the counts and sends them: the insert lands, its
+    // answer is cut, so the batch stays spooled.
+    assert_eq!(a.stop(), Some(0));
+    assert!(
+        proxy.dropped.load(std::sync::atomic::Ordering::SeqCst),
+        "no INSERT went through the proxy"
+    );
+    let a = start(&dir, &args(&moto, "lostack", "host-l", &proxy.url()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&a, "bazelre_cache_accounting_reports_completed") < 1.0
+        || metric(&a, "hoard_accounting_spool_batches") > 0.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the spooled batch was never sent again"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(a.stop(), Some(0));
+    let raw: u64 = ch
+        .query("SELECT count() FROM remote_build_cache_operations FORMAT TSV")
+        .trim()
+        .parse()
+        .unwrap();
+    let fin: u64 = ch
+        .query("SELECT count() FROM remote_build_cache_operations FINAL FORMAT TSV")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        raw > fin,
+        "the batch really reached ClickHouse twice ({raw} rows, {fin} after FINAL)"
+    );
+    assert_eq!(
+        ch.footprint(),
+        bucket_footprint(&bucket),
+        "and is counted once"
+    );
+}
