@@ -276,3 +276,78 @@ fn an_insert_whose_acknowledgement_is_lost_is_sent_again_and_counted_once() {
         "and is counted once"
     );
 }
+
+#[test]
+fn hoard_drift_reports_zero_on_a_consistent_bucket_and_the_deleted_bytes_after_a_deletion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ch = ClickHouse::start(&tmp.path().join("ch"));
+    let moto = Moto::start();
+    let bucket = Bucket::new(&moto.endpoint(), "drifting");
+    bucket.create();
+    let mut a_args = args(&moto, "drifting", "host-d", &ch.url());
+    a_args.push("--drift.interval=1s".into());
+    let a = start(&tmp.path().join("a"), &a_args);
+    for i in 0..6 {
+        let blob = noise(20_000, 600 + i);
+        assert_eq!(
+            a.put(&format!("/cas/{}", sha256_hex(&blob)), &blob).status,
+            200
+        );
+    }
+    wait_uploads(&a);
+    let run_drift = || {
+        let mut cmd = std::process::Command::new(crate::support::hoard_bin());
+        cmd.arg("drift")
+            .args(&a_args)
+            .arg(format!("--dir={}", tmp.path().join("a").display()));
+        cmd.output().unwrap()
+    };
+    assert_eq!(a.stop(), Some(0));
+    let out = run_drift();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = text.lines().find(|l| l.starts_with("(default)")).unwrap();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(f[1], f[2], "actual equals reported: {line}");
+    assert_eq!(f[3], "0", "{line}");
+    // Delete one object behind hoard's back: drift is exactly its size.
+    let (key, size) = bucket
+        .objects()
+        .into_iter()
+        .find(|(k, _)| k.starts_with("cas.v2/"))
+        .unwrap();
+    bucket.delete(&key);
+    let out = run_drift();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "1 of 6 objects gone is over 10%: {text}"
+    );
+    let line = text.lines().find(|l| l.starts_with("(default)")).unwrap();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let expected = -(((size as u64).div_ceil(4096) * 4096) as i64);
+    assert_eq!(f[3].parse::<i64>().unwrap(), expected, "{line}");
+    // The daemon exports the same figures.
+    let a = start(&tmp.path().join("a"), &a_args);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&a, "bazelre_cache_storage_drift_bytes") != expected as f64 {
+        assert!(
+            Instant::now() < deadline,
+            "drift metrics never showed the deletion"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for name in [
+        "bazelre_cache_actual_storage_bytes",
+        "bazelre_cache_reported_storage_bytes",
+        "bazelre_cache_storage_drift_percent",
+    ] {
+        assert!(a.get("/metrics").text().contains(name), "{name} missing");
+    }
+}

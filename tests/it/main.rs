@@ -6,6 +6,7 @@
 mod accounting;
 mod bazel;
 mod clickhouse;
+mod deploy;
 mod grpc;
 mod http;
 mod s3;

@@ -362,6 +362,133 @@ impl Worker {
     }
 }
 
+/// One namespace's reported net-new bytes.
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct Reported {
+    namespace: String,
+    bytes: u64,
+}
+
+/// The footprint ClickHouse reports per namespace: the SizeOnDisk of every
+/// upload that created an object, each batch counted once (FINAL).
+pub async fn reported_footprint(cfg: &AccountingConfig) -> Result<BTreeMap<String, u64>, String> {
+    let client = clickhouse::Client::default()
+        .with_url(&cfg.clickhouse_url)
+        .with_database(&cfg.database)
+        .with_user(&cfg.user)
+        .with_password(&cfg.password)
+        .with_validation(false)
+        .with_compression(clickhouse::Compression::None);
+    let sql = format!(
+        "SELECT namespace, sum(bytes) AS bytes FROM {} FINAL WHERE status = 'created' GROUP BY namespace",
+        cfg.table
+    );
+    let rows: Vec<Reported> = client
+        .query(&sql)
+        .fetch_all()
+        .await
+        .map_err(|e| format!("querying {}: {e}", cfg.clickhouse_url))?;
+    Ok(rows.into_iter().map(|r| (r.namespace, r.bytes)).collect())
+}
+
+/// One line of a drift report.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Drift {
+    pub namespace: String,
+    pub actual: u64,
+    pub reported: u64,
+}
+
+impl Drift {
+    pub fn bytes(&self) -> i64 {
+        self.actual as i64 - self.reported as i64
+    }
+
+    /// Drift relative to what the bucket holds (100% when it holds nothing
+    /// yet something was reported).
+    pub fn percent(&self) -> f64 {
+        match (self.actual, self.reported) {
+            (0, 0) => 0.0,
+            (0, _) => 100.0,
+            (a, _) => self.bytes() as f64 * 100.0 / a as f64,
+        }
+    }
+}
+
+/// Pairs actual and reported footprints, every namespace either side knows.
+pub fn compare(actual: &BTreeMap<String, u64>, reported: &BTreeMap<String, u64>) -> Vec<Drift> {
+    let mut names: Vec<&String> = actual.keys().chain(reported.keys()).collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .map(|n| Drift {
+            namespace: n.clone(),
+            actual: actual.get(n).copied().unwrap_or(0),
+            reported: reported.get(n).copied().unwrap_or(0),
+        })
+        .collect()
+}
+
+/// The drift gauges a daemon exports when it checks drift periodically.
+pub struct DriftGauges {
+    actual: prometheus::IntGaugeVec,
+    reported: prometheus::IntGaugeVec,
+    drift: prometheus::IntGaugeVec,
+    percent: prometheus::GaugeVec,
+}
+
+impl DriftGauges {
+    pub fn register(r: &Registry) -> Result<DriftGauges, prometheus::Error> {
+        let opts = |n: &str, h: &str| prometheus::Opts::new(n, h);
+        let g = DriftGauges {
+            actual: prometheus::IntGaugeVec::new(
+                opts(
+                    "bazelre_cache_actual_storage_bytes",
+                    "Bytes the bucket holds (4 KiB-rounded objects).",
+                ),
+                &["namespace"],
+            )?,
+            reported: prometheus::IntGaugeVec::new(
+                opts(
+                    "bazelre_cache_reported_storage_bytes",
+                    "Net-new bytes reported to ClickHouse.",
+                ),
+                &["namespace"],
+            )?,
+            drift: prometheus::IntGaugeVec::new(
+                opts(
+                    "bazelre_cache_storage_drift_bytes",
+                    "Actual minus reported bytes.",
+                ),
+                &["namespace"],
+            )?,
+            percent: prometheus::GaugeVec::new(
+                opts(
+                    "bazelre_cache_storage_drift_percent",
+                    "Drift as a percentage of the actual bytes.",
+                ),
+                &["namespace"],
+            )?,
+        };
+        r.register(Box::new(g.actual.clone()))?;
+        r.register(Box::new(g.reported.clone()))?;
+        r.register(Box::new(g.drift.clone()))?;
+        r.register(Box::new(g.percent.clone()))?;
+        Ok(g)
+    }
+
+    pub fn set(&self, drifts: &[Drift]) {
+        for d in drifts {
+            let ns = [d.namespace.as_str()];
+            self.actual.with_label_values(&ns).set(d.actual as i64);
+            self.reported.with_label_values(&ns).set(d.reported as i64);
+            self.drift.with_label_values(&ns).set(d.bytes());
+            self.percent.with_label_values(&ns).set(d.percent());
+        }
+    }
+}
+
 async fn insert(
     client: &clickhouse::Client,
     table: &str,

@@ -780,6 +780,36 @@ impl Source {
     }
 }
 
+/// What the bucket holds per namespace, in SizeOnDisk units: each object's
+/// size rounded up to 4 KiB, summed. hoard's own probe keys are left out.
+pub async fn bucket_footprint(
+    cfg: &S3Config,
+) -> Result<std::collections::BTreeMap<String, u64>, String> {
+    let store = Store::new(cfg, Duration::from_secs(60));
+    let prefix = if cfg.prefix.is_empty() {
+        String::new()
+    } else {
+        format!("{}/", cfg.prefix.trim_end_matches('/'))
+    };
+    let mut out = std::collections::BTreeMap::new();
+    for (key, size) in store.list(&prefix).await? {
+        let rel = &key[prefix.len().min(key.len())..];
+        if rel.starts_with("_hoard/") {
+            continue;
+        }
+        // `ns.v1/<name>/<kind dir>/<hh>/<hash>`; names may hold '/'.
+        let ns = match rel.strip_prefix("ns.v1/") {
+            Some(rest) => {
+                let parts: Vec<&str> = rest.split('/').collect();
+                parts[..parts.len().saturating_sub(3)].join("/")
+            }
+            None => String::new(),
+        };
+        *out.entry(ns).or_insert(0) += size.div_ceil(4096) * 4096;
+    }
+    Ok(out)
+}
+
 /// The forms an object of `kind` may take in the bucket, most likely
 /// first: CAS blobs are casblobs (`cas.v2/`) unless a host stored them
 /// uncompressed (`cas/`).

@@ -376,6 +376,33 @@ impl Store {
         }
     }
 
+    /// Every key under `prefix` with its size (ListObjectsV2, all pages).
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, String> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let r = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| describe(&e))?;
+            for o in r.contents() {
+                out.push((
+                    o.key().unwrap_or_default().to_string(),
+                    o.size().unwrap_or(0).max(0) as u64,
+                ));
+            }
+            match r.next_continuation_token() {
+                Some(t) if r.is_truncated().unwrap_or(false) => token = Some(t.to_string()),
+                _ => return Ok(out),
+            }
+        }
+    }
+
     pub async fn delete(&self, m: &Metrics, key: &str) -> Result<(), String> {
         let start = Instant::now();
         let r = self

@@ -37,11 +37,15 @@ pub struct Config {
     pub s3: Option<(hoard_upload::S3Config, hoard_upload::UploadConfig)>,
     /// Storage accounting, when `accounting.clickhouse_url` is set.
     pub accounting: Option<hoard_accounting::AccountingConfig>,
+    pub drift_threshold_percent: u64,
+    /// Periodic drift check in the daemon; None: off.
+    pub drift_interval: Option<Duration>,
 }
 
 /// What the command line asked for.
 pub enum Command {
     Serve(Box<Config>),
+    Drift(Box<Config>),
     Help,
     Version,
 }
@@ -71,6 +75,10 @@ pub fn from_args_and_env(
     args: &[String],
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Command, ConfigError> {
+    let (drift, args) = match args.first().map(String::as_str) {
+        Some("drift") => (true, &args[1..]),
+        _ => (false, args),
+    };
     let flags = match parse_flags(args)? {
         Some(f) => f,
         None => return Ok(Command::Help),
@@ -102,7 +110,14 @@ pub fn from_args_and_env(
     };
     merged.extend(env_values);
     merged.extend(flags);
-    build(&merged).map(|c| Command::Serve(Box::new(c)))
+    let cfg = Box::new(build(&merged)?);
+    if drift {
+        if cfg.s3.is_none() || cfg.accounting.is_none() {
+            return err("hoard drift: needs s3_proxy.bucket and accounting.clickhouse_url");
+        }
+        return Ok(Command::Drift(cfg));
+    }
+    Ok(Command::Serve(cfg))
 }
 
 /// `--key=value`, `--key value`, or a bare `--bool_flag`. Returns None for
@@ -565,7 +580,10 @@ fn build(m: &BTreeMap<String, Raw>) -> Result<Config, ConfigError> {
     let dir = PathBuf::from(dir);
     let s3 = s3_config(&v, &dir)?;
     let accounting = accounting_config(&v, &dir, s3.as_ref().map(|(_, u)| u.host_id.clone()))?;
+    let drift_interval = v.duration("drift.interval")?;
     Ok(Config {
+        drift_threshold_percent: v.int("drift.threshold_percent")?,
+        drift_interval: (!drift_interval.is_zero()).then_some(drift_interval),
         s3,
         accounting,
         dir,

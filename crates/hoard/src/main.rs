@@ -2,6 +2,7 @@
 //! run until a signal, shut down in order. Policy lives in the libraries.
 
 mod config;
+mod drift;
 mod serve;
 mod settings;
 
@@ -26,6 +27,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         config::Command::Serve(cfg) => cfg,
+        config::Command::Drift(cfg) => return drift::main(&cfg),
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

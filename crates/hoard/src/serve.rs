@@ -126,6 +126,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cache_requests: AtomicU64::new(0),
     });
 
+    if let (Some(every), Some((s3, _)), Some(acc)) = (cfg.drift_interval, &cfg.s3, &cfg.accounting)
+    {
+        let gauges = hoard_accounting::DriftGauges::register(&state.cache.metrics().registry)
+            .context("registering drift metrics")?;
+        crate::drift::spawn_periodic(s3.clone(), acc.clone(), gauges, every);
+    }
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
     if let Some(idle) = cfg.idle_timeout {

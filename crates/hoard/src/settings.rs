@@ -369,6 +369,22 @@ pub const SETTINGS: &[Setting] = &[
         "spool bound; a batch beyond it is dropped and counted"
     ),
     s!(
+        "drift.threshold_percent",
+        "drift.threshold_percent",
+        ["HOARD_DRIFT_THRESHOLD_PERCENT"],
+        Int,
+        "10",
+        "hoard drift exits 1 when a namespace drifts by more than this many percent"
+    ),
+    s!(
+        "drift.interval",
+        "drift.interval",
+        ["HOARD_DRIFT_INTERVAL"],
+        Duration,
+        "0s",
+        "how often the daemon compares bucket and reported footprint for the drift metrics (0s: never)"
+    ),
+    s!(
         "namespaces.default",
         "namespaces.default",
         ["HOARD_NAMESPACES_DEFAULT"],
@@ -445,7 +461,8 @@ pub fn find_by_flag(flag: &str) -> Option<&'static Setting> {
 pub fn help() -> String {
     let mut out = String::from(
         "hoard: a Bazel remote cache (HTTP and gRPC, disk LRU, S3 write-behind)\n\n\
-         usage: hoard [--flag=value ...]\n\n\
+         usage: hoard [--flag=value ...]          serve\n\
+         \x20      hoard drift [--flag=value ...]    compare the bucket with the reported footprint\n\n\
          Settings merge in this order: YAML file (--config_file), then environment\n\
          variables, then flags. Each setting:\n\n",
     );
