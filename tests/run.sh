@@ -44,7 +44,7 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== cargo build"
 cargo build --locked -p hoard
 echo "== cargo test"
-HOARD_BIN="$PWD/target/debug/hoard" cargo test --locked --workspace -- --nocapture 2>&1 | tee /tmp/hoard-test.log | grep -E '^(test |running |test result|.*remote cache hits|failures:|---- )|panicked' || true
+HOARD_BIN="$PWD/target/debug/hoard" cargo test --locked --workspace -- --nocapture 2>&1 | tee /tmp/hoard-test.log | grep -E '^(test |running |test result|.*remote cache hits|failures:|---- )|panicked|footprint|drift after|lost acknowledgement' || true
 # The pipeline above only filters what is shown; the verdict comes from the log.
 if grep -q '^test result: FAILED' /tmp/hoard-test.log || ! grep -q '^test result: ok' /tmp/hoard-test.log; then
   echo "== tests FAILED; full log:"

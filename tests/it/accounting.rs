@@ -148,6 +148,7 @@ fn the_footprint_equals_the_bucket_after_a_mixed_workload_on_two_hosts() {
     assert_eq!(a.stop(), Some(0));
     assert_eq!(b.stop(), Some(0));
     let want = bucket_footprint(&bucket);
+    eprintln!("two hosts: footprint {:?}, bucket {want:?}", ch.footprint());
     assert_eq!(
         ch.footprint(),
         want,
@@ -208,6 +209,11 @@ fn clickhouse_down_through_a_restart_loses_nothing_and_counts_nothing_twice() {
         assert!(Instant::now() < deadline, "the spool never drained");
         std::thread::sleep(Duration::from_millis(200));
     }
+    eprintln!(
+        "outage and restart: footprint {:?}, bucket {:?}",
+        ch.footprint(),
+        bucket_footprint(&bucket)
+    );
     assert_eq!(
         ch.footprint(),
         bucket_footprint(&bucket),
@@ -266,6 +272,11 @@ fn an_insert_whose_acknowledgement_is_lost_is_sent_again_and_counted_once() {
         .trim()
         .parse()
         .unwrap();
+    eprintln!(
+        "lost acknowledgement: {raw} rows stored, {fin} after FINAL; footprint {:?}, bucket {:?}",
+        ch.footprint(),
+        bucket_footprint(&bucket)
+    );
     assert!(
         raw > fin,
         "the batch really reached ClickHouse twice ({raw} rows, {fin} after FINAL)"
@@ -332,6 +343,7 @@ fn hoard_drift_reports_zero_on_a_consistent_bucket_and_the_deleted_bytes_after_a
     let line = text.lines().find(|l| l.starts_with("(default)")).unwrap();
     let f: Vec<&str> = line.split_whitespace().collect();
     let expected = -(((size as u64).div_ceil(4096) * 4096) as i64);
+    eprintln!("drift after deleting one object: {line}");
     assert_eq!(f[3].parse::<i64>().unwrap(), expected, "{line}");
     // The daemon exports the same figures.
     let a = start(&tmp.path().join("a"), &a_args);

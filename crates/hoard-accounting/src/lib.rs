@@ -506,3 +506,78 @@ async fn insert(
         Err(_) => Err(clickhouse::error::Error::Custom("insert timed out".into())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(dir: &std::path::Path, max: u64, rt: &tokio::runtime::Runtime) -> Worker {
+        let r = Registry::new();
+        let m = Metrics {
+            completed: IntCounter::new("c", "c").unwrap(),
+            failed: IntCounter::new("f", "f").unwrap(),
+            spool_bytes: IntGauge::new("sb", "sb").unwrap(),
+            spool_batches: IntGauge::new("sn", "sn").unwrap(),
+            last_success: IntGauge::new("l", "l").unwrap(),
+            overflow: IntCounter::new("o", "o").unwrap(),
+        };
+        let _ = r;
+        Worker {
+            cfg: AccountingConfig {
+                clickhouse_url: "http://127.0.0.1:9".into(),
+                database: "default".into(),
+                table: "t".into(),
+                user: "default".into(),
+                password: String::new(),
+                flush_interval: Duration::from_secs(60),
+                spool_dir: dir.to_path_buf(),
+                spool_max_bytes: max,
+                host: "h".into(),
+            },
+            spool: Spool::open(dir).unwrap(),
+            client: clickhouse::Client::default(),
+            metrics: m,
+            sums: BTreeMap::new(),
+            runtime: rt.handle().clone(),
+            random: std::hash::RandomState::new(),
+        }
+    }
+
+    #[test]
+    fn closed_minutes_are_batched_and_a_full_spool_counts_what_it_drops() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = worker(dir.path(), 1 << 20, &rt);
+        let now = SystemTime::now();
+        let earlier = now - Duration::from_secs(120);
+        for (at, bytes) in [(earlier, 4096), (earlier, 8192), (now, 4096)] {
+            let s = w
+                .sums
+                .entry((minute_of(at), String::new(), "cas", "created"))
+                .or_insert((0, 0));
+            s.0 += 1;
+            s.1 += bytes;
+        }
+        w.flush(false);
+        let files = w.spool.files();
+        assert_eq!(files.len(), 1);
+        let b = Spool::read(&files[0]).unwrap();
+        assert_eq!(
+            (b.rows.len(), b.rows[0].count, b.rows[0].bytes),
+            (1, 2, 12288)
+        );
+        assert_eq!(w.sums.len(), 1, "the current minute stays open");
+
+        let dir2 = tempfile::tempdir().unwrap();
+        let mut w = worker(dir2.path(), 10, &rt);
+        w.sums.insert(
+            (minute_of(earlier), String::new(), "cas", "created"),
+            (1, 4096),
+        );
+        w.flush(true);
+        assert_eq!(w.metrics.overflow.get(), 1);
+        assert!(w.spool.files().is_empty());
+    }
+}
