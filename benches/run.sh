@@ -5,11 +5,11 @@
 # shared 2-core host are noisy and only the ratios mean something.
 #
 #   bash benches/run.sh            # all
-#   bash benches/run.sh get put    # some: get put load concurrent grpc s3
+#   bash benches/run.sh get put    # some: get put load concurrent grpc s3 accounting
 set -euo pipefail
 cd "$(dirname "$0")/.."
 which=("$@")
-[ ${#which[@]} -gt 0 ] || which=(get put load concurrent grpc s3)
+[ ${#which[@]} -gt 0 ] || which=(get put load concurrent grpc s3 accounting)
 
 need=()
 command -v nginx >/dev/null || need+=(nginx-light)
@@ -181,6 +181,37 @@ s3)
   start_hoard s3d 18504 --dir="$shm/d" --host_id=bench-d "${s3[@]}" >/dev/null
   "$BENCH" s3-heads 127.0.0.1:18503 127.0.0.1:18504 100 5
   stop s3c; stop s3d; rm -rf "$shm"
+  ;;
+accounting)
+  echo "== PUT latency with and without accounting (S3 tier on in both; moto and ClickHouse on loopback)"
+  moto="${MOTO_SERVER:-$PWD/target/e2e-venv/bin/moto_server}"
+  "$moto" -H 127.0.0.1 -p 18600 >"$W/moto-acc.log" 2>&1 & pids+=($!)
+  until curl -s -o /dev/null http://127.0.0.1:18600/; do sleep 0.05; done
+  curl -s -o /dev/null -X PUT http://127.0.0.1:18600/acc
+  mkdir -p "$W/ch/data/tmp"
+  cat >"$W/ch/config.xml" <<CH
+<?xml version="1.0"?>
+<yandex>
+  <logger><level>warning</level><log>$W/ch/server.log</log><errorlog>$W/ch/error.log</errorlog><console>0</console></logger>
+  <http_port>18623</http_port><tcp_port>18624</tcp_port><listen_host>127.0.0.1</listen_host>
+  <path>$W/ch/data/</path><tmp_path>$W/ch/data/tmp/</tmp_path><user_files_path>$W/ch/data/user_files/</user_files_path>
+  <mark_cache_size>536870912</mark_cache_size>
+  <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
+  <profiles><default></default></profiles><quotas><default></default></quotas>
+</yandex>
+CH
+  /usr/sbin/clickhouse-server --config-file="$W/ch/config.xml" >/dev/null 2>&1 & pids+=($!)
+  until curl -sf http://127.0.0.1:18623/ping >/dev/null; do sleep 0.05; done
+  curl -sf --data-binary @deploy/clickhouse/schema.sql http://127.0.0.1:18623/ >/dev/null
+  shm=$(mktemp -d /dev/shm/hoard-bench.XXXXXX)
+  s3=(--s3.endpoint=127.0.0.1:18600 --s3.disable_ssl --s3.bucket=acc --s3.access_key_id=AK --s3.secret_access_key=SK --grpc_address=none)
+  start_hoard noacc 18601 --dir="$shm/n" --host_id=bench-n "${s3[@]}" >/dev/null
+  start_hoard acc 18602 --dir="$shm/a" --host_id=bench-a "${s3[@]}" --accounting.clickhouse_url=http://127.0.0.1:18623 --accounting.flush_interval=1s >/dev/null
+  for round in 1 2 3; do
+    echo "round=$round accounting=off $("$BENCH" s3-put-latency 127.0.0.1:18601 1000 $((round * 100000)))"
+    echo "round=$round accounting=on  $("$BENCH" s3-put-latency 127.0.0.1:18602 1000 $((round * 100000 + 50000)))"
+  done
+  stop noacc; stop acc; rm -rf "$shm"
   ;;
 *) echo "unknown benchmark $what" >&2; exit 1;;
 esac; done
