@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+
+use crate::support::free_port;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,14 +32,6 @@ pub fn moto_bin() -> String {
         "moto_server not found at {p}: run the README's test command (tests/run.sh), which installs moto 5.2.5 into a venv"
     );
     p
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Moto {

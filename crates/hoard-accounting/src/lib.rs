@@ -161,15 +161,7 @@ impl Accounting {
             dir: cfg.spool_dir.clone(),
             source,
         })?;
-        let client = clickhouse::Client::default()
-            .with_url(&cfg.clickhouse_url)
-            .with_database(&cfg.database)
-            .with_user(&cfg.user)
-            .with_password(&cfg.password)
-            // ClickHouse 18.16 knows neither the validation queries nor
-            // RowBinaryWithNamesAndTypes; compression stays off for it too.
-            .with_validation(false)
-            .with_compression(clickhouse::Compression::None);
+        let client = client(&cfg);
         let (tx, rx) = crossbeam_channel::unbounded();
         let runtime = tokio::runtime::Handle::current();
         let mut worker = Worker {
@@ -362,6 +354,18 @@ impl Worker {
     }
 }
 
+fn client(cfg: &AccountingConfig) -> clickhouse::Client {
+    clickhouse::Client::default()
+        .with_url(&cfg.clickhouse_url)
+        .with_database(&cfg.database)
+        .with_user(&cfg.user)
+        .with_password(&cfg.password)
+        // ClickHouse 18.16 knows neither the validation queries nor
+        // RowBinaryWithNamesAndTypes; compression stays off for it too.
+        .with_validation(false)
+        .with_compression(clickhouse::Compression::None)
+}
+
 /// One namespace's reported net-new bytes.
 #[derive(Debug, Deserialize, clickhouse::Row)]
 struct Reported {
@@ -372,13 +376,7 @@ struct Reported {
 /// The footprint ClickHouse reports per namespace: the SizeOnDisk of every
 /// upload that created an object, each batch counted once (FINAL).
 pub async fn reported_footprint(cfg: &AccountingConfig) -> Result<BTreeMap<String, u64>, String> {
-    let client = clickhouse::Client::default()
-        .with_url(&cfg.clickhouse_url)
-        .with_database(&cfg.database)
-        .with_user(&cfg.user)
-        .with_password(&cfg.password)
-        .with_validation(false)
-        .with_compression(clickhouse::Compression::None);
+    let client = client(cfg);
     let sql = format!(
         "SELECT namespace, sum(bytes) AS bytes FROM {} FINAL WHERE status = 'created' GROUP BY namespace",
         cfg.table
