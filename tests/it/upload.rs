@@ -181,9 +181,7 @@ fn kill_9_with_a_full_queue_loses_no_upload() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("cache");
     // No bucket reachable: the probe cannot run, so uploads wait in the queue.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_port = dead.local_addr().unwrap().port();
-    drop(dead);
+    let dead_port = crate::support::free_port();
     let h = start(
         &dir,
         &s3_args(&format!("127.0.0.1:{dead_port}"), "journal", "host-j"),
@@ -664,9 +662,7 @@ fn concurrent_misses_of_one_blob_fetch_it_once_and_a_read_only_host_uploads_noth
 fn sigterm_drains_uploads_until_the_deadline_and_journals_the_rest() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("cache");
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = dead.local_addr().unwrap().port();
-    drop(dead);
+    let port = crate::support::free_port();
     let mut args = s3_args(&format!("127.0.0.1:{port}"), "drain", "host-d");
     args.push("--upload_drain_timeout=1s".into());
     let h = start(&dir, &args);
