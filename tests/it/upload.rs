@@ -24,6 +24,14 @@ fn s3_args(endpoint: &str, bucket: &str, host: &str) -> Vec<String> {
     ]
 }
 
+/// A fresh moto server with one empty bucket.
+fn moto_with_bucket(name: &str) -> (Moto, Bucket) {
+    let moto = Moto::start();
+    let bucket = Bucket::new(&moto.endpoint(), name);
+    bucket.create();
+    (moto, bucket)
+}
+
 fn start(dir: &std::path::Path, args: &[String]) -> Hoard {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let h = Hoard::start(dir, &a);
@@ -101,9 +109,7 @@ fn count(o: &HashMap<(String, String), f64>, kind: &str, status: &str) -> f64 {
 
 #[test]
 fn two_hoards_sharing_a_bucket_create_each_blob_once_and_read_through_each_other() {
-    let moto = Moto::start();
-    let bucket = Bucket::new(&moto.endpoint(), "shared");
-    bucket.create();
+    let (moto, bucket) = moto_with_bucket("shared");
     let tmp = tempfile::tempdir().unwrap();
     let a = start(
         &tmp.path().join("a"),
@@ -253,9 +259,7 @@ fn action_with_output(h: &Hoard, out: &[u8], action: &[u8]) -> String {
 
 #[test]
 fn an_object_deleted_behind_hoards_back_is_a_miss_not_a_hit_that_later_404s() {
-    let moto = Moto::start();
-    let bucket = Bucket::new(&moto.endpoint(), "gone");
-    bucket.create();
+    let (moto, bucket) = moto_with_bucket("gone");
     let tmp = tempfile::tempdir().unwrap();
     let a = start(
         &tmp.path().join("a"),
@@ -305,9 +309,7 @@ fn an_object_deleted_behind_hoards_back_is_a_miss_not_a_hit_that_later_404s() {
 
 #[test]
 fn a_corrupted_object_is_refused_by_read_through_and_counted() {
-    let moto = Moto::start();
-    let bucket = Bucket::new(&moto.endpoint(), "bad");
-    bucket.create();
+    let (moto, bucket) = moto_with_bucket("bad");
     let tmp = tempfile::tempdir().unwrap();
     let a = start(
         &tmp.path().join("a"),
@@ -509,9 +511,7 @@ fn a_conditional_conflict_is_retried_and_a_bucket_ignoring_the_header_is_detecte
 
 #[test]
 fn large_blobs_use_multipart_and_a_failed_part_aborts_the_upload() {
-    let moto = Moto::start();
-    let bucket = Bucket::new(&moto.endpoint(), "multipart");
-    bucket.create();
+    let (moto, bucket) = moto_with_bucket("multipart");
     let tmp = tempfile::tempdir().unwrap();
     let mut args = s3_args(&moto.endpoint(), "multipart", "host-m");
     args.push("--s3.multipart_threshold=6291456".into());
@@ -565,9 +565,7 @@ fn large_blobs_use_multipart_and_a_failed_part_aborts_the_upload() {
 
 #[test]
 fn an_action_result_goes_up_only_after_its_outputs_and_is_skipped_without_them() {
-    let moto = Moto::start();
-    let bucket = Bucket::new(&moto.endpoint(), "ordering");
-    bucket.create();
+    let (moto, bucket) = moto_with_bucket("ordering");
     let tmp = tempfile::tempdir().unwrap();
     let h = start(
         &tmp.path().join("a"),
@@ -611,9 +609,7 @@ fn an_action_result_goes_up_only_after_its_outputs_and_is_skipped_without_them()
 
 #[test]
 fn concurrent_misses_of_one_blob_fetch_it_once_and_a_read_only_host_uploads_nothing() {
-    let moto = Moto::start();
-    let bucket = Bucket::new(&moto.endpoint(), "flight");
-    bucket.create();
+    let (moto, bucket) = moto_with_bucket("flight");
     let tmp = tempfile::tempdir().unwrap();
     let a = start(
         &tmp.path().join("a"),

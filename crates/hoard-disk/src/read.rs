@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 
 use crate::casblob::{CHUNK_SIZE, Compression, FormatError, Header};
 use crate::index::Format;
-use crate::{DiskCache, Error, Kind, Location};
+use crate::{DiskCache, Error, Location};
 
 /// Files up to this size are read with one system call when opened.
 const SLURP_LIMIT: u64 = 256 * 1024;
@@ -114,10 +114,6 @@ fn read_header(file: &File, whole: Option<&[u8]>, file_len: u64) -> Result<Heade
 }
 
 impl Blob {
-    pub fn kind(&self) -> Kind {
-        self.loc.kind
-    }
-
     /// Size of the content in bytes.
     pub fn logical_size(&self) -> u64 {
         self.loc.logical

@@ -103,15 +103,6 @@ impl Uploads {
             Err(_) => true, // a Write is using it
         });
     }
-
-    /// Number of uploads known (running or paused).
-    pub fn len(&self) -> usize {
-        self.slots.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Feeds bytes to the upload on the blocking pool.

@@ -13,7 +13,6 @@ mod capabilities;
 mod cas;
 mod resource;
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -233,9 +232,4 @@ fn tokio_stream_from(
             }
         }
     })
-}
-
-/// Address a listener is bound to, for logs.
-pub fn describe(addr: SocketAddr) -> String {
-    format!("grpc://{addr}")
 }
