@@ -117,8 +117,14 @@ pub struct Accounting {
 
 enum Msg {
     Event(Event),
-    Stop(crossbeam_channel::Sender<()>),
+    /// Spool everything counted so far; send nothing.
+    Spool(crossbeam_channel::Sender<()>),
+    /// Spool everything, send until the deadline, stop.
+    Stop(crossbeam_channel::Sender<()>, Instant),
 }
+
+/// How long one INSERT may take outside shutdown.
+const INSERT_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Accounting {
     /// Starts the aggregating thread; sends what an earlier run left in the
@@ -188,12 +194,25 @@ impl Accounting {
         let _ = self.tx.send(Msg::Event(e));
     }
 
-    /// Spools everything counted so far (the current minute too), tries to
-    /// send the spool once, and stops the thread.
-    pub fn shutdown(&self) {
+    /// Writes everything counted so far (the current minute too) to the
+    /// spool, waiting at most `wait`. Shutdown calls it before the upload
+    /// drain, so counts already made survive a stop that is cut short.
+    pub fn spool_now(&self, wait: Duration) -> bool {
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        if self.tx.send(Msg::Stop(done_tx)).is_ok() {
-            let _ = done_rx.recv_timeout(Duration::from_secs(30));
+        self.tx.send(Msg::Spool(done_tx)).is_ok() && done_rx.recv_timeout(wait).is_ok()
+    }
+
+    /// Spools everything counted so far, sends the spool until `wait` has
+    /// passed (what is left stays spooled for the next start), and stops the
+    /// thread. Returns within about `wait` whatever ClickHouse does.
+    pub fn shutdown(&self, wait: Duration) {
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        let deadline = Instant::now() + wait;
+        let stopped = self.tx.send(Msg::Stop(done_tx, deadline)).is_ok()
+            && done_rx.recv_timeout(wait + Duration::from_secs(1)).is_ok();
+        if !stopped {
+            tracing::warn!("accounting did not stop in time; what it counted is spooled");
+            return;
         }
         if let Ok(mut g) = self.thread.lock()
             && let Some(h) = g.take()
@@ -226,7 +245,7 @@ fn minute_of(t: SystemTime) -> u32 {
 impl Worker {
     fn run(&mut self, rx: crossbeam_channel::Receiver<Msg>) {
         self.update_spool_gauges();
-        self.send_spooled();
+        self.send_spooled(None);
         let mut next_flush = Instant::now() + self.cfg.flush_interval;
         loop {
             let wait = next_flush.saturating_duration_since(Instant::now());
@@ -237,20 +256,23 @@ impl Worker {
                     s.0 += 1;
                     s.1 += e.bytes;
                 }
-                Ok(Msg::Stop(done)) => {
+                Ok(Msg::Spool(done)) => {
                     self.flush(true);
-                    self.send_spooled();
+                    let _ = done.send(());
+                }
+                Ok(Msg::Stop(done, deadline)) => {
+                    self.flush(true);
+                    self.send_spooled(Some(deadline));
                     let _ = done.send(());
                     return;
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                     self.flush(false);
-                    self.send_spooled();
+                    self.send_spooled(None);
                     next_flush = Instant::now() + self.cfg.flush_interval;
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                     self.flush(true);
-                    self.send_spooled();
                     return;
                 }
             }
@@ -313,8 +335,15 @@ impl Worker {
 
     /// Sends spooled batches oldest first; stops at the first failure so
     /// order is kept.
-    fn send_spooled(&mut self) {
+    fn send_spooled(&mut self, deadline: Option<Instant>) {
         for path in self.spool.files() {
+            let timeout = match deadline {
+                None => INSERT_TIMEOUT,
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => left.min(INSERT_TIMEOUT),
+                    _ => break,
+                },
+            };
             let batch = match Spool::read(&path) {
                 Ok(b) => b,
                 Err(e) => {
@@ -325,7 +354,7 @@ impl Worker {
             };
             match self
                 .runtime
-                .block_on(insert(&self.client, &self.cfg.table, &batch.rows))
+                .block_on(insert(&self.client, &self.cfg.table, &batch.rows, timeout))
             {
                 Ok(()) => {
                     let _ = std::fs::remove_file(&path);
@@ -491,6 +520,7 @@ async fn insert(
     client: &clickhouse::Client,
     table: &str,
     rows: &[Row],
+    timeout: Duration,
 ) -> Result<(), clickhouse::error::Error> {
     let fut = async {
         let mut insert = client.insert::<Row>(table).await?;
@@ -499,7 +529,7 @@ async fn insert(
         }
         insert.end().await
     };
-    match tokio::time::timeout(Duration::from_secs(30), fut).await {
+    match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,
         Err(_) => Err(clickhouse::error::Error::Custom("insert timed out".into())),
     }

@@ -20,11 +20,12 @@
 //!
 //! # Crash safety
 //!
-//! * A blob is written to `<hash>-<random>.tmp` in its final directory, while
+//! * A blob is written to `<hash>-<random>-<token>.tmp` in its final directory, while
 //!   being hashed and compressed, then (if `fsync` is on) `fsync`ed, then
 //!   renamed to its final name. A final name therefore only ever names
 //!   complete, verified content; a crash leaves at most `.tmp` files, which
-//!   are deleted at the next start.
+//!   are deleted at the next start (never those of the running process:
+//!   `<token>` is this process's).
 //! * The directory is not `fsync`ed after the rename: a crash may forget a
 //!   blob committed just before it, which is a cache miss, never a corrupt hit.
 //! * Reads check every casblob header against the file length and every
@@ -41,7 +42,8 @@
 //!
 //! One mutex guards the index, and no I/O is done while holding it. The
 //! namespace registry has its own lock, taken after the index lock when both
-//! are needed and never the other way round.
+//! are needed and never the other way round. The load-state lock (`parts`)
+//! is taken before the index lock, never after it.
 
 pub mod casblob;
 mod error;
@@ -101,6 +103,10 @@ pub struct Config {
     pub fsync: bool,
     /// Upper bound on the number of namespaces (at most 2048).
     pub max_namespaces: usize,
+    /// Fault injection for tests: the background load sleeps this long
+    /// after each directory it indexes, so that requests meet a partial
+    /// index. `None` in production.
+    pub load_pause: Option<std::time::Duration>,
 }
 
 /// A blob that was newly committed to disk; given to the [`CommitHook`].
@@ -154,6 +160,12 @@ pub(crate) struct Shared {
     pub evicted_bytes: AtomicU64,
     pub corrupt_dropped: AtomicU64,
     pub hook: OnceLock<CommitHook>,
+    /// Which directories are indexed while the load runs (see `load.rs`).
+    pub parts: Mutex<load::Parts>,
+    pub parts_cv: Condvar,
+    /// Marks this process's temp files (`<hash>-<n>-<token>.tmp`), which the
+    /// load never reaps.
+    pub token: u32,
     random: std::hash::RandomState,
     counter: AtomicU64,
     evictor: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -259,7 +271,9 @@ impl DiskCache {
     /// Opens (creating if needed) the cache directory and starts the
     /// eviction thread. The index starts empty: call [`DiskCache::load`]
     /// (typically on a background thread) to index the files already there.
-    /// Requests may be served meanwhile; blobs not yet indexed are misses.
+    /// Requests may be served meanwhile: a lookup in a directory the load
+    /// has not reached indexes that directory first, so it never answers
+    /// "absent" for a file on disk.
     pub fn open(cfg: Config) -> Result<DiskCache, Error> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -304,6 +318,9 @@ impl DiskCache {
             evicted_bytes: AtomicU64::new(0),
             corrupt_dropped: AtomicU64::new(0),
             hook: OnceLock::new(),
+            parts: Mutex::new(load::Parts::default()),
+            parts_cv: Condvar::new(),
+            token: std::hash::RandomState::new().hash_one(std::process::id()) as u32,
             random: std::hash::RandomState::new(),
             counter: AtomicU64::new(0),
             evictor: Mutex::new(None),
@@ -385,6 +402,7 @@ impl DiskCache {
 
     /// The logical size of a blob if it is in the cache, marking it used.
     pub fn contains(&self, ns: NamespaceId, kind: Kind, hash: &Hash) -> Option<u64> {
+        self.ensure_loaded(ns, kind, hash);
         let mut st = self.shared.state.lock();
         let slot = st.index.find(ns, kind, hash)?;
         st.index.touch(slot);
@@ -396,6 +414,7 @@ impl DiskCache {
     /// including when the file turned out to be missing or corrupt (it is
     /// then dropped from the index).
     pub fn get(&self, ns: NamespaceId, kind: Kind, hash: &Hash) -> Result<Option<Blob>, Error> {
+        self.ensure_loaded(ns, kind, hash);
         let loc = {
             let mut st = self.shared.state.lock();
             let Some(slot) = st.index.find(ns, kind, hash) else {
@@ -411,6 +430,7 @@ impl DiskCache {
     /// Removes a blob from the cache (for example an action-cache entry
     /// whose outputs are gone). Returns whether it was present.
     pub fn remove(&self, ns: NamespaceId, kind: Kind, hash: &Hash) -> bool {
+        self.ensure_loaded(ns, kind, hash);
         let mut st = self.shared.state.lock();
         let Some(slot) = st.index.find(ns, kind, hash) else {
             return false;
@@ -459,15 +479,19 @@ impl DiskCache {
             } else if total == 0 {
                 0.0
             } else {
-                self.shared.dirs_done.load(Ordering::Relaxed) as f64 / total as f64
+                // On-demand loads of namespaces created since start count
+                // too, so clamp.
+                (self.shared.dirs_done.load(Ordering::Relaxed) as f64 / total as f64).min(0.999)
             },
         }
     }
 
-    /// Stops the eviction thread after it has deleted what is queued, and
-    /// waits for it. The directory lock is released when the last clone of
-    /// this cache is dropped.
-    pub fn shutdown(&self) {
+    /// Stops the eviction thread after it has deleted what is queued,
+    /// waiting for it at most `wait`. Files it did not get to delete are
+    /// indexed again at the next start, which is harmless: they are
+    /// complete blobs. The directory lock is released when the last clone
+    /// of this cache is dropped.
+    pub fn shutdown(&self, wait: std::time::Duration) {
         {
             let mut st = self.shared.state.lock();
             st.stop = true;
@@ -475,7 +499,15 @@ impl DiskCache {
         }
         let handle = self.shared.evictor.lock().take();
         if let Some(h) = handle {
-            let _ = h.join();
+            let until = std::time::Instant::now() + wait;
+            while !h.is_finished() && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            } else {
+                tracing::warn!("the evictor did not stop in time; leaving it");
+            }
         }
     }
 
@@ -583,7 +615,7 @@ fn evict_loop(shared: &Shared) {
         let batch = {
             let mut st = shared.state.lock();
             loop {
-                let over = st.index.size_on_disk > shared.cfg.max_size_bytes;
+                let over = st.index.size_on_disk > shared.cfg.max_size_bytes && !st.stop;
                 if !st.doomed.is_empty() || over {
                     break;
                 }
@@ -592,7 +624,11 @@ fn evict_loop(shared: &Shared) {
                 }
                 shared.evict_cv.wait(&mut st);
             }
-            while st.index.size_on_disk > shared.cfg.max_size_bytes && st.doomed.len() < BATCH {
+            // Once stopping, only what is already doomed is deleted.
+            while !st.stop
+                && st.index.size_on_disk > shared.cfg.max_size_bytes
+                && st.doomed.len() < BATCH
+            {
                 let Some(slot) = st.index.lru() else { break };
                 let loc = Location::of(&st.index, slot);
                 st.index.remove(slot);

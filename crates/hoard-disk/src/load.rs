@@ -2,9 +2,26 @@
 //!
 //! Only directory listings and `stat` are used; no blob file is opened (the
 //! logical size of a casblob is in its name). Files ending in `.tmp` are
-//! writes a crash interrupted and are deleted. Anything else that is not a
-//! cache file is logged and left alone: a stray file must never keep the
-//! cache from starting.
+//! writes a crash interrupted and are deleted, except this process's own
+//! (they carry its token). Anything else that is not a cache file is logged
+//! and left alone: a stray file must never keep the cache from starting.
+//!
+//! # The load is an explicit state
+//!
+//! The unit of loading is a *part*: one `<kind dir>/<hh>` directory of one
+//! namespace. Each part is `Unloaded`, `Loading` or `Loaded`, and moves
+//! forward only. The background load claims parts one by one; a lookup in a
+//! part that is not `Loaded` yet ([`DiskCache::ensure_loaded`]) claims and
+//! loads it on the spot, or waits for whoever is loading it. So:
+//!
+//! * a lookup never answers "absent" for a file that was on disk at start;
+//! * a part is listed exactly once, before any write to it starts
+//!   (`Writer::start` calls `ensure_loaded`), so the load never sees a
+//!   file a writer renamed into place but has not indexed yet (the writer
+//!   would take it for a duplicate), nor a temp file of a write in flight;
+//! * [`DiskCache::is_loaded`] turns true only after every part is `Loaded`,
+//!   which is when callers that act on absence (completeness removal,
+//!   upload replay) may start.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -27,6 +44,51 @@ pub struct LoadReport {
     pub elapsed: Duration,
 }
 
+impl LoadReport {
+    fn add(&mut self, o: &LoadReport) {
+        self.temp_files_removed += o.temp_files_removed;
+        self.foreign_files += o.foreign_files;
+        self.duplicates_removed += o.duplicates_removed;
+    }
+}
+
+/// Load state of one part (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Part {
+    Unloaded,
+    Loading,
+    Loaded,
+}
+
+const PARTS_PER_NS: usize = 3 * SUBDIRS;
+
+/// Per namespace, the state of each of its parts; namespaces not listed yet
+/// are all `Unloaded`.
+#[derive(Default)]
+pub(crate) struct Parts {
+    by_ns: Vec<Vec<Part>>,
+    loading: usize,
+}
+
+impl Parts {
+    fn state(&mut self, ns: NamespaceId, part: usize) -> &mut Part {
+        let n = ns.index();
+        if self.by_ns.len() <= n {
+            self.by_ns.resize_with(n + 1, Vec::new);
+        }
+        let v = &mut self.by_ns[n];
+        if v.is_empty() {
+            v.resize(PARTS_PER_NS, Part::Unloaded);
+        }
+        &mut v[part]
+    }
+}
+
+fn part_index(kind: Kind, subdir: usize) -> usize {
+    let k = Kind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+    k * SUBDIRS + subdir
+}
+
 struct Found {
     entry: Entry,
     odd: Option<Box<str>>,
@@ -40,10 +102,14 @@ const ROOT_NAMES: &[&str] = &[
     NS_DIR,
     crate::LOCK_FILE,
     "upload.journal",
+    "upload.journal.tmp",
     "accounting.spool",
     "lost+found",
     ".DS_Store",
 ];
+
+/// One part to load: namespace, kind, subdirectory number, path.
+type Work = (NamespaceId, Kind, usize, PathBuf);
 
 impl DiskCache {
     /// Indexes every cache file under the directory. Blocking; meant for a
@@ -56,17 +122,14 @@ impl DiskCache {
         self.shared().state.lock().load_atime = Some(Vec::new());
 
         report.foreign_files += check_root(&root);
-        let mut work: Vec<(NamespaceId, Kind, PathBuf)> = Vec::new();
+        let mut work: Vec<Work> = Vec::new();
         let mut roots = vec![(NamespaceId::DEFAULT, root.clone())];
         roots.extend(self.discover_namespaces(&root, &mut report));
         for (ns, nsroot) in roots {
             for kind in Kind::ALL {
                 for i in 0..SUBDIRS {
-                    work.push((
-                        ns,
-                        kind,
-                        nsroot.join(kind.dir_name()).join(format!("{i:02x}")),
-                    ));
+                    let dir = nsroot.join(kind.dir_name()).join(format!("{i:02x}"));
+                    work.push((ns, kind, i, dir));
                 }
             }
         }
@@ -101,12 +164,15 @@ impl DiskCache {
             handles.into_iter().filter_map(|h| h.join().ok()).collect()
         });
         for t in totals {
-            report.temp_files_removed += t.temp_files_removed;
-            report.foreign_files += t.foreign_files;
-            report.duplicates_removed += t.duplicates_removed;
+            report.add(&t);
         }
-
+        // Parts claimed by lookups may still be loading: the index is whole
+        // only once they are done.
         {
+            let mut parts = shared.parts.lock();
+            while parts.loading > 0 {
+                shared.parts_cv.wait(&mut parts);
+            }
             let mut st = shared.state.lock();
             let atimes = st.load_atime.take().unwrap_or_default();
             let mut order = st.index.slots_cold_to_hot();
@@ -118,8 +184,11 @@ impl DiskCache {
             st.index.compact();
             report.entries = st.index.len() as u64;
             report.size_on_disk = st.index.size_on_disk;
+            // Under the parts lock: a lookup either saw a part's state or
+            // sees `loaded`, never neither.
+            shared.loaded.store(true, Ordering::Release);
         }
-        shared.loaded.store(true, Ordering::Release);
+        shared.parts_cv.notify_all();
         shared.evict_cv.notify_one();
         report.elapsed = started.elapsed();
         tracing::info!(
@@ -132,6 +201,58 @@ impl DiskCache {
             "cache index loaded"
         );
         report
+    }
+
+    /// Makes sure the part that holds this key is indexed: returns at once
+    /// once the load is done; else loads the part now, or waits for the
+    /// thread loading it.
+    pub(crate) fn ensure_loaded(&self, ns: NamespaceId, kind: Kind, hash: &Hash) {
+        if self.is_loaded() {
+            return;
+        }
+        let part = part_index(kind, hash.0[0] as usize);
+        if self.claim_part(ns, part, true) {
+            let dir = self.dir_of(ns, kind, hash);
+            let r = self.load_part(ns, kind, &dir);
+            if r.temp_files_removed + r.duplicates_removed + r.foreign_files > 0 {
+                tracing::debug!(dir = %dir.display(), "indexed a directory on demand");
+            }
+            self.finish_part(ns, part);
+        }
+    }
+
+    /// Claims a part for loading: true when the caller must load it and
+    /// then call `finish_part`. With `wait`, a part being loaded by another
+    /// thread is waited for.
+    fn claim_part(&self, ns: NamespaceId, part: usize, wait: bool) -> bool {
+        let shared = self.shared();
+        let mut parts = shared.parts.lock();
+        loop {
+            if self.is_loaded() {
+                return false;
+            }
+            match *parts.state(ns, part) {
+                Part::Unloaded => {
+                    *parts.state(ns, part) = Part::Loading;
+                    parts.loading += 1;
+                    return true;
+                }
+                Part::Loaded => return false,
+                Part::Loading if !wait => return false,
+                Part::Loading => shared.parts_cv.wait(&mut parts),
+            }
+        }
+    }
+
+    fn finish_part(&self, ns: NamespaceId, part: usize) {
+        let shared = self.shared();
+        {
+            let mut parts = shared.parts.lock();
+            *parts.state(ns, part) = Part::Loaded;
+            parts.loading -= 1;
+        }
+        shared.dirs_done.fetch_add(1, Ordering::Relaxed);
+        shared.parts_cv.notify_all();
     }
 
     fn discover_namespaces(
@@ -168,69 +289,89 @@ impl DiskCache {
         out
     }
 
-    fn scan_worker(&self, work: &[(NamespaceId, Kind, PathBuf)], next: &AtomicUsize) -> LoadReport {
+    fn scan_worker(&self, work: &[Work], next: &AtomicUsize) -> LoadReport {
         let mut report = LoadReport::default();
-        let mut batch: Vec<Found> = Vec::new();
-        let mut foreign_logged = 0;
+        let pause = self.shared().cfg.load_pause;
         loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some((ns, kind, dir)) = work.get(i) else {
+            let Some((ns, kind, sub, dir)) = work.get(i) else {
                 return report;
             };
-            batch.clear();
-            if let Ok(rd) = fs::read_dir(dir) {
-                for de in rd.flatten() {
-                    let name = de.file_name();
-                    let name = name.to_string_lossy();
-                    if name.ends_with(".tmp") {
-                        if fs::remove_file(de.path()).is_ok() {
-                            report.temp_files_removed += 1;
-                        }
-                        continue;
+            let part = part_index(*kind, *sub);
+            // A part a lookup already claimed is that lookup's to load.
+            if !self.claim_part(*ns, part, false) {
+                continue;
+            }
+            report.add(&self.load_part(*ns, *kind, dir));
+            self.finish_part(*ns, part);
+            if let Some(p) = pause {
+                std::thread::sleep(p);
+            }
+        }
+    }
+
+    /// Lists one part's directory and indexes what it holds. Only the
+    /// holder of the part's claim calls this.
+    fn load_part(&self, ns: NamespaceId, kind: Kind, dir: &Path) -> LoadReport {
+        let mut report = LoadReport::default();
+        let mut batch: Vec<Found> = Vec::new();
+        let own_tmp = format!("-{:08x}.tmp", self.shared().token);
+        let mut foreign_logged = 0;
+        if let Ok(rd) = fs::read_dir(dir) {
+            for de in rd.flatten() {
+                let name = de.file_name();
+                let name = name.to_string_lossy();
+                if name.ends_with(".tmp") {
+                    // Ours is a write in flight; any other is a crash's leftover.
+                    if !name.ends_with(&own_tmp) && fs::remove_file(de.path()).is_ok() {
+                        report.temp_files_removed += 1;
                     }
-                    let parsed = parse_name(&name, *kind);
-                    let meta = de.metadata().ok().filter(|m| m.is_file());
-                    match (parsed, meta) {
-                        (Some(p), Some(m)) => {
-                            let logical = p.logical.unwrap_or(m.len());
-                            let odd = match &p.suffix {
-                                Suffix::Odd(s) => Some(s.clone()),
-                                Suffix::Num(_) => None,
-                            };
-                            let entry = Entry::new(
-                                *ns,
-                                *kind,
-                                p.hash,
-                                p.format,
-                                logical,
-                                m.len().div_ceil(crate::BLOCK_SIZE) as u32,
-                                match p.suffix {
-                                    Suffix::Num(n) => n,
-                                    Suffix::Odd(_) => 0,
-                                },
-                                odd.is_some(),
-                            );
-                            let atime = m.atime().clamp(0, u32::MAX as i64 - 1) as u32;
-                            batch.push(Found { entry, odd, atime });
-                        }
-                        _ => {
-                            report.foreign_files += 1;
-                            if foreign_logged < 20 {
-                                foreign_logged += 1;
-                                tracing::warn!(path = %de.path().display(), "ignoring foreign file in cache directory");
-                            }
+                    continue;
+                }
+                let parsed = parse_name(&name, kind);
+                let meta = de.metadata().ok().filter(|m| m.is_file());
+                match (parsed, meta) {
+                    (Some(p), Some(m)) => {
+                        let logical = p.logical.unwrap_or(m.len());
+                        let odd = match &p.suffix {
+                            Suffix::Odd(s) => Some(s.clone()),
+                            Suffix::Num(_) => None,
+                        };
+                        let entry = Entry::new(
+                            ns,
+                            kind,
+                            p.hash,
+                            p.format,
+                            logical,
+                            m.len().div_ceil(crate::BLOCK_SIZE) as u32,
+                            match p.suffix {
+                                Suffix::Num(n) => n,
+                                Suffix::Odd(_) => 0,
+                            },
+                            odd.is_some(),
+                        );
+                        let atime = m.atime().clamp(0, u32::MAX as i64 - 1) as u32;
+                        batch.push(Found { entry, odd, atime });
+                    }
+                    _ => {
+                        report.foreign_files += 1;
+                        if foreign_logged < 20 {
+                            foreign_logged += 1;
+                            tracing::warn!(path = %de.path().display(), "ignoring foreign file in cache directory");
                         }
                     }
                 }
             }
-            report.duplicates_removed += self.insert_found(&mut batch);
-            self.shared().dirs_done.fetch_add(1, Ordering::Relaxed);
         }
+        report.duplicates_removed += self.insert_found(&mut batch);
+        report
     }
 
-    /// Adds a directory's worth of found files to the index. A key already
-    /// present (written since start, or a duplicate file) keeps its entry;
-    /// the other file is deleted.
+    /// Adds a directory's worth of found files to the index. Two files of
+    /// one key (a crash between writing a newer action result and deleting
+    /// the older, or a bazel-remote leftover) keep the first; the other file
+    /// is deleted. No writer can have added the key meanwhile: writes to a
+    /// part wait for its load.
     fn insert_found(&self, batch: &mut Vec<Found>) -> u64 {
         let mut dupes = Vec::new();
         {

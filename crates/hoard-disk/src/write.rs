@@ -83,6 +83,10 @@ impl Writer {
         hash: Hash,
         expected: u64,
     ) -> Result<Writer, Error> {
+        // The part is indexed before anything is written to it, so the load
+        // never lists this write's temp file or its committed file (see
+        // `load.rs`).
+        cache.ensure_loaded(ns, kind, &hash);
         let cfg = cache.config().clone();
         let hasher = (kind == Kind::Cas).then(Sha256::new);
         let mut w = Writer {
@@ -137,7 +141,12 @@ impl Writer {
             w.reservation = estimate;
         }
         let dir = w.cache.dir_of(ns, kind, &hash);
-        let tmp = dir.join(format!("{}-{:09}.tmp", hash, w.cache.random_suffix()));
+        let tmp = dir.join(format!(
+            "{}-{:09}-{:08x}.tmp",
+            hash,
+            w.cache.random_suffix(),
+            w.cache.shared().token
+        ));
         let file = File::options()
             .write(true)
             .create_new(true)

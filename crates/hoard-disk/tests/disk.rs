@@ -19,6 +19,7 @@ fn cfg(dir: &Path, max: u64) -> Config {
         storage_mode: StorageMode::Zstd,
         fsync: false,
         max_namespaces: 16,
+        load_pause: None,
     }
 }
 
@@ -80,10 +81,15 @@ fn blobs_round_trip_in_both_storage_modes_and_survive_a_restart() {
                     *b
                 );
             }
-            cache.shutdown();
+            cache.shutdown(std::time::Duration::from_secs(10));
         }
         let cache = DiskCache::open(c).unwrap();
-        assert!(read(&cache, NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[0])).is_none());
+        // Before the load reaches it, a lookup indexes the blob's directory
+        // itself: a partial index never answers "absent".
+        assert_eq!(
+            read(&cache, NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[0])).as_ref(),
+            Some(&blobs[0])
+        );
         let report = cache.load();
         assert_eq!(report.entries, 3);
         for b in &blobs {
@@ -331,7 +337,7 @@ fn namespaces_are_isolated_and_reload() {
         put(&cache, ns, Kind::Cas, &blob).unwrap();
         assert!(read(&cache, NamespaceId::DEFAULT, Kind::Cas, &sha(&blob)).is_none());
         assert!(cache.namespace("../x").is_err());
-        cache.shutdown();
+        cache.shutdown(std::time::Duration::from_secs(10));
     }
     assert!(dir.path().join("ns.v1/team+a/cas.v2").is_dir());
     let cache = DiskCache::open(cfg(dir.path(), 1 << 30)).unwrap();
@@ -368,4 +374,139 @@ fn a_second_process_cannot_open_the_same_directory() {
         DiskCache::open(cfg(dir.path(), 1 << 20)),
         Err(Error::Locked { .. })
     ));
+}
+
+/// Flips one byte of content (or truncates) in every stored file of `hash`.
+fn damage(dir: &Path, hash: &Hash, truncate: bool) {
+    let hex = hash.to_hex();
+    for f in files_under(dir).iter().filter(|f| f.contains(&hex)) {
+        let p = dir.join(f);
+        let mut bytes = fs::read(&p).unwrap();
+        if truncate {
+            bytes.truncate(bytes.len() - 7);
+        } else {
+            let at = bytes.len() - bytes.len() / 3;
+            bytes[at] ^= 0x40;
+        }
+        fs::write(&p, bytes).unwrap();
+    }
+}
+
+#[test]
+fn damaged_files_never_read_back_whole_in_either_mode_or_form() {
+    for mode in [StorageMode::Zstd, StorageMode::Uncompressed] {
+        for truncate in [false, true] {
+            for size in [5000, CHUNK_SIZE * 2 + 77] {
+                let dir = tempfile::tempdir().unwrap();
+                let mut c = cfg(dir.path(), 1 << 30);
+                c.storage_mode = mode;
+                let cache = DiskCache::open(c).unwrap();
+                cache.load();
+                // Random-looking bytes, so a flipped byte lands in real
+                // compressed data.
+                let mut s = 0x9E37_79B9u32 ^ size as u32;
+                let b: Vec<u8> = (0..size)
+                    .map(|_| {
+                        s ^= s << 13;
+                        s ^= s >> 17;
+                        s ^= s << 5;
+                        (s % 7) as u8
+                    })
+                    .collect();
+                let h = sha(&b);
+                assert!(put(&cache, NamespaceId::DEFAULT, Kind::Cas, &b).unwrap());
+                damage(dir.path(), &h, truncate);
+                let what = format!("{mode:?} truncate={truncate} size={size}");
+                // Content form: every piece, then the end; never all of it.
+                let whole = cache
+                    .get(NamespaceId::DEFAULT, Kind::Cas, &h)
+                    .unwrap()
+                    .map(|mut blob| blob.read_to_vec());
+                assert!(
+                    !matches!(&whole, Some(Ok(v)) if v.len() == size),
+                    "{what}: damaged content read back whole"
+                );
+                assert!(
+                    cache
+                        .get(NamespaceId::DEFAULT, Kind::Cas, &h)
+                        .unwrap()
+                        .is_none(),
+                    "{what}: the damaged entry is dropped"
+                );
+                // Stored form (pass-through zstd): same damage, fresh copy.
+                if mode == StorageMode::Zstd {
+                    assert!(put(&cache, NamespaceId::DEFAULT, Kind::Cas, &b).unwrap());
+                    damage(dir.path(), &h, truncate);
+                    let stored =
+                        cache
+                            .get(NamespaceId::DEFAULT, Kind::Cas, &h)
+                            .unwrap()
+                            .map(|mut blob| {
+                                blob.seek_stored(0);
+                                let mut all = Vec::new();
+                                let mut piece = Vec::new();
+                                loop {
+                                    match blob.next_stored(&mut piece) {
+                                        Ok(true) => all.extend_from_slice(&piece),
+                                        Ok(false) => return Ok(all),
+                                        Err(e) => return Err(e),
+                                    }
+                                }
+                            });
+                    assert!(
+                        !matches!(&stored, Some(Ok(_))),
+                        "{what}: damaged stored frames read back whole"
+                    );
+                    assert!(
+                        cache
+                            .get(NamespaceId::DEFAULT, Kind::Cas, &h)
+                            .unwrap()
+                            .is_none(),
+                        "{what}: dropped after a stored read"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn uncompressed_ranges_are_proved_by_the_whole_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path(), 1 << 30);
+    c.storage_mode = StorageMode::Uncompressed;
+    let cache = DiskCache::open(c).unwrap();
+    cache.load();
+    let b = data(CHUNK_SIZE * 3, 9);
+    let h = sha(&b);
+    assert!(put(&cache, NamespaceId::DEFAULT, Kind::Cas, &b).unwrap());
+    // A good blob: a range from the middle reads and verifies.
+    let mut blob = cache
+        .get(NamespaceId::DEFAULT, Kind::Cas, &h)
+        .unwrap()
+        .unwrap();
+    blob.seek(CHUNK_SIZE as u64 + 10);
+    let mut piece = Vec::new();
+    assert!(blob.next_chunk(&mut piece).unwrap());
+    let from = CHUNK_SIZE + 10;
+    assert!(
+        piece[..] == b[from..from + piece.len()],
+        "the range's bytes"
+    );
+    blob.verify_all().unwrap();
+    drop(blob);
+    // Damage after the range: the range alone must not pass.
+    damage(dir.path(), &h, false);
+    let mut blob = cache
+        .get(NamespaceId::DEFAULT, Kind::Cas, &h)
+        .unwrap()
+        .unwrap();
+    assert!(blob.next_chunk(&mut piece).unwrap());
+    assert!(blob.verify_all().is_err());
+    assert!(
+        cache
+            .get(NamespaceId::DEFAULT, Kind::Cas, &h)
+            .unwrap()
+            .is_none()
+    );
 }

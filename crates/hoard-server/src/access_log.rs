@@ -1,53 +1,41 @@
 //! bazel-remote-compatible access log: one line per request on stdout,
 //! `YYYY/MM/DD HH:MM:SS METHOD STATUS CLIENT PATH`, timestamps in UTC.
 //!
-//! Lines are buffered and flushed every 100 ms (and at shutdown) so that a
-//! busy server does not pay a `write` system call per request.
+//! Lines go through a [`LineSink`], so a slow or closed stdout never
+//! blocks or fails a request; it only loses lines.
 
-use std::io::{BufWriter, Stdout, Write};
+use std::io::Write;
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use parking_lot::Mutex;
+use crate::log_sink::LineSink;
 
 #[derive(Clone)]
 pub struct AccessLog {
-    out: Arc<Mutex<BufWriter<Stdout>>>,
+    out: LineSink,
 }
 
 impl AccessLog {
-    /// Creates the log and starts its flusher on the current runtime.
+    /// Creates the log on stdout.
     pub fn start() -> AccessLog {
-        let log = AccessLog {
-            out: Arc::new(Mutex::new(BufWriter::with_capacity(
-                64 * 1024,
-                std::io::stdout(),
-            ))),
-        };
-        let flusher = log.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            loop {
-                tick.tick().await;
-                flusher.flush();
-            }
-        });
-        log
+        AccessLog {
+            out: LineSink::spawn("hoard-access-log", std::io::stdout(), 64 * 1024),
+        }
     }
 
     pub fn record(&self, method: &str, status: u16, client: IpAddr, path: &str) {
         let ts = format_utc(SystemTime::now());
-        let mut out = self.out.lock();
+        let mut w = self.out.writer();
         let _ = writeln!(
-            out,
+            w,
             "{ts} {method:>4} {status} {:>15} {path}",
             client.to_string()
         );
     }
 
+    /// Gives queued lines a moment to reach stdout (at shutdown).
     pub fn flush(&self) {
-        let _ = self.out.lock().flush();
+        self.out.drain(std::time::Duration::from_millis(500));
     }
 }
 
@@ -79,6 +67,7 @@ pub fn format_utc(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn formats_like_go_log() {

@@ -21,6 +21,7 @@ use futures_util::{Stream, StreamExt};
 use hoard_disk::{Blob, DiskCache, Hash, Kind, NamespaceId, WriteOutcome};
 use hoard_proto::prost::Message;
 use hoard_proto::reapi::{ActionResult, Tree};
+pub use hoard_upload::Presence;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::error::{CacheError, ErrorKind};
@@ -219,7 +220,7 @@ impl Cache {
             return Ok(Some(Found::Empty));
         }
         let mut found = self.inner.disk.get(ns, Kind::Cas, hash)?;
-        if found.is_none() && self.read_through(ns, Kind::Cas, hash).await {
+        if found.is_none() && self.read_through(ns, Kind::Cas, hash).await == Presence::Present {
             found = self.inner.disk.get(ns, Kind::Cas, hash)?;
         }
         self.count("get", Kind::Cas, found.is_some());
@@ -228,48 +229,43 @@ impl Cache {
 
     /// Whether a CAS blob of this digest is available: on local disk (with
     /// that size; the entry is marked used) or in the bucket (by hash: a
-    /// HEAD cannot tell the logical size of a compressed object).
+    /// HEAD cannot tell the logical size of a compressed object). A bucket
+    /// that does not answer counts as "not available": the client uploads
+    /// the blob again, which costs bytes, never a build.
     pub async fn cas_has(&self, ns: NamespaceId, hash: &Hash, size: u64) -> bool {
-        let found = if hash.is_empty_blob() {
-            size == 0
-        } else if let Some(local) = self.inner.disk.contains(ns, Kind::Cas, hash) {
-            local == size
-        } else {
-            match self.backend() {
-                Some(b) => {
-                    b.exists(&self.inner.disk.namespace_name(ns), Kind::Cas, hash)
-                        .await
-                }
-                None => false,
-            }
-        };
+        let d = BlobDigest { hash: *hash, size };
+        let found = self.present(ns, &d).await == Presence::Present;
         self.count("contains", Kind::Cas, found);
         found
     }
 
-    async fn present(&self, ns: NamespaceId, d: &BlobDigest) -> bool {
+    /// Where a referenced blob stands: on local disk with this size, else
+    /// what the bucket says (`Unknown` when it does not answer).
+    async fn present(&self, ns: NamespaceId, d: &BlobDigest) -> Presence {
         if d.is_empty_blob() {
-            return true;
+            return Presence::Present;
         }
         match self.inner.disk.contains(ns, Kind::Cas, &d.hash) {
-            Some(size) => size == d.size,
+            Some(size) if size == d.size => Presence::Present,
+            Some(_) => Presence::Absent,
             None => match self.backend() {
                 Some(b) => {
                     b.exists(&self.inner.disk.namespace_name(ns), Kind::Cas, &d.hash)
                         .await
                 }
-                None => false,
+                None => Presence::Absent,
             },
         }
     }
 
     /// Fetches a blob missing locally from the bucket, verifies it while
-    /// storing it, and reports whether it is now local. Concurrent misses of
-    /// one blob fetch it once. A blob failing verification is counted and
-    /// never stored; a slow or dead bucket is a miss.
-    pub async fn read_through(&self, ns: NamespaceId, kind: Kind, hash: &Hash) -> bool {
+    /// storing it, and says whether it is now local (`Present`), the bucket
+    /// has none (`Absent`), or that could not be learned (`Unknown`: a slow
+    /// or dead bucket, or an object that failed verification, which is
+    /// counted and never stored). Concurrent misses of one blob fetch once.
+    pub async fn read_through(&self, ns: NamespaceId, kind: Kind, hash: &Hash) -> Presence {
         let Some(backend) = self.backend().cloned() else {
-            return false;
+            return Presence::Absent;
         };
         let flight = Arc::clone(
             self.inner
@@ -280,15 +276,15 @@ impl Cache {
         );
         let guard = flight.lock().await;
         let done = if self.inner.disk.contains(ns, kind, hash).is_some() {
-            true // fetched by the flight we waited for
+            Presence::Present // fetched by the flight we waited for
         } else {
             let name = self.inner.disk.namespace_name(ns);
             match self.fetch_and_store(&backend, ns, &name, kind, hash).await {
-                Ok(stored) => stored,
+                Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(%kind, %hash, error = %e.message, "object from the bucket refused");
                     backend.verification_failed(&name, kind, hash);
-                    false
+                    Presence::Unknown
                 }
             }
         };
@@ -307,9 +303,11 @@ impl Cache {
         name: &str,
         kind: Kind,
         hash: &Hash,
-    ) -> Result<bool, CacheError> {
-        let Some(fetched) = backend.fetch(name, kind, hash).await else {
-            return Ok(false);
+    ) -> Result<Presence, CacheError> {
+        let fetched = match backend.fetch(name, kind, hash).await {
+            hoard_upload::Fetch::Found(f) => f,
+            hoard_upload::Fetch::Absent => return Ok(Presence::Absent),
+            hoard_upload::Fetch::Unknown => return Ok(Presence::Unknown),
         };
         let timeout = backend.read_timeout();
         let mut body = fetched.body;
@@ -346,24 +344,27 @@ impl Cache {
         });
         let stream = futures_util::stream::iter([Ok(first)]).chain(rest);
         self.put_upload(upload, Box::pin(stream)).await?;
-        Ok(true)
+        Ok(Presence::Present)
     }
 
     /// Whether every blob `ar` references is present (locally or in the
     /// bucket): output files, stdout, stderr, each output directory's tree
-    /// and every file in it.
+    /// and every file in it. `Absent` when one is known to be missing;
+    /// `Unknown` when the bucket could not say (the check stops there, so a
+    /// dead bucket costs one timeout, not one per blob).
     pub async fn is_complete(
         &self,
         ns: NamespaceId,
         ar: &ActionResult,
-    ) -> Result<bool, CacheError> {
+    ) -> Result<Presence, CacheError> {
         let refs = match references(ar) {
             Ok(r) => r,
-            Err(_) => return Ok(false),
+            Err(_) => return Ok(Presence::Absent),
         };
         for d in &refs.files {
-            if !self.present(ns, d).await {
-                return Ok(false);
+            match self.present(ns, d).await {
+                Presence::Present => {}
+                other => return Ok(other),
             }
         }
         for t in &refs.trees {
@@ -371,47 +372,53 @@ impl Cache {
                 continue;
             }
             let mut blob = self.inner.disk.get(ns, Kind::Cas, &t.hash)?;
-            if blob.is_none() && self.read_through(ns, Kind::Cas, &t.hash).await {
-                blob = self.inner.disk.get(ns, Kind::Cas, &t.hash)?;
+            if blob.is_none() {
+                match self.read_through(ns, Kind::Cas, &t.hash).await {
+                    Presence::Present => blob = self.inner.disk.get(ns, Kind::Cas, &t.hash)?,
+                    other => return Ok(other),
+                }
             }
             let Some(mut blob) = blob else {
-                return Ok(false);
+                return Ok(Presence::Absent);
             };
             if blob.logical_size() != t.size {
-                return Ok(false);
+                return Ok(Presence::Absent);
             }
             let bytes = match blob.read_to_vec() {
                 Ok(b) => b,
-                Err(hoard_disk::Error::Corrupt { .. }) => return Ok(false),
+                Err(hoard_disk::Error::Corrupt { .. }) => return Ok(Presence::Absent),
                 Err(e) => return Err(e.into()),
             };
             let Ok(tree) = Tree::decode(bytes.as_slice()) else {
-                return Ok(false);
+                return Ok(Presence::Absent);
             };
             for dir in tree.root.iter().chain(&tree.children) {
                 for f in &dir.files {
                     let Some(d) = f.digest.as_ref().and_then(|d| parse_digest(d).ok()) else {
-                        return Ok(false);
+                        return Ok(Presence::Absent);
                     };
-                    if !self.present(ns, &d).await {
-                        return Ok(false);
+                    match self.present(ns, &d).await {
+                        Presence::Present => {}
+                        other => return Ok(other),
                     }
                 }
             }
         }
-        Ok(true)
+        Ok(Presence::Present)
     }
 
     /// Looks up an action result and returns it (stored bytes and parsed
-    /// form) only if it is complete. An incomplete or unreadable entry is
-    /// removed and answers a miss.
+    /// form) only if it is complete. An entry known to be incomplete or
+    /// unreadable is removed and answers a miss; one whose completeness is
+    /// unknown (the bucket does not answer) answers a miss and stays. While
+    /// the index loads nothing is removed.
     pub async fn ac_get(
         &self,
         ns: NamespaceId,
         hash: &Hash,
     ) -> Result<Option<(Vec<u8>, ActionResult)>, CacheError> {
         let mut blob = self.inner.disk.get(ns, Kind::Ac, hash)?;
-        if blob.is_none() && self.read_through(ns, Kind::Ac, hash).await {
+        if blob.is_none() && self.read_through(ns, Kind::Ac, hash).await == Presence::Present {
             blob = self.inner.disk.get(ns, Kind::Ac, hash)?;
         }
         let Some(mut blob) = blob else {
@@ -426,22 +433,26 @@ impl Cache {
             }
             Err(e) => return Err(e.into()),
         };
-        let complete = match ActionResult::decode(bytes.as_slice()) {
-            Ok(ar) => {
-                if self.is_complete(ns, &ar).await? {
+        let completeness = match ActionResult::decode(bytes.as_slice()) {
+            Ok(ar) => match self.is_complete(ns, &ar).await? {
+                Presence::Present => {
                     self.count("get", Kind::Ac, true);
                     return Ok(Some((bytes, ar)));
                 }
-                false
-            }
-            Err(_) => false,
+                other => other,
+            },
+            Err(_) => Presence::Absent,
         };
-        if !complete {
-            self.inner.metrics.ac_completeness_misses.inc();
-            tracing::info!(action = %hash, "action result references missing blobs; removed");
-        }
-        self.inner.disk.remove(ns, Kind::Ac, hash);
         self.count("get", Kind::Ac, false);
+        self.inner.metrics.ac_completeness_misses.inc();
+        if completeness == Presence::Unknown {
+            tracing::info!(action = %hash, "action result not served: the bucket did not say whether its outputs exist; kept");
+        } else if !self.inner.disk.is_loaded() {
+            tracing::info!(action = %hash, "action result references missing blobs; kept until the index is loaded");
+        } else {
+            tracing::info!(action = %hash, "action result references missing blobs; removed");
+            self.inner.disk.remove(ns, Kind::Ac, hash);
+        }
         Ok(None)
     }
 

@@ -386,16 +386,15 @@ fn held(data: Vec<u8>, permit: OwnedSemaphorePermit) -> Bytes {
 fn stream_blob(cache: Cache, blob: hoard_disk::Blob, stored: bool) -> Response<Body> {
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
     tokio::spawn(async move {
+        let mut blob = blob;
+        if stored {
+            blob.seek_stored(0);
+        }
         let mut blob = Some(blob);
-        let mut offset = 0u64;
         loop {
-            // Decoding needs the stored chunk and the decoded one at once.
-            let need = if stored {
-                STREAM_CHUNK
-            } else {
-                2 * STREAM_CHUNK
-            };
-            let permit = match cache.reserve_inflight(need).await {
+            // Decoding (and, for stored frames, verifying) needs a stored
+            // chunk and a decoded one at once.
+            let permit = match cache.reserve_inflight(2 * STREAM_CHUNK).await {
                 Ok(p) => p,
                 Err(e) => {
                     let _ = tx.send(Err(e.into())).await;
@@ -406,11 +405,7 @@ fn stream_blob(cache: Cache, blob: hoard_disk::Blob, stored: bool) -> Response<B
             let read = tokio::task::spawn_blocking(move || {
                 let mut buf = Vec::new();
                 let r = if stored {
-                    buf.resize(STREAM_CHUNK, 0);
-                    b.read_stored_at(offset, &mut buf).map(|n| {
-                        buf.truncate(n);
-                        n > 0
-                    })
+                    b.next_stored(&mut buf)
                 } else {
                     b.next_chunk(&mut buf)
                 };
@@ -426,7 +421,6 @@ fn stream_blob(cache: Cache, blob: hoard_disk::Blob, stored: bool) -> Response<B
             };
             match r {
                 Ok(true) => {
-                    offset += buf.len() as u64;
                     blob = Some(b);
                     if tx.send(Ok(Frame::data(held(buf, permit)))).await.is_err() {
                         return; // client went away

@@ -14,6 +14,7 @@ pub mod cache;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod log_sink;
 pub mod metrics;
 pub mod validate;
 

@@ -9,6 +9,9 @@
 //!
 //! At start the journal is replayed: jobs added and not done are queued
 //! again, and the file is rewritten with just those (temp file + rename).
+//! When the rewrite cannot be made (a full disk), the journal is kept as it
+//! is and appended to: replay reads it the same way, so a full disk delays
+//! compaction and never stops the daemon from starting.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -58,19 +61,10 @@ impl Journal {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e),
         };
-        // Rewrite with only what is pending, so the file stays small.
-        let tmp = path.with_extension("tmp");
-        {
-            let mut f = File::create(&tmp)?;
-            let mut text = String::new();
-            for (k, size, nonce) in &pending {
-                text.push_str(&add_line(k, *size, *nonce));
-            }
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
+        if let Err(e) = compact(path, &pending) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot compact the upload journal; appending to it as it is");
         }
-        fs::rename(&tmp, path)?;
-        let file = OpenOptions::new().append(true).open(path)?;
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
         Ok((
             Journal {
                 file: parking_lot::Mutex::new(file),
@@ -96,6 +90,26 @@ impl Journal {
         // One write call per record (see the module doc).
         self.file.lock().write_all(line.as_bytes())
     }
+}
+
+/// Rewrites the journal with only what is pending, so the file stays small.
+/// On failure the old journal is untouched and the temp file removed.
+fn compact(path: &Path, pending: &[Pending]) -> io::Result<()> {
+    let tmp = path.with_extension("journal.tmp");
+    let written = (|| {
+        let mut f = File::create(&tmp)?;
+        let mut text = String::new();
+        for (k, size, nonce) in pending {
+            text.push_str(&add_line(k, *size, *nonce));
+        }
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 fn add_line(k: &JobKey, size: u64, nonce: u64) -> String {

@@ -89,6 +89,25 @@ pub struct Outcome {
 /// Receives every terminal outcome, once, as it happens (accounting).
 pub type OutcomeSink = Box<dyn Fn(&Outcome) + Send + Sync>;
 
+/// What the bucket said about an object. Only `Absent` is an answer one may
+/// act on by deleting or skipping something: `Unknown` (a timeout, an error)
+/// says nothing about the object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Presence {
+    Present,
+    Absent,
+    Unknown,
+}
+
+/// The result of [`Backend::fetch`].
+pub enum Fetch {
+    Found(Fetched),
+    /// The bucket answered that it has no such object.
+    Absent,
+    /// The bucket did not answer in time, or failed.
+    Unknown,
+}
+
 /// What the startup probe learned about the bucket.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProbeReport {
@@ -136,6 +155,9 @@ struct Inner {
     runtime: tokio::runtime::Handle,
     stop_after: parking_lot::Mutex<Option<Instant>>,
     stopping: AtomicBool,
+    /// Cancelled when the drain deadline passes: jobs still running are
+    /// abandoned (no outcome; they stay in the journal for the next start).
+    cancel: tokio_util::sync::CancellationToken,
     workers: parking_lot::Mutex<Vec<std::thread::JoinHandle<()>>>,
     random: std::hash::RandomState,
 }
@@ -192,6 +214,7 @@ impl Backend {
             runtime: tokio::runtime::Handle::current(),
             stop_after: parking_lot::Mutex::new(None),
             stopping: AtomicBool::new(false),
+            cancel: tokio_util::sync::CancellationToken::new(),
             workers: parking_lot::Mutex::new(Vec::new()),
             random: std::hash::RandomState::new(),
         });
@@ -348,9 +371,11 @@ impl Backend {
                     return;
                 }
             }
-            // Until the probe has said how the bucket answers, jobs stay in
-            // the queue (where the gauges and the journal can see them).
-            if i.mode.load(Ordering::Acquire) == MODE_UNKNOWN {
+            // Until the probe has said how the bucket answers, and until the
+            // index is whole (a replayed job must find its blob, not a part
+            // of the directory not yet indexed), jobs stay in the queue
+            // where the gauges and the journal can see them.
+            if i.mode.load(Ordering::Acquire) == MODE_UNKNOWN || !i.disk.is_loaded() {
                 std::thread::sleep(Duration::from_millis(200));
                 continue;
             }
@@ -366,9 +391,24 @@ impl Backend {
                 let oldest = q.front().map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
                 i.metrics.queue_oldest_seconds.set(oldest);
             }
-            let status = i.runtime.block_on(self.process(&job));
-            self.finish(&job, status);
+            let status = i.runtime.block_on(async {
+                tokio::select! {
+                    s = self.process(&job) => Some(s),
+                    () = i.cancel.cancelled() => None,
+                }
+            });
+            match status {
+                Some(s) => self.finish(&job, s),
+                None => self.abandon(&job),
+            }
         }
+    }
+
+    /// A job cut off by the shutdown deadline: no outcome in this process;
+    /// its journal record stays, so the next start queues it again.
+    fn abandon(&self, job: &Job) {
+        self.inner.pending_cas.lock().remove(&job.key);
+        tracing::debug!(kind = %job.key.kind, hash = %job.key.hash, "upload interrupted by shutdown; kept in the journal");
     }
 
     fn key_for(&self, ns: &str, kind: Kind, hash: &Hash, format: ObjectFormat) -> String {
@@ -584,16 +624,16 @@ impl Backend {
                 tokio::time::timeout(Duration::from_secs(600), rx.wait_for(|s| s.is_some())).await;
             return matches!(done, Ok(Ok(s)) if matches!(*s, Some(Status::Created | Status::AlreadyExists)));
         }
-        self.exists(ns, Kind::Cas, hash).await
+        self.exists(ns, Kind::Cas, hash).await == Presence::Present
     }
 
     /// Whether an object is in the bucket: the existence cache, else a HEAD
-    /// (bounded by `read_timeout`; a slow or dead bucket answers false).
-    pub async fn exists(&self, ns: &str, kind: Kind, hash: &Hash) -> bool {
+    /// bounded by `read_timeout`. A slow or failing bucket is `Unknown`.
+    pub async fn exists(&self, ns: &str, kind: Kind, hash: &Hash) -> Presence {
         let i = &self.inner;
         if i.existence.get(ns, kind, hash).is_some() {
             i.metrics.existence.with_label_values(&["hit"]).inc();
-            return true;
+            return Presence::Present;
         }
         i.metrics.existence.with_label_values(&["miss"]).inc();
         for f in formats_of(kind) {
@@ -601,33 +641,34 @@ impl Backend {
             match tokio::time::timeout(i.cfg.read_timeout, i.store.head(&i.metrics, &key)).await {
                 Ok(Ok(Some(h))) => {
                     i.existence.insert(ns, kind, hash, h.len);
-                    return true;
+                    return Presence::Present;
                 }
                 Ok(Ok(None)) => {}
                 Ok(Err(e)) => {
                     tracing::debug!(key, error = %e, "HEAD failed");
-                    return false;
+                    return Presence::Unknown;
                 }
-                Err(_) => return false,
+                Err(_) => return Presence::Unknown,
             }
         }
-        false
+        Presence::Absent
     }
 
     /// Fetches an object for read-through: its body, stored length and
-    /// format, or `None` when it is not in the bucket or the bucket does not
-    /// answer within `read_timeout`. The caller must verify the bytes.
-    pub async fn fetch(&self, ns: &str, kind: Kind, hash: &Hash) -> Option<Fetched> {
+    /// format; `Absent` when the bucket says it has none; `Unknown` when it
+    /// does not answer within `read_timeout`, fails, or the object is over
+    /// `max_proxy_blob_size`. The caller must verify the bytes.
+    pub async fn fetch(&self, ns: &str, kind: Kind, hash: &Hash) -> Fetch {
         let i = &self.inner;
         for f in formats_of(kind) {
             let key = self.key_for(ns, kind, hash, *f);
             match tokio::time::timeout(i.cfg.read_timeout, i.store.get(&i.metrics, &key)).await {
                 Ok(Ok(Some((body, len)))) => {
                     if len > i.cfg.max_proxy_blob_size {
-                        return None;
+                        return Fetch::Unknown;
                     }
                     i.metrics.s3_hits.inc();
-                    return Some(Fetched {
+                    return Fetch::Found(Fetched {
                         body,
                         stored_len: len,
                         format: *f,
@@ -636,17 +677,17 @@ impl Backend {
                 Ok(Ok(None)) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(key, error = %e, "read-through GET failed; answering a miss");
-                    return None;
+                    return Fetch::Unknown;
                 }
                 Err(_) => {
                     tracing::warn!(key, "read-through GET timed out; answering a miss");
-                    return None;
+                    return Fetch::Unknown;
                 }
             }
         }
         i.metrics.s3_misses.inc();
         i.existence.remove(ns, kind, hash);
-        None
+        Fetch::Absent
     }
 
     /// Counts a fetched object that failed verification and forgets that it
@@ -662,14 +703,40 @@ impl Backend {
     }
 
     /// Stops the workers after the queue drains or `drain_timeout` passes,
-    /// whichever is first. What is still queued stays in the journal.
+    /// whichever is first; at the deadline, uploads still running are cut
+    /// off (a multipart upload is aborted). What has no outcome stays in
+    /// the journal. Returns within `drain_timeout` plus a few seconds
+    /// whatever the bucket does.
     pub fn shutdown(&self) {
         let i = &self.inner;
-        *i.stop_after.lock() = Some(Instant::now() + i.cfg.drain_timeout);
+        let deadline = Instant::now() + i.cfg.drain_timeout;
+        *i.stop_after.lock() = Some(deadline);
         i.stopping.store(true, Ordering::Relaxed);
         let workers = std::mem::take(&mut *i.workers.lock());
+        let all_done = |ws: &[std::thread::JoinHandle<()>]| ws.iter().all(|w| w.is_finished());
+        while !all_done(&workers) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        i.cancel.cancel();
+        // A cancelled job returns at its next await; a worker stuck in a
+        // blocking call is left behind rather than waited for.
+        let grace = Instant::now() + Duration::from_secs(3);
+        while !all_done(&workers) && Instant::now() < grace {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut stuck = 0;
         for w in workers {
-            let _ = w.join();
+            if w.is_finished() {
+                let _ = w.join();
+            } else {
+                stuck += 1;
+            }
+        }
+        if stuck > 0 {
+            tracing::warn!(
+                workers = stuck,
+                "upload workers did not stop in time; leaving them"
+            );
         }
         let left = i.rx.len();
         if left > 0 {

@@ -206,9 +206,18 @@ impl Store {
         let Some(upload_id) = created.upload_id().map(str::to_string) else {
             return PutResult::Failed("CreateMultipartUpload returned no upload id".into());
         };
+        // If this future is dropped (the shutdown deadline cut the job off),
+        // the guard still aborts the upload, so no half-done upload is left.
+        let mut guard = AbortOnDrop {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            key: key.to_string(),
+            upload_id: Some(upload_id.clone()),
+        };
         let result = self
             .upload_parts_and_complete(m, key, &upload_id, file, len, part_size)
             .await;
+        guard.upload_id = None;
         if result != PutResult::Created {
             let start = Instant::now();
             let r = self
@@ -419,5 +428,37 @@ impl Store {
             r.as_ref().err().and_then(status_of).or(Some(204)),
         );
         r.map(|_| ()).map_err(|e| describe(&e))
+    }
+}
+
+/// Aborts a multipart upload whose future was dropped before it finished.
+struct AbortOnDrop {
+    client: Client,
+    bucket: String,
+    key: String,
+    upload_id: Option<String>,
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        let Some(upload_id) = self.upload_id.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let req = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(upload_id);
+        let key = std::mem::take(&mut self.key);
+        rt.spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(2), req.send()).await {
+                Ok(Ok(_)) => {}
+                _ => tracing::warn!(key, "aborting an interrupted multipart upload failed; a bucket lifecycle rule for incomplete uploads will clean it up"),
+            }
+        });
     }
 }

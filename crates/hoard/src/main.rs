@@ -6,6 +6,7 @@ mod drift;
 mod serve;
 mod settings;
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -13,7 +14,7 @@ fn main() -> ExitCode {
     let cmd = match config::from_args_and_env(&args, &|k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("hoard: {e}");
+            let _ = writeln!(std::io::stderr(), "hoard: {e}");
             return ExitCode::from(2);
         }
     };
@@ -29,8 +30,14 @@ fn main() -> ExitCode {
         config::Command::Serve(cfg) => cfg,
         config::Command::Drift(cfg) => return drift::main(&cfg),
     };
+    // Logs go through a queue to stderr: a slow or closed stderr loses log
+    // lines, never blocks a request or the signal handler, and never
+    // panics (tracing-subscriber's own error report would).
+    let logs = hoard_server::log_sink::LineSink::spawn("hoard-log", std::io::stderr(), 16 * 1024);
+    let log_writer = logs.clone();
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(move || log_writer.writer())
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HOARD_LOG")
@@ -44,14 +51,22 @@ fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("hoard: cannot start the async runtime: {e}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "hoard: cannot start the async runtime: {e}"
+            );
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve::run(*cfg)) {
+    let result = runtime.block_on(serve::run(*cfg));
+    // Worker threads still blocked on a dead bucket are not waited for.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    logs.drain(std::time::Duration::from_millis(500));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("hoard: {e:#}");
+            // A closed stderr must not turn a clean report into a panic.
+            let _ = writeln!(std::io::stderr(), "hoard: {e:#}");
             ExitCode::FAILURE
         }
     }

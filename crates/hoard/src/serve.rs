@@ -1,11 +1,11 @@
 //! Wiring for `hoard` (serve): open the disk cache, open the HTTP and gRPC
-//! listeners at once, index the cache in the background, serve until SIGTERM/SIGINT or
-//! the idle timeout, then stop in order: listeners, in-flight requests,
-//! eviction thread.
+//! listeners at once, index the cache in the background, serve until
+//! SIGTERM/SIGINT or the idle timeout, then stop in order, each step with
+//! its own deadline (see `stop_budget`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use hoard_disk::{DiskCache, StorageMode};
@@ -19,6 +19,38 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 
+/// How long accounting may take to spool what it counted, before the
+/// upload drain.
+const SPOOL_WAIT: Duration = Duration::from_secs(5);
+/// How long accounting may spend sending its spool at the end.
+const ACCOUNTING_SEND_WAIT: Duration = Duration::from_secs(10);
+/// Grace the upload workers get after the drain deadline (a job cut off
+/// returns at its next await).
+const UPLOAD_GRACE: Duration = Duration::from_secs(3);
+/// How long the evictor may take to finish deleting what it started.
+const EVICTOR_WAIT: Duration = Duration::from_secs(5);
+/// systemd's default `TimeoutStopSec`.
+const SYSTEMD_STOP_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The stop, in order: (1) stop accepting, let requests finish
+/// (`shutdown_timeout`); (2) spool every count made so far (so a stop cut
+/// short loses none); (3) drain uploads (`upload_drain_timeout`; jobs still
+/// running are cut off and stay in the journal); (4) spool the drain's
+/// outcomes and send the spool; (5) stop the evictor. The sum of the
+/// deadlines is the longest a stop can take.
+fn stop_budget(cfg: &Config) -> Duration {
+    cfg.shutdown_timeout
+        + SPOOL_WAIT
+        + cfg
+            .s3
+            .as_ref()
+            .map(|(_, u)| u.drain_timeout)
+            .unwrap_or_default()
+        + UPLOAD_GRACE
+        + ACCOUNTING_SEND_WAIT
+        + EVICTOR_WAIT
+}
+
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let disk = DiskCache::open(hoard_disk::Config {
         dir: cfg.dir.clone(),
@@ -27,8 +59,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         storage_mode: cfg.storage_mode,
         fsync: cfg.fsync,
         max_namespaces: cfg.max_namespaces,
+        // Fault injection for the test suite only: slows the background
+        // index load so that requests meet a partial index.
+        load_pause: std::env::var("HOARD_TEST_INDEX_LOAD_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis),
     })
     .with_context(|| format!("opening cache directory {}", cfg.dir.display()))?;
+    let budget = stop_budget(&cfg);
+    if budget > SYSTEMD_STOP_TIMEOUT {
+        tracing::warn!(
+            seconds = budget.as_secs(),
+            "shutdown_timeout + upload_drain_timeout and the fixed stop steps exceed systemd's default 90 s stop timeout; raise TimeoutStopSec or lower them"
+        );
+    }
     let listener = TcpListener::bind(cfg.http_address)
         .await
         .with_context(|| format!("http_address: cannot listen on {}", cfg.http_address))?;
@@ -154,16 +199,23 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             Err(e) => tracing::error!(error = %e, "gRPC server task failed"),
         }
     }
+    if let Some(acc) = accounting.clone() {
+        let spooled = tokio::task::spawn_blocking(move || acc.spool_now(SPOOL_WAIT)).await;
+        if !matches!(spooled, Ok(true)) {
+            tracing::warn!("accounting did not spool in time");
+        }
+    }
     if let Some(b) = backend {
         tracing::info!(queued = b.queue_len(), "servers stopped; draining uploads");
         let _ = tokio::task::spawn_blocking(move || b.shutdown()).await;
     }
     if let Some(acc) = accounting {
         tracing::info!("spooling and sending accounting");
-        let _ = tokio::task::spawn_blocking(move || acc.shutdown()).await;
+        let _ = tokio::task::spawn_blocking(move || acc.shutdown(ACCOUNTING_SEND_WAIT)).await;
     }
     tracing::info!("stopping the disk cache");
-    disk.shutdown();
+    let d = disk.clone();
+    let _ = tokio::task::spawn_blocking(move || d.shutdown(EVICTOR_WAIT)).await;
     tracing::info!("shutdown complete");
     Ok(())
 }
@@ -172,11 +224,14 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-        }
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        // Cancel first: nothing (not even logging) may stand between the
+        // signal and the stop.
         shutdown.cancel();
+        tracing::info!(signal = name, "shutting down");
     });
     Ok(())
 }

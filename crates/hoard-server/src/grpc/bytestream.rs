@@ -350,10 +350,8 @@ async fn produce(
     let mut blob = blob;
     if compressed && blob.is_zstd_stream() {
         let chunk = blob.chunk_size().unwrap_or(1 << 20) as u64;
-        let mut stored_from = blob.stored_offset_of_chunk((offset / chunk) as usize);
-        if offset == 0 {
-            stored_from = Some(0);
-        } else if !offset.is_multiple_of(chunk) {
+        let mut first_stored = (offset / chunk) as usize;
+        if !offset.is_multiple_of(chunk) {
             // Recompress the tail of the first chunk; stored frames follow.
             let _permit = cache
                 .reserve_inflight(2 * READ_CHUNK)
@@ -372,33 +370,28 @@ async fn produce(
             let frame =
                 zstd::bulk::compress(&tail, 1).map_err(|e| Status::internal(e.to_string()))?;
             send(tx, frame.into()).await?;
-            stored_from = blob.stored_offset_of_chunk((offset / chunk) as usize + 1);
+            first_stored += 1;
         }
-        let Some(mut pos) = stored_from else {
-            return Ok(());
-        };
-        let end = blob.stored_len();
-        while pos < end {
+        // From offset 0 the stored file is sent whole (its header is a
+        // skippable frame); each stored frame is verified before it goes.
+        blob.seek_stored(first_stored);
+        loop {
             let permit = cache
-                .reserve_inflight(READ_CHUNK)
+                .reserve_inflight(2 * READ_CHUNK)
                 .await
                 .map_err(to_status)?;
             let (b, r) = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; READ_CHUNK];
-                let r = blob.read_stored_at(pos, &mut buf).map(|n| {
-                    buf.truncate(n);
-                    buf
-                });
+                let mut buf = Vec::new();
+                let r = blob.next_stored(&mut buf).map(|more| (more, buf));
                 (blob, r)
             })
             .await
             .map_err(blocking_err)?;
             blob = b;
-            let data = r.map_err(|e| Status::internal(e.to_string()))?;
-            if data.is_empty() {
+            let (more, data) = r.map_err(|e| Status::data_loss(e.to_string()))?;
+            if !more {
                 break;
             }
-            pos += data.len() as u64;
             send(tx, held(data, permit)).await?;
         }
         return Ok(());
@@ -422,8 +415,18 @@ async fn produce(
         if !more {
             break;
         }
-        if data.len() as u64 > remaining {
+        if data.len() as u64 >= remaining {
             data.truncate(remaining as usize);
+            // A range that ends before the blob does is proved by the
+            // digest of the whole, when its chunks carry no checksum.
+            let (b, r) = tokio::task::spawn_blocking(move || {
+                let r = blob.verify_all();
+                (blob, r)
+            })
+            .await
+            .map_err(blocking_err)?;
+            blob = b;
+            r.map_err(|e| Status::data_loss(e.to_string()))?;
         }
         remaining -= data.len() as u64;
         let data = if compressed {

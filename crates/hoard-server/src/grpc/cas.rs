@@ -196,12 +196,8 @@ impl CasService {
             Ok(Some(Found::Empty)) => r.status = ok_status(),
             Ok(Some(Found::Blob(mut b))) if b.logical_size() == p.size => {
                 let data = if zstd_ok && b.is_zstd_stream() {
-                    let mut buf = vec![0u8; b.stored_len() as usize];
-                    b.read_stored_at(0, &mut buf).map(|n| {
-                        buf.truncate(n);
-                        r.compressor = compressor::Value::Zstd as i32;
-                        buf
-                    })
+                    r.compressor = compressor::Value::Zstd as i32;
+                    read_stored(&mut b)
                 } else {
                     b.read_to_vec()
                 };
@@ -357,4 +353,15 @@ impl ContentAddressableStorage for CasService {
             Box::pin(futures_util::stream::iter(pages.into_iter().map(Ok)));
         Ok(Response::new(stream))
     }
+}
+
+/// The whole stored file (a zstd stream), each frame verified as it is read.
+fn read_stored(b: &mut hoard_disk::Blob) -> Result<Vec<u8>, hoard_disk::Error> {
+    let mut all = Vec::with_capacity(b.stored_len() as usize);
+    let mut piece = Vec::new();
+    b.seek_stored(0);
+    while b.next_stored(&mut piece)? {
+        all.extend_from_slice(&piece);
+    }
+    Ok(all)
 }
