@@ -9,6 +9,7 @@ mod clickhouse;
 mod deploy;
 mod grpc;
 mod http;
+mod lifecycle;
 mod s3;
 mod support;
 mod upload;

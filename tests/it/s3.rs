@@ -61,6 +61,18 @@ impl Moto {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// Sends a signal (`STOP`, `CONT`) to the server process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([&format!("-{sig}"), &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -46,7 +46,21 @@ impl Hoard {
     }
 
     pub fn try_start(dir: &Path, extra: &[&str]) -> Result<Hoard, String> {
+        Self::try_start_env(dir, extra, &[])
+    }
+
+    /// Like [`Hoard::start`], with extra environment variables.
+    pub fn start_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Hoard {
+        Self::try_start_env(dir, extra, env).unwrap_or_else(|e| panic!("hoard did not start: {e}"))
+    }
+
+    pub fn try_start_env(
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Hoard, String> {
         let mut cmd = Command::new(hoard_bin());
+        cmd.envs(env.iter().copied());
         let want_grpc = !extra.iter().any(|a| a.starts_with("--grpc_address"));
         cmd.arg(format!("--dir={}", dir.display()))
             .arg("--http_address=127.0.0.1:0")

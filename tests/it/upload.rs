@@ -11,7 +11,7 @@ use hoard_proto::reapi::{ActionResult, Digest, OutputFile};
 use crate::s3::{Bucket, Moto, StubMode, StubS3};
 use crate::support::{Hoard, noise, sha256_hex};
 
-fn s3_args(endpoint: &str, bucket: &str, host: &str) -> Vec<String> {
+pub(crate) fn s3_args(endpoint: &str, bucket: &str, host: &str) -> Vec<String> {
     vec![
         format!("--s3.endpoint={endpoint}"),
         "--s3.disable_ssl".into(),
@@ -25,14 +25,14 @@ fn s3_args(endpoint: &str, bucket: &str, host: &str) -> Vec<String> {
 }
 
 /// A fresh moto server with one empty bucket.
-fn moto_with_bucket(name: &str) -> (Moto, Bucket) {
+pub(crate) fn moto_with_bucket(name: &str) -> (Moto, Bucket) {
     let moto = Moto::start();
     let bucket = Bucket::new(&moto.endpoint(), name);
     bucket.create();
     (moto, bucket)
 }
 
-fn start(dir: &std::path::Path, args: &[String]) -> Hoard {
+pub(crate) fn start(dir: &std::path::Path, args: &[String]) -> Hoard {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let h = Hoard::start(dir, &a);
     h.wait_ready();
@@ -40,7 +40,7 @@ fn start(dir: &std::path::Path, args: &[String]) -> Hoard {
 }
 
 /// `metric{labels} value` lines of /metrics, summed by the given label.
-fn metric(h: &Hoard, name: &str) -> HashMap<String, f64> {
+pub(crate) fn metric(h: &Hoard, name: &str) -> HashMap<String, f64> {
     let text = h.get("/metrics").text();
     let mut out = HashMap::new();
     for line in text.lines().filter(|l| l.starts_with(name)) {
@@ -54,7 +54,7 @@ fn metric(h: &Hoard, name: &str) -> HashMap<String, f64> {
     out
 }
 
-fn outcomes(h: &Hoard) -> HashMap<(String, String), f64> {
+pub(crate) fn outcomes(h: &Hoard) -> HashMap<(String, String), f64> {
     metric(h, "hoard_upload_outcomes_total")
         .into_iter()
         .map(|(labels, v)| {
@@ -79,12 +79,12 @@ fn outcomes(h: &Hoard) -> HashMap<(String, String), f64> {
         .collect()
 }
 
-fn jobs(h: &Hoard) -> f64 {
+pub(crate) fn jobs(h: &Hoard) -> f64 {
     metric(h, "hoard_upload_jobs_total").values().sum()
 }
 
 /// Waits until every job has its outcome; returns the outcome counts.
-fn drained(h: &Hoard) -> HashMap<(String, String), f64> {
+pub(crate) fn drained(h: &Hoard) -> HashMap<(String, String), f64> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let o = outcomes(h);
@@ -101,7 +101,7 @@ fn drained(h: &Hoard) -> HashMap<(String, String), f64> {
     }
 }
 
-fn count(o: &HashMap<(String, String), f64>, kind: &str, status: &str) -> f64 {
+pub(crate) fn count(o: &HashMap<(String, String), f64>, kind: &str, status: &str) -> f64 {
     o.get(&(kind.to_string(), status.to_string()))
         .copied()
         .unwrap_or(0.0)
@@ -236,7 +236,7 @@ fn kill_9_with_a_full_queue_loses_no_upload() {
     assert_eq!(jobs(&h), 0.0);
 }
 
-fn action_with_output(h: &Hoard, out: &[u8], action: &[u8]) -> String {
+pub(crate) fn action_with_output(h: &Hoard, out: &[u8], action: &[u8]) -> String {
     assert_eq!(h.put(&format!("/cas/{}", sha256_hex(out)), out).status, 200);
     let ar = ActionResult {
         output_files: vec![OutputFile {

@@ -299,11 +299,10 @@ impl DiskCache {
             };
             let part = part_index(*kind, *sub);
             // A part a lookup already claimed is that lookup's to load.
-            if !self.claim_part(*ns, part, false) {
-                continue;
+            if self.claim_part(*ns, part, false) {
+                report.add(&self.load_part(*ns, *kind, dir));
+                self.finish_part(*ns, part);
             }
-            report.add(&self.load_part(*ns, *kind, dir));
-            self.finish_part(*ns, part);
             if let Some(p) = pause {
                 std::thread::sleep(p);
             }

@@ -709,7 +709,13 @@ impl Backend {
     /// whatever the bucket does.
     pub fn shutdown(&self) {
         let i = &self.inner;
-        let deadline = Instant::now() + i.cfg.drain_timeout;
+        // A bucket that never answered the probe takes no uploads: there is
+        // nothing to drain, so do not wait for it.
+        let deadline = if i.mode.load(Ordering::Acquire) == MODE_UNKNOWN {
+            Instant::now()
+        } else {
+            Instant::now() + i.cfg.drain_timeout
+        };
         *i.stop_after.lock() = Some(deadline);
         i.stopping.store(true, Ordering::Relaxed);
         let workers = std::mem::take(&mut *i.workers.lock());
