@@ -213,10 +213,8 @@ impl DiskCache {
         let part = part_index(kind, hash.0[0] as usize);
         if self.claim_part(ns, part, true) {
             let dir = self.dir_of(ns, kind, hash);
-            let r = self.load_part(ns, kind, &dir);
-            if r.temp_files_removed + r.duplicates_removed + r.foreign_files > 0 {
-                tracing::debug!(dir = %dir.display(), "indexed a directory on demand");
-            }
+            self.load_part(ns, kind, &dir);
+            tracing::debug!(dir = %dir.display(), "indexed a directory on demand");
             self.finish_part(ns, part);
         }
     }

@@ -25,7 +25,9 @@ impl LineSink {
     /// messages that may wait.
     pub fn spawn(name: &str, out: impl Write + Send + 'static, capacity: usize) -> LineSink {
         let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(capacity.max(1));
-        let spawned = std::thread::Builder::new()
+        // Without its thread the queue fills and every line is dropped:
+        // logging is lost, serving is not.
+        let _ = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
                 let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
@@ -42,10 +44,6 @@ impl LineSink {
                     broken = !(ok && out.flush().is_ok());
                 }
             });
-        if spawned.is_err() {
-            // Without its thread the queue fills and every line is dropped:
-            // logging is lost, serving is not.
-        }
         LineSink {
             tx,
             dropped: Arc::new(AtomicU64::new(0)),
@@ -141,7 +139,7 @@ mod tests {
         ] {
             let t = Instant::now();
             for i in 0..10_000 {
-                write!(sink.writer(), "line {i}\n").unwrap();
+                writeln!(sink.writer(), "line {i}").unwrap();
             }
             assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
         }
