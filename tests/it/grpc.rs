@@ -18,7 +18,7 @@ use tonic::transport::Channel;
 
 use crate::support::{Hoard, noise, sha256_hex};
 
-fn rt() -> tokio::runtime::Runtime {
+pub(crate) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -26,7 +26,7 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn digest(data: &[u8]) -> Digest {
+pub(crate) fn digest(data: &[u8]) -> Digest {
     Digest {
         hash: sha256_hex(data),
         size_bytes: data.len() as i64,

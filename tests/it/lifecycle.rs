@@ -22,27 +22,9 @@ use hoard_proto::reapi::{
 };
 use tonic::transport::Channel;
 
+use crate::grpc::{digest, rt};
 use crate::support::{Hoard, files_under, free_port, hoard_bin, noise, request, sha256_hex};
 use crate::upload::{action_with_output, count, drained, jobs, moto_with_bucket, s3_args, start};
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn digest(data: &[u8]) -> Digest {
-    Digest {
-        hash: sha256_hex(data),
-        size_bytes: data.len() as i64,
-    }
-}
-
-async fn channel(h: &Hoard) -> Channel {
-    h.channel().await
-}
 
 /// Files of one kind directory (`ac.v2`, `cas.v2`) under a cache directory.
 fn count_files(dir: &Path, kind_dir: &str) -> usize {
@@ -536,7 +518,7 @@ fn damaged_files_are_never_served_as_a_complete_success_on_any_read_path() {
         let dir = tmp.path().join("cache");
         let h = Hoard::start(&dir, &[&format!("--storage_mode={mode}")]);
         h.wait_ready();
-        let ch = runtime.block_on(channel(&h));
+        let ch = runtime.block_on(h.channel());
         for truncate in [false, true] {
             for size in [4000usize, (2 << 20) + 333] {
                 for path in paths {
