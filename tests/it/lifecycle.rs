@@ -386,7 +386,8 @@ fn a_full_disk_with_pending_uploads_starts_serves_reads_and_recovers() {
     let dir = mnt.join("cache");
     // A bucket nobody answers: uploads stay pending in the journal.
     let dead = free_port();
-    let args = s3_args(&format!("127.0.0.1:{dead}"), "nowhere", "host-f");
+    let mut args = s3_args(&format!("127.0.0.1:{dead}"), "nowhere", "host-f");
+    args.push("--upload_drain_timeout=1s".into());
     let h = start(&dir, &args);
     let blobs: Vec<Vec<u8>> = (0..20).map(|i| noise(4000, 300 + i)).collect();
     for b in &blobs {
