@@ -158,7 +158,24 @@ pub enum NamespaceError {
     Invalid(String),
     #[error("namespace {0:?} cannot be created: the limit of {1} namespaces is reached")]
     TooMany(String, usize),
+    #[error(
+        "instance name {0:?} uses the reserved word {1:?}: REAPI resource names reserve blobs, uploads, compressed-blobs, actions, actionResults, operations and capabilities; pick another name"
+    )]
+    Reserved(String, &'static str),
 }
+
+/// Words REAPI resource names use as separators; an instance name holding
+/// one as a segment would make `{instance}/blobs/...` ambiguous, so such
+/// names are refused on every front end alike.
+pub const RESERVED_WORDS: [&str; 7] = [
+    "blobs",
+    "uploads",
+    "compressed-blobs",
+    "actions",
+    "actionResults",
+    "operations",
+    "capabilities",
+];
 
 /// Checks a namespace name. Names may have several `/`-separated segments
 /// (REAPI instance names often do); on disk `/` becomes `+`, which names may
@@ -175,11 +192,16 @@ pub fn validate_namespace(name: &str) -> Result<(), NamespaceError> {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
         });
-    if ok {
-        Ok(())
-    } else {
-        Err(NamespaceError::Invalid(name.to_string()))
+    if !ok {
+        return Err(NamespaceError::Invalid(name.to_string()));
     }
+    if let Some(word) = name
+        .split('/')
+        .find_map(|seg| RESERVED_WORDS.iter().find(|w| **w == seg))
+    {
+        return Err(NamespaceError::Reserved(name.to_string(), word));
+    }
+    Ok(())
 }
 
 pub(crate) fn namespace_dir_name(name: &str) -> String {

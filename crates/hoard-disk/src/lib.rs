@@ -55,7 +55,8 @@ mod write;
 
 pub use error::Error;
 pub use key::{
-    EMPTY_SHA256, Hash, HashError, Kind, NamespaceError, NamespaceId, validate_namespace,
+    EMPTY_SHA256, Hash, HashError, Kind, NamespaceError, NamespaceId, RESERVED_WORDS,
+    validate_namespace,
 };
 pub use load::LoadReport;
 pub use read::Blob;

@@ -33,10 +33,29 @@ impl AccessLog {
         );
     }
 
+    /// A gRPC line in bazel-remote's form (`GRPC AC GET <hash> OK`), after
+    /// the same timestamp. Client-supplied text in `msg` must have gone
+    /// through [`printable`].
+    pub fn grpc(&self, msg: &str) {
+        let ts = format_utc(SystemTime::now());
+        let mut w = self.out.writer();
+        let _ = writeln!(w, "{ts} {msg}");
+    }
+
     /// Gives queued lines a moment to reach stdout (at shutdown).
     pub fn flush(&self) {
         self.out.drain(std::time::Duration::from_millis(500));
     }
+}
+
+/// Client-supplied text as it may appear in a log line: control characters
+/// escaped (no forged lines), at most 256 characters.
+pub fn printable(s: &str) -> String {
+    let mut out: String = s.chars().take(256).flat_map(char::escape_default).collect();
+    if s.chars().count() > 256 {
+        out.push_str("...");
+    }
+    out
 }
 
 /// `YYYY/MM/DD HH:MM:SS` in UTC, as Go's default logger prints it.
@@ -68,6 +87,12 @@ pub fn format_utc(t: SystemTime) -> String {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn client_text_cannot_forge_lines() {
+        assert_eq!(printable("a\nGRPC AC GET x OK"), "a\\nGRPC AC GET x OK");
+        assert!(printable(&"x".repeat(20_000)).len() < 300);
+    }
 
     #[test]
     fn formats_like_go_log() {

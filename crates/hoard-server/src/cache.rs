@@ -54,6 +54,11 @@ pub struct Limits {
     /// requests. Requests wait (backpressure) rather than fail when it is
     /// reached.
     pub max_inflight_bytes: u64,
+    /// bazel-remote's `disable_http_ac_validation`: HTTP `/ac/` entries
+    /// are any bytes (ccache stores its own there), kept in the separate
+    /// `raw` keyspace that gRPC never sees, so an unvalidated entry can
+    /// never reach a Bazel that asks for an action result.
+    pub raw_http_ac: bool,
 }
 
 /// Content-encoding of an upload.
@@ -172,6 +177,27 @@ impl Cache {
             ));
         }
         self.inner.disk.namespace(name).map_err(CacheError::from)
+    }
+
+    /// The keyspace HTTP `/ac/` requests use: validated action results, or
+    /// the raw keyspace with `disable_http_ac_validation`.
+    pub fn http_ac_kind(&self) -> Kind {
+        if self.inner.limits.raw_http_ac {
+            Kind::Raw
+        } else {
+            Kind::Ac
+        }
+    }
+
+    /// Opens a raw entry (unvalidated HTTP `/ac/` bytes), reading it through
+    /// from the bucket on a local miss.
+    pub async fn raw_get(&self, ns: NamespaceId, hash: &Hash) -> Result<Option<Blob>, CacheError> {
+        let mut found = self.inner.disk.get(ns, Kind::Raw, hash)?;
+        if found.is_none() && self.read_through(ns, Kind::Raw, hash).await == Presence::Present {
+            found = self.inner.disk.get(ns, Kind::Raw, hash)?;
+        }
+        self.count("get", Kind::Raw, found.is_some());
+        Ok(found)
     }
 
     /// Checks a declared blob size against `max_blob_size`.

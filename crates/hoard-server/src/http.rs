@@ -246,6 +246,10 @@ async fn cache_request(
     hash: Hash,
 ) -> Result<Response<Body>, CacheError> {
     let ns = st.cache.namespace(instance)?;
+    let kind = match kind {
+        Kind::Ac => st.cache.http_ac_kind(),
+        other => other,
+    };
     match (req.method().clone(), kind) {
         (Method::PUT, _) => {
             let r = put(st, req, ns, kind, hash).await;
@@ -263,7 +267,17 @@ async fn cache_request(
             None => text(StatusCode::NOT_FOUND, "Not found"),
         }),
         (_, Kind::Cas) => get_cas(st, req.headers(), ns, hash).await,
-        (m, Kind::Ac | Kind::Raw) => {
+        (m, Kind::Raw) => {
+            let Some(blob) = st.cache.raw_get(ns, &hash).await? else {
+                return Ok(text(StatusCode::NOT_FOUND, "Not found"));
+            };
+            if m == Method::HEAD {
+                let len = blob.logical_size();
+                return Ok(with_length(full(StatusCode::OK, Bytes::new()), len));
+            }
+            serve_blob(st, req.headers(), blob).await
+        }
+        (m, Kind::Ac) => {
             let Some((bytes, ar)) = st.cache.ac_get(ns, &hash).await? else {
                 return Ok(text(StatusCode::NOT_FOUND, "Not found"));
             };
@@ -333,6 +347,16 @@ async fn get_cas(
         Some(Found::Empty) => return Ok(with_length(full(StatusCode::OK, Bytes::new()), 0)),
         Some(Found::Blob(b)) => *b,
     };
+    serve_blob(st, headers, blob).await
+}
+
+/// Sends a stored blob's content: whole when small, else streamed; the
+/// stored zstd stream as is to a client accepting zstd.
+async fn serve_blob(
+    st: &HttpState,
+    headers: &HeaderMap,
+    blob: hoard_disk::Blob,
+) -> Result<Response<Body>, CacheError> {
     if accepts_zstd(headers) && blob.is_zstd_stream() {
         let len = blob.stored_len();
         let mut r = with_length(stream_blob(st.cache.clone(), blob, true), len);
@@ -506,7 +530,9 @@ async fn put(
         }
     });
     let mut body = Box::pin(body);
-    if kind == Kind::Cas {
+    if kind != Kind::Ac {
+        // CAS bytes are checked against their digest; raw entries are
+        // stored as they come.
         st.cache
             .put(ns, kind, hash, size, encoding, &mut body)
             .await?;

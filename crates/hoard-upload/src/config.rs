@@ -11,13 +11,37 @@ pub struct S3Config {
     /// Key prefix; empty for none.
     pub prefix: String,
     pub region: String,
-    pub access_key_id: String,
-    pub secret_access_key: String,
-    pub session_token: Option<String>,
+    pub credentials: CredentialSource,
     pub disable_ssl: bool,
     /// Path-style addressing (`bucket_lookup_type: path`), needed by most
     /// self-hosted servers.
     pub path_style: bool,
+}
+
+/// Where the S3 credentials come from (bazel-remote's `s3_proxy.auth_method`,
+/// plus the SDK's default chain). Every source but static keys is one of
+/// `aws-config`'s providers, which also refresh expiring credentials.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CredentialSource {
+    /// `access_key`: static keys from the configuration.
+    AccessKey {
+        access_key_id: String,
+        secret_access_key: String,
+        session_token: Option<String>,
+    },
+    /// `iam_role`: the instance metadata service (IMDSv2), at `endpoint`
+    /// (`s3_proxy.iam_role_endpoint`) or the SDK's default address.
+    IamRole { endpoint: Option<String> },
+    /// `aws_credentials_file`: a profile (`s3_proxy.aws_profile`) of a
+    /// shared credentials file (`s3_proxy.aws_shared_credentials_file`, or
+    /// the SDK's default `~/.aws/credentials`).
+    CredentialsFile {
+        profile: String,
+        file: Option<PathBuf>,
+    },
+    /// `default`: the SDK's chain (environment, profile files, web
+    /// identity, ECS, instance metadata).
+    DefaultChain,
 }
 
 impl S3Config {

@@ -34,7 +34,7 @@ mod metrics;
 mod s3;
 
 pub use aws_sdk_s3::primitives::ByteStream;
-pub use config::{S3Config, UploadConfig};
+pub use config::{CredentialSource, S3Config, UploadConfig};
 pub use keys::{ObjectFormat, object_key};
 pub use s3::PutResult;
 
@@ -180,7 +180,7 @@ impl Backend {
     /// Opens the journal, re-queues what it holds, starts the workers and
     /// the probe (workers wait for the probe before their first upload).
     /// Must be called inside a tokio runtime.
-    pub fn start(
+    pub async fn start(
         cfg: UploadConfig,
         s3: S3Config,
         disk: DiskCache,
@@ -195,7 +195,7 @@ impl Backend {
             })?;
         let capacity = cfg.max_queued_uploads.max(pending.len()).max(1);
         let (tx, rx) = crossbeam_channel::bounded(capacity);
-        let store = Store::new(&s3, Duration::from_secs(60));
+        let store = Store::new(&s3, Duration::from_secs(60)).await;
         let inner = Arc::new(Inner {
             prefix: s3.prefix.clone(),
             existence: ExistenceCache::new(cfg.existence_ttl, cfg.existence_capacity),
@@ -858,7 +858,7 @@ impl Source {
 pub async fn bucket_footprint(
     cfg: &S3Config,
 ) -> Result<std::collections::BTreeMap<String, u64>, String> {
-    let store = Store::new(cfg, Duration::from_secs(60));
+    let store = Store::new(cfg, Duration::from_secs(60)).await;
     let prefix = if cfg.prefix.is_empty() {
         String::new()
     } else {

@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
-    retry::RetryConfig, timeout::TimeoutConfig,
+    SharedCredentialsProvider, retry::RetryConfig, timeout::TimeoutConfig,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 
-use crate::config::S3Config;
+use crate::config::{CredentialSource, S3Config};
 use crate::metrics::Metrics;
 
 /// Metadata key naming the host (and job) that wrote an object.
@@ -102,15 +102,63 @@ fn classify_put<E: ProvideErrorMetadata + std::fmt::Debug>(
     }
 }
 
-impl Store {
-    pub fn new(cfg: &S3Config, attempt_timeout: Duration) -> Store {
-        let creds = Credentials::new(
-            cfg.access_key_id.clone(),
-            cfg.secret_access_key.clone(),
-            cfg.session_token.clone(),
+/// The provider for a credential source; `aws-config`'s for all but static
+/// keys.
+async fn credentials_provider(src: &CredentialSource) -> SharedCredentialsProvider {
+    match src {
+        CredentialSource::AccessKey {
+            access_key_id,
+            secret_access_key,
+            session_token,
+        } => SharedCredentialsProvider::new(Credentials::new(
+            access_key_id.clone(),
+            secret_access_key.clone(),
+            session_token.clone(),
             None,
             "hoard-config",
-        );
+        )),
+        CredentialSource::IamRole { endpoint } => {
+            let mut client = aws_config::imds::Client::builder();
+            if let Some(e) = endpoint {
+                // The endpoint was checked when the configuration was read.
+                match client.clone().endpoint(e) {
+                    Ok(c) => client = c,
+                    Err(err) => {
+                        tracing::error!(endpoint = %e, error = %err, "s3_proxy.iam_role_endpoint is not usable; using the default")
+                    }
+                }
+            }
+            SharedCredentialsProvider::new(
+                aws_config::imds::credentials::ImdsCredentialsProvider::builder()
+                    .imds_client(client.build())
+                    .build(),
+            )
+        }
+        CredentialSource::CredentialsFile { profile, file } => {
+            use aws_runtime::env_config::file::{EnvConfigFileKind, EnvConfigFiles};
+            let mut files = EnvConfigFiles::builder();
+            files = match file {
+                Some(f) => files.with_file(EnvConfigFileKind::Credentials, f),
+                None => files.include_default_credentials_file(true),
+            };
+            SharedCredentialsProvider::new(
+                aws_config::profile::ProfileFileCredentialsProvider::builder()
+                    .profile_name(profile)
+                    .profile_files(files.build())
+                    .build(),
+            )
+        }
+        CredentialSource::DefaultChain => SharedCredentialsProvider::new(
+            aws_config::default_provider::credentials::DefaultCredentialsChain::builder()
+                .build()
+                .await,
+        ),
+    }
+}
+
+impl Store {
+    pub async fn new(cfg: &S3Config, attempt_timeout: Duration) -> Store {
+        let creds = credentials_provider(&cfg.credentials).await;
         let conf = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(cfg.region.clone()))

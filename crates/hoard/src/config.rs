@@ -28,6 +28,8 @@ pub struct Config {
     pub max_inflight_bytes: u64,
     pub max_action_result_size: u64,
     pub fsync: bool,
+    /// HTTP `/ac/` entries go unvalidated to the raw keyspace.
+    pub disable_http_ac_validation: bool,
     pub access_log: bool,
     pub idle_timeout: Option<Duration>,
     pub shutdown_timeout: Duration,
@@ -393,6 +395,59 @@ fn accounting_config(
     }))
 }
 
+/// `s3_proxy.auth_method` and what each method needs.
+fn s3_credentials(v: &Values) -> Result<hoard_upload::CredentialSource, ConfigError> {
+    use hoard_upload::CredentialSource;
+    let method = v.string("s3_proxy.auth_method");
+    let src = v.source("s3_proxy.auth_method");
+    Ok(match method.as_str() {
+        "access_key" => {
+            let (ak, sk) = (
+                v.string("s3_proxy.access_key_id"),
+                v.string("s3_proxy.secret_access_key"),
+            );
+            if ak.is_empty() || sk.is_empty() {
+                return err(
+                    "s3_proxy.access_key_id and s3_proxy.secret_access_key: both are required with auth_method access_key",
+                );
+            }
+            let token = v.string("s3_proxy.session_token");
+            CredentialSource::AccessKey {
+                access_key_id: ak,
+                secret_access_key: sk,
+                session_token: (!token.is_empty()).then_some(token),
+            }
+        }
+        "iam_role" => {
+            let endpoint = v.string("s3_proxy.iam_role_endpoint");
+            if !endpoint.is_empty()
+                && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+            {
+                return err(format!(
+                    "s3_proxy.iam_role_endpoint: expected an http:// or https:// URL, got {endpoint:?} ({})",
+                    v.source("s3_proxy.iam_role_endpoint")
+                ));
+            }
+            CredentialSource::IamRole {
+                endpoint: (!endpoint.is_empty()).then_some(endpoint),
+            }
+        }
+        "aws_credentials_file" => {
+            let file = v.string("s3_proxy.aws_shared_credentials_file");
+            CredentialSource::CredentialsFile {
+                profile: v.string("s3_proxy.aws_profile"),
+                file: (!file.is_empty()).then(|| PathBuf::from(file)),
+            }
+        }
+        "default" => CredentialSource::DefaultChain,
+        other => {
+            return err(format!(
+                "s3_proxy.auth_method: expected access_key, iam_role, aws_credentials_file or default, got {other:?} ({src})"
+            ));
+        }
+    })
+}
+
 fn s3_config(
     v: &Values,
     dir: &std::path::Path,
@@ -408,24 +463,7 @@ fn s3_config(
             v.source("s3_proxy.bucket")
         ));
     }
-    match v.string("s3_proxy.auth_method").as_str() {
-        "access_key" => {}
-        other => {
-            return err(format!(
-                "s3_proxy.auth_method: {other:?} is not supported by this version of hoard; use access_key ({})",
-                v.source("s3_proxy.auth_method")
-            ));
-        }
-    }
-    let (ak, sk) = (
-        v.string("s3_proxy.access_key_id"),
-        v.string("s3_proxy.secret_access_key"),
-    );
-    if ak.is_empty() || sk.is_empty() {
-        return err(
-            "s3_proxy.access_key_id and s3_proxy.secret_access_key: both are required with auth_method access_key",
-        );
-    }
+    let credentials = s3_credentials(v)?;
     let path_style = match v.string("s3_proxy.bucket_lookup_type").as_str() {
         "auto" | "path" => true,
         "dns" => false,
@@ -442,7 +480,6 @@ fn s3_config(
             "s3_proxy.part_size: S3 parts are at least 5 MiB (5242880), got {part_size}"
         ));
     }
-    let token = v.string("s3_proxy.session_token");
     let host_id = match v.string("host_id") {
         h if !h.is_empty() => h,
         _ => std::fs::read_to_string("/etc/hostname")
@@ -465,9 +502,7 @@ fn s3_config(
             bucket,
             prefix: v.string("s3_proxy.prefix"),
             region: v.string("s3_proxy.region"),
-            access_key_id: ak,
-            secret_access_key: sk,
-            session_token: (!token.is_empty()).then_some(token),
+            credentials,
             disable_ssl: v.bool("s3_proxy.disable_ssl")?,
             path_style,
         },
@@ -596,6 +631,7 @@ fn build(m: &BTreeMap<String, Raw>) -> Result<Config, ConfigError> {
         max_inflight_bytes: inflight,
         max_action_result_size: v.int("max_action_result_size")?,
         fsync: v.bool("fsync")?,
+        disable_http_ac_validation: v.bool("disable_http_ac_validation")?,
         access_log,
         idle_timeout: (!idle.is_zero()).then_some(idle),
         shutdown_timeout: v.duration("shutdown_timeout")?,

@@ -124,6 +124,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 }) as hoard_upload::OutcomeSink
             });
             let b = hoard_upload::Backend::start(upload, s3, disk.clone(), &metrics.registry, sink)
+                .await
                 .context("starting the S3 uploader")?;
             let hook_backend = b.clone();
             let hook_disk = disk.clone();
@@ -141,6 +142,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             max_blob_size: cfg.max_blob_size,
             max_action_result_size: cfg.max_action_result_size,
             max_inflight_bytes: cfg.max_inflight_bytes,
+            raw_http_ac: cfg.disable_http_ac_validation,
         },
         metrics,
     );
@@ -187,6 +189,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             l,
             state.cache.clone(),
             GrpcConfig::default(),
+            state.access_log.clone(),
             shutdown.clone(),
             cfg.shutdown_timeout,
         ))

@@ -87,8 +87,8 @@ pub const SETTINGS: &[Setting] = &[
         "grpc_address",
         ["BAZEL_REMOTE_GRPC_ADDRESS", "HOARD_GRPC_ADDRESS"],
         Str,
-        "none",
-        "gRPC listen address; only `none` is accepted until the gRPC front end ships"
+        ":9092",
+        "gRPC listen address, [host]:port; none: HTTP only"
     ),
     s!(
         "max_blob_size",
@@ -121,6 +121,17 @@ pub const SETTINGS: &[Setting] = &[
         Bool,
         "true",
         "fsync every blob before it becomes visible"
+    ),
+    s!(
+        "disable_http_ac_validation",
+        "disable_http_ac_validation",
+        [
+            "BAZEL_REMOTE_DISABLE_HTTP_AC_VALIDATION",
+            "HOARD_DISABLE_HTTP_AC_VALIDATION"
+        ],
+        Bool,
+        "false",
+        "store HTTP /ac/ bodies unvalidated in the raw keyspace, which gRPC never sees (for ccache and other non-Bazel clients)"
     ),
     s!(
         "access_log_level",
@@ -176,7 +187,34 @@ pub const SETTINGS: &[Setting] = &[
         ["BAZEL_REMOTE_S3_AUTH_METHOD"],
         Str,
         "access_key",
-        "how to authenticate: access_key (the only method this version supports)"
+        "access_key (static keys), iam_role (instance metadata), aws_credentials_file (a profile of a credentials file), default (the AWS SDK's chain)"
+    ),
+    s!(
+        "s3_proxy.iam_role_endpoint",
+        "s3.iam_role_endpoint",
+        ["BAZEL_REMOTE_S3_IAM_ROLE_ENDPOINT"],
+        Str,
+        "",
+        "instance metadata URL for auth_method iam_role (empty: the SDK's default)"
+    ),
+    s!(
+        "s3_proxy.aws_profile",
+        "s3.aws_profile",
+        ["AWS_PROFILE", "BAZEL_REMOTE_S3_AWS_PROFILE"],
+        Str,
+        "default",
+        "profile to read with auth_method aws_credentials_file"
+    ),
+    s!(
+        "s3_proxy.aws_shared_credentials_file",
+        "s3.aws_shared_credentials_file",
+        [
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "BAZEL_REMOTE_S3_AWS_SHARED_CREDENTIALS_FILE"
+        ],
+        Str,
+        "",
+        "credentials file for auth_method aws_credentials_file (empty: ~/.aws/credentials)"
     ),
     s!(
         "s3_proxy.access_key_id",
@@ -425,10 +463,6 @@ pub const UNSUPPORTED: &[&str] = &[
     "grpc_proxy",
     "azblob_proxy",
     "s3_proxy.signature_type",
-    "s3_proxy.iam_role_endpoint",
-    "s3_proxy.aws_profile",
-    "s3_proxy.aws_shared_credentials_file",
-    "disable_http_ac_validation",
     "enable_ac_key_instance_mangling",
     "experimental_remote_asset_api",
 ];

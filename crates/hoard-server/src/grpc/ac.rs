@@ -178,9 +178,12 @@ impl ActionCache for ActionCacheService {
         req: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
         let start = Instant::now();
-        let r = self.get(req.into_inner()).await;
+        let req = req.into_inner();
+        let hash = digest_hash(req.action_digest.as_ref());
+        let r = self.get(req).await;
         self.0
             .observe("unary", SERVICE, "GetActionResult", start, &r);
+        self.0.log(|| format!("GRPC AC GET {hash} {}", outcome(&r)));
         r
     }
 
@@ -189,9 +192,28 @@ impl ActionCache for ActionCacheService {
         req: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
         let start = Instant::now();
-        let r = self.update(req.into_inner()).await;
+        let req = req.into_inner();
+        let hash = digest_hash(req.action_digest.as_ref());
+        let r = self.update(req).await;
         self.0
             .observe("unary", SERVICE, "UpdateActionResult", start, &r);
+        self.0.log(|| format!("GRPC AC PUT {hash} {}", outcome(&r)));
         r
+    }
+}
+
+/// A request's digest hash as it may appear in the access log.
+pub(crate) fn digest_hash(d: Option<&Digest>) -> String {
+    d.map(|d| crate::access_log::printable(&d.hash))
+        .unwrap_or_default()
+}
+
+/// bazel-remote's last words of an access-log line: `OK`, `NOT FOUND`, or
+/// the failure.
+pub(crate) fn outcome<T>(r: &Result<T, Status>) -> String {
+    match r {
+        Ok(_) => "OK".into(),
+        Err(s) if s.code() == tonic::Code::NotFound => "NOT FOUND".into(),
+        Err(s) => format!("FAILED: {}", crate::access_log::printable(s.message())),
     }
 }

@@ -121,15 +121,19 @@ async fn feed(slot: &mut Slot, data: Bytes) -> Result<(), Status> {
 }
 
 impl ByteStreamService {
+    /// `resource` is set to the (printable) resource name once it is known,
+    /// for the access log.
     async fn write(
         &self,
         mut stream: Streaming<WriteRequest>,
+        resource: &mut String,
     ) -> Result<Response<WriteResponse>, Status> {
         let Some(first) = stream.message().await? else {
             return Err(Status::invalid_argument(
                 "empty Write stream: no WriteRequest received",
             ));
         };
+        *resource = crate::access_log::printable(&first.resource_name);
         let res = parse_write(&first.resource_name)?;
         let ns = self.0.namespace(&res.instance)?;
         self.0.cache.check_blob_size(res.size).map_err(to_status)?;
@@ -309,6 +313,8 @@ impl ByteStreamService {
         };
         let (tx, mut rx) = mpsc::channel::<Result<ReadResponse, Status>>(2);
         let cache = self.0.cache.clone();
+        let log = self.0.access_log.clone();
+        let name = crate::access_log::printable(&req.resource_name);
         tokio::spawn(async move {
             let r = match blob {
                 None if res.compressed => {
@@ -318,6 +324,15 @@ impl ByteStreamService {
                 None => Ok(()),
                 Some(b) => produce(cache, b, res.compressed, offset, limit, &tx).await,
             };
+            if let Some(log) = &log {
+                log.grpc(&match &r {
+                    Ok(()) => format!("GRPC BYTESTREAM READ COMPLETED {name}"),
+                    Err(s) => format!(
+                        "GRPC BYTESTREAM READ FAILED: {name} {}",
+                        crate::access_log::printable(s.message())
+                    ),
+                });
+            }
             if let Err(status) = r {
                 let _ = tx.send(Err(status)).await;
             }
@@ -459,8 +474,19 @@ impl ByteStream for ByteStreamService {
 
     async fn read(&self, req: Request<ReadRequest>) -> Result<Response<Self::ReadStream>, Status> {
         let start = Instant::now();
-        let r = ByteStreamService::read(self, req.into_inner()).await;
+        let req = req.into_inner();
+        let name = crate::access_log::printable(&req.resource_name);
+        let r = ByteStreamService::read(self, req).await;
         self.0.observe("server_stream", SERVICE, "Read", start, &r);
+        if let Err(s) = &r {
+            self.0.log(|| match s.code() {
+                tonic::Code::NotFound => format!("GRPC BYTESTREAM READ BLOB NOT FOUND: {name}"),
+                _ => format!(
+                    "GRPC BYTESTREAM READ FAILED: {name} {}",
+                    crate::access_log::printable(s.message())
+                ),
+            });
+        }
         r.map(Response::new)
     }
 
@@ -469,8 +495,16 @@ impl ByteStream for ByteStreamService {
         req: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
         let start = Instant::now();
-        let r = ByteStreamService::write(self, req.into_inner()).await;
+        let mut resource = String::new();
+        let r = ByteStreamService::write(self, req.into_inner(), &mut resource).await;
         self.0.observe("client_stream", SERVICE, "Write", start, &r);
+        self.0.log(|| match &r {
+            Ok(_) => format!("GRPC BYTESTREAM WRITE COMPLETED: {resource}"),
+            Err(s) => format!(
+                "GRPC BYTESTREAM WRITE FAILED: {resource} {}",
+                crate::access_log::printable(s.message())
+            ),
+        });
         r
     }
 

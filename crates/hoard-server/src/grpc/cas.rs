@@ -59,7 +59,14 @@ impl CasService {
             .blob_digests
             .into_iter()
             .zip(parsed)
-            .map(|(d, p)| async move { (!cache.cas_has(ns, &p.hash, p.size).await).then_some(d) });
+            .map(|(d, p)| async move {
+                let found = cache.cas_has(ns, &p.hash, p.size).await;
+                self.0.log(|| {
+                    let word = if found { "OK" } else { "NOT FOUND" };
+                    format!("GRPC CAS HEAD {} {word}", p.hash)
+                });
+                (!found).then_some(d)
+            });
         let missing: Vec<Digest> = futures_util::stream::iter(checks)
             .buffered(32)
             .filter_map(|d| async move { d })
@@ -87,6 +94,16 @@ impl CasService {
             let status = self
                 .update_one(ns, r.digest.as_ref(), r.data, r.compressor)
                 .await;
+            self.0.log(|| {
+                let hash = super::ac::digest_hash(r.digest.as_ref());
+                match status.code {
+                    0 => format!("GRPC CAS PUT {hash} OK"),
+                    _ => format!(
+                        "GRPC CAS PUT {hash} FAILED: {}",
+                        crate::access_log::printable(&status.message)
+                    ),
+                }
+            });
             responses.push(batch_update_blobs_response::Response {
                 digest: r.digest,
                 status: Some(status),
@@ -162,7 +179,18 @@ impl CasService {
             .contains(&(compressor::Value::Zstd as i32));
         let mut responses = Vec::with_capacity(req.digests.len());
         for d in req.digests {
-            responses.push(self.read_one(ns, d, zstd_ok).await);
+            let one = self.read_one(ns, d, zstd_ok).await;
+            self.0.log(|| {
+                let hash = super::ac::digest_hash(one.digest.as_ref());
+                match one.status.as_ref().map(|s| s.code) {
+                    Some(0) => format!("GRPC CAS GET {hash} OK"),
+                    Some(c) if c == Code::NotFound as i32 => {
+                        format!("GRPC CAS GET {hash} NOT FOUND")
+                    }
+                    _ => format!("GRPC CAS GET {hash} FAILED"),
+                }
+            });
+            responses.push(one);
         }
         Ok(Response::new(BatchReadBlobsResponse { responses }))
     }
@@ -345,9 +373,13 @@ impl ContentAddressableStorage for CasService {
         req: Request<GetTreeRequest>,
     ) -> Result<Response<Self::GetTreeStream>, Status> {
         let start = Instant::now();
-        let r = CasService::get_tree(self, req.into_inner()).await;
+        let req = req.into_inner();
+        let hash = super::ac::digest_hash(req.root_digest.as_ref());
+        let r = CasService::get_tree(self, req).await;
         self.0
             .observe("server_stream", SERVICE, "GetTree", start, &r);
+        self.0
+            .log(|| format!("GRPC GETTREEREQUEST {hash} {}", super::ac::outcome(&r)));
         let pages = r?;
         let stream: Self::GetTreeStream =
             Box::pin(futures_util::stream::iter(pages.into_iter().map(Ok)));

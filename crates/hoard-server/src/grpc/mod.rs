@@ -27,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
+use crate::access_log::AccessLog;
 use crate::cache::Cache;
 use crate::error::{CacheError, ErrorKind};
 
@@ -46,9 +47,17 @@ pub(crate) struct Shared {
     pub cache: Cache,
     pub max_batch: u64,
     pub uploads: Arc<Uploads>,
+    pub access_log: Option<AccessLog>,
 }
 
 impl Shared {
+    /// Writes one access-log line (built only when the log is on).
+    pub fn log(&self, line: impl FnOnce() -> String) {
+        if let Some(log) = &self.access_log {
+            log.grpc(&line());
+        }
+    }
+
     pub fn namespace(&self, instance: &str) -> Result<hoard_disk::NamespaceId, Status> {
         self.cache.namespace(instance).map_err(to_status)
     }
@@ -146,6 +155,7 @@ pub async fn serve(
     listener: TcpListener,
     cache: Cache,
     cfg: GrpcConfig,
+    access_log: Option<AccessLog>,
     shutdown: CancellationToken,
     drain: Duration,
 ) -> Result<(), tonic::transport::Error> {
@@ -168,6 +178,7 @@ pub async fn serve(
         cache,
         max_batch: cfg.max_batch_bytes,
         uploads,
+        access_log,
     };
     let limit = cfg.max_batch_bytes as usize + MESSAGE_OVERHEAD;
     let (health_reporter, health) = tonic_health::server::health_reporter();

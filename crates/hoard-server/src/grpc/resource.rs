@@ -48,6 +48,15 @@ fn bad(name: &str, why: &str) -> Status {
     Status::invalid_argument(format!("invalid resource name {name:?}: {why}"))
 }
 
+/// The error for a name whose instance part holds a reserved word.
+fn reserved(name: &str, instance_segs: &[&str]) -> Status {
+    let instance = instance_segs.join("/");
+    match hoard_disk::validate_namespace(&instance) {
+        Err(e) => bad(name, &e.to_string()),
+        Ok(()) => bad(name, "the instance name holds a reserved word"),
+    }
+}
+
 fn instance_of(name: &str, segs: &[&str]) -> Result<String, Status> {
     let instance = segs.join("/");
     if !instance.is_empty() {
@@ -102,6 +111,13 @@ pub fn parse_read(name: &str) -> Result<BlobResource, Status> {
     else {
         return Err(bad(name, "expected {instance}/blobs/{hash}/{size}"));
     };
+    // Another keyword later means the first one was part of the instance.
+    if segs[i + 1..]
+        .iter()
+        .any(|s| *s == "blobs" || *s == "compressed-blobs")
+    {
+        return Err(reserved(name, &segs[..=i]));
+    }
     let (compressed, hash, size, used) = parse_blob_part(name, &segs[i..])?;
     if i + used != segs.len() {
         return Err(bad(name, "unexpected trailing segments"));
@@ -125,6 +141,10 @@ pub fn parse_write(name: &str) -> Result<BlobResource, Status> {
         ));
     };
     let id = segs.get(i + 1).copied().unwrap_or("");
+    if hoard_disk::RESERVED_WORDS.contains(&id) {
+        // `{instance}/uploads/uploads/...`: the instance ends in `uploads`.
+        return Err(reserved(name, &segs[..=i]));
+    }
     if id.is_empty()
         || !id
             .bytes()
@@ -169,6 +189,18 @@ mod tests {
             format!("blobs/{H}/1/extra"),
         ] {
             assert!(parse_read(&bad).is_err(), "{bad} accepted");
+        }
+        // Reserved words as instance names fail the same way on both.
+        for word in hoard_disk::RESERVED_WORDS {
+            let r = parse_read(&format!("{word}/blobs/{H}/1")).unwrap_err();
+            let w = parse_write(&format!("{word}/uploads/u-1/blobs/{H}/1")).unwrap_err();
+            for e in [r, w] {
+                assert!(
+                    e.message().contains("reserved word"),
+                    "{word}: {}",
+                    e.message()
+                );
+            }
         }
         for bad in [
             format!("uploads//blobs/{H}/1"),
