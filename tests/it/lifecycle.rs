@@ -4,12 +4,11 @@
 //! closed log pipe. Real hoard processes, real sockets, moto as the bucket.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use hoard_proto::google::bytestream::ReadRequest;
@@ -23,6 +22,7 @@ use hoard_proto::reapi::{
 use tonic::transport::Channel;
 
 use crate::grpc::{digest, rt};
+use crate::s3::{FORWARD, HANG, Proxy, REFUSE};
 use crate::support::{Hoard, files_under, free_port, hoard_bin, noise, request, sha256_hex};
 use crate::upload::{action_with_output, count, drained, jobs, moto_with_bucket, s3_args, start};
 
@@ -211,80 +211,6 @@ fn a_restart_on_a_large_directory_answers_truly_while_the_index_loads() {
     assert_eq!(jobs(&h), 1000.0);
     assert_eq!(count(&o, "cas", "created"), 1000.0, "{o:?}");
     assert_eq!(bucket.objects().len(), 1000);
-}
-
-/// A TCP proxy in front of the bucket that can forward, hang (take bytes,
-/// answer nothing) or refuse (close every connection).
-struct Proxy {
-    port: u16,
-    mode: Arc<AtomicU8>,
-}
-
-const FORWARD: u8 = 0;
-const HANG: u8 = 1;
-const REFUSE: u8 = 2;
-
-impl Proxy {
-    fn start(upstream: u16) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let mode = Arc::new(AtomicU8::new(FORWARD));
-        let m = Arc::clone(&mode);
-        std::thread::spawn(move || {
-            for conn in listener.incoming().flatten() {
-                if m.load(Ordering::Relaxed) == REFUSE {
-                    drop(conn);
-                    continue;
-                }
-                let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)) else {
-                    continue;
-                };
-                for (from, to) in [
-                    (conn.try_clone().unwrap(), up.try_clone().unwrap()),
-                    (up, conn),
-                ] {
-                    let m = Arc::clone(&m);
-                    std::thread::spawn(move || pump(from, to, &m));
-                }
-            }
-        });
-        Proxy { port, mode }
-    }
-
-    fn set(&self, mode: u8) {
-        self.mode.store(mode, Ordering::Relaxed);
-    }
-}
-
-fn pump(mut from: TcpStream, mut to: TcpStream, mode: &AtomicU8) {
-    let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match mode.load(Ordering::Relaxed) {
-            REFUSE => break,
-            HANG => {
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-            _ => {}
-        }
-        match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => break,
-        }
-    }
-    let _ = from.shutdown(std::net::Shutdown::Both);
-    let _ = to.shutdown(std::net::Shutdown::Both);
 }
 
 #[test]

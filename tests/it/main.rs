@@ -5,6 +5,7 @@
 
 mod accounting;
 mod bazel;
+mod ccache;
 mod clickhouse;
 mod deploy;
 mod grpc;
@@ -12,4 +13,5 @@ mod http;
 mod lifecycle;
 mod s3;
 mod support;
+mod switching;
 mod upload;

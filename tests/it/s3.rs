@@ -386,3 +386,95 @@ fn serve_stub(
         }
     }
 }
+
+/// A TCP proxy in front of the bucket that can forward, hang (take bytes,
+/// answer nothing) or refuse (close every connection), and that notes the
+/// access key id each signed request names.
+pub struct Proxy {
+    pub port: u16,
+    mode: Arc<std::sync::atomic::AtomicU8>,
+    keys: Arc<Mutex<std::collections::BTreeSet<String>>>,
+}
+
+pub const FORWARD: u8 = 0;
+pub const HANG: u8 = 1;
+pub const REFUSE: u8 = 2;
+
+impl Proxy {
+    pub fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = Arc::new(std::sync::atomic::AtomicU8::new(FORWARD));
+        let keys = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+        let (m, k) = (Arc::clone(&mode), Arc::clone(&keys));
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                if m.load(std::sync::atomic::Ordering::Relaxed) == REFUSE {
+                    drop(conn);
+                    continue;
+                }
+                let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let (to_up, from_up) = (up.try_clone().unwrap(), conn.try_clone().unwrap());
+                let (m1, m2, k1) = (Arc::clone(&m), Arc::clone(&m), Arc::clone(&k));
+                std::thread::spawn(move || pump(conn, to_up, &m1, Some(&k1)));
+                std::thread::spawn(move || pump(up, from_up, &m2, None));
+            }
+        });
+        Proxy { port, mode, keys }
+    }
+
+    pub fn set(&self, mode: u8) {
+        self.mode.store(mode, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Access key ids seen in `Authorization: AWS4-HMAC-SHA256 Credential=...`.
+    pub fn access_keys(&self) -> Vec<String> {
+        self.keys.lock().unwrap().iter().cloned().collect()
+    }
+}
+
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    mode: &std::sync::atomic::AtomicU8,
+    keys: Option<&Mutex<std::collections::BTreeSet<String>>>,
+) {
+    let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match mode.load(std::sync::atomic::Ordering::Relaxed) {
+            REFUSE => break,
+            HANG => {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            _ => {}
+        }
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if let Some(keys) = keys {
+                    let text = String::from_utf8_lossy(&buf[..n]);
+                    for part in text.split("Credential=").skip(1) {
+                        if let Some((id, _)) = part.split_once('/') {
+                            keys.lock().unwrap().insert(id.to_string());
+                        }
+                    }
+                }
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}

@@ -38,6 +38,8 @@ pub struct Hoard {
     /// Keeps the reader thread draining hoard's stderr (a full pipe would
     /// block hoard's logging).
     _stderr: mpsc::Receiver<String>,
+    /// The access log (hoard's stdout), line by line.
+    stdout: mpsc::Receiver<String>,
 }
 
 impl Hoard {
@@ -68,10 +70,19 @@ impl Hoard {
             .arg("--fsync=false")
             .args(extra)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env("HOARD_LOG", "info");
         let mut child = cmd.spawn().map_err(|e| format!("spawn: {e}"))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (out_tx, out_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if out_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
         let stderr = child.stderr.take().ok_or("no stderr")?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -107,6 +118,7 @@ impl Hoard {
                             grpc,
                             dir: dir.to_path_buf(),
                             _stderr: rx,
+                            stdout: out_rx,
                         });
                     }
                 }
@@ -176,6 +188,15 @@ impl Hoard {
         }
         let _ = self.child.kill();
         None
+    }
+
+    /// Access-log lines written since the last call, waiting up to `wait`
+    /// for the first one.
+    pub fn access_log(&self, wait: Duration) -> Vec<String> {
+        let mut out: Vec<String> = self.stdout.recv_timeout(wait).into_iter().collect();
+        std::thread::sleep(Duration::from_millis(300));
+        out.extend(self.stdout.try_iter());
+        out
     }
 
     /// What hoard logged to stderr since the last call.

@@ -88,6 +88,18 @@ pub fn from_args_and_env(
     if flags.contains_key("version") {
         return Ok(Command::Version);
     }
+    // An unsupported setting is refused from the environment too: a
+    // BAZEL_REMOTE_HTPASSWD_FILE ignored would leave a cache open that its
+    // operator believes closed.
+    for key in UNSUPPORTED {
+        for name in unsupported_env_names(key) {
+            if env(&name).is_some_and(|v| !v.is_empty()) {
+                return err(format!(
+                    "{key}: not supported by this version of hoard (set by environment variable {name}); unset it"
+                ));
+            }
+        }
+    }
     let mut env_values = BTreeMap::new();
     for s in SETTINGS {
         for name in s.env {
@@ -190,6 +202,21 @@ fn parse_flags(args: &[String]) -> Result<Option<BTreeMap<String, Raw>>, ConfigE
         );
     }
     Ok(Some(out))
+}
+
+/// The environment variables bazel-remote reads for a setting:
+/// `BAZEL_REMOTE_<KEY>` (with `s3_proxy.` spelled `S3_`), and its few
+/// irregular names.
+fn unsupported_env_names(key: &str) -> Vec<String> {
+    let base = key
+        .replace("s3_proxy.", "s3.")
+        .replace('.', "_")
+        .to_uppercase();
+    let mut names = vec![format!("BAZEL_REMOTE_{base}")];
+    if key == "allow_unauthenticated_reads" {
+        names.push("BAZEL_REMOTE_UNAUTHENTICATED_READS".into());
+    }
+    names
 }
 
 fn unsupported(key: &str) -> Result<(), ConfigError> {
@@ -420,9 +447,8 @@ fn s3_credentials(v: &Values) -> Result<hoard_upload::CredentialSource, ConfigEr
         }
         "iam_role" => {
             let endpoint = v.string("s3_proxy.iam_role_endpoint");
-            if !endpoint.is_empty()
-                && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
-            {
+            let is_url = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+            if !endpoint.is_empty() && !is_url {
                 return err(format!(
                     "s3_proxy.iam_role_endpoint: expected an http:// or https:// URL, got {endpoint:?} ({})",
                     v.source("s3_proxy.iam_role_endpoint")
@@ -699,6 +725,19 @@ mod tests {
             e.contains("htpasswd_file") && e.contains("not supported"),
             "{e}"
         );
+        // From the environment as from a flag.
+        for (name, key) in [
+            ("BAZEL_REMOTE_HTPASSWD_FILE", "htpasswd_file"),
+            ("BAZEL_REMOTE_TLS_CERT_FILE", "tls_cert_file"),
+            (
+                "BAZEL_REMOTE_UNAUTHENTICATED_READS",
+                "allow_unauthenticated_reads",
+            ),
+            ("BAZEL_REMOTE_S3_SIGNATURE_TYPE", "s3_proxy.signature_type"),
+        ] {
+            let e = load(&[], &[(name, "x")]).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(name), "{e}");
+        }
         let e = load(&["--nonsense=1"], &[]).unwrap_err().to_string();
         assert!(e.contains("unknown flag --nonsense"), "{e}");
         let e = load(&["--http_address=nowhere"], &[])
