@@ -202,7 +202,9 @@ impl Prometheus {
         )
         .unwrap();
         let port = crate::support::free_port();
-        let child = std::process::Command::new("prometheus")
+        // Waited for in drop, or below when it never gets ready.
+        #[allow(clippy::zombie_processes)]
+        let mut child = std::process::Command::new("prometheus")
             .arg(format!("--config.file={}", conf.display()))
             .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
@@ -219,6 +221,8 @@ impl Prometheus {
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("prometheus did not become ready on {addr}");
     }
 
