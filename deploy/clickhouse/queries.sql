@@ -1,4 +1,5 @@
--- Net-new storage footprint per namespace: SizeOnDisk of uploads that
+-- Net-new storage footprint per namespace: bytes (object sizes as the
+-- bucket lists them) of uploads that
 -- created an object in the bucket, for rows ingested in a window
 -- (the accumulator reads (last_ingested_at, now() - 5 minutes]).
 -- FINAL collapses batches hoard sent more than once.

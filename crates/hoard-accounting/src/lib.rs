@@ -2,7 +2,8 @@
 //!
 //! What it owns: counting. Upload outcomes (created, already_exists, error,
 //! dropped) and refused client uploads (rejected) are summed per (minute,
-//! namespace, kind, status): a count and SizeOnDisk bytes. Every
+//! namespace, kind, status): a count and bytes, the objects' sizes as the
+//! bucket lists them (never rounded to disk blocks). Every
 //! `flush_interval` the closed minutes become one batch with a fresh
 //! batch_id, which is spooled to disk and then inserted into ClickHouse's
 //! `remote_build_cache_operations`.
@@ -402,7 +403,7 @@ struct Reported {
     bytes: u64,
 }
 
-/// The footprint ClickHouse reports per namespace: the SizeOnDisk of every
+/// The footprint ClickHouse reports per namespace: the bytes of every
 /// upload that created an object, each batch counted once (FINAL).
 pub async fn reported_footprint(cfg: &AccountingConfig) -> Result<BTreeMap<String, u64>, String> {
     let client = client(cfg);
@@ -472,7 +473,7 @@ impl DriftGauges {
             actual: prometheus::IntGaugeVec::new(
                 opts(
                     "bazelre_cache_actual_storage_bytes",
-                    "Bytes the bucket holds (4 KiB-rounded objects).",
+                    "Bytes the bucket holds (object sizes as listed).",
                 ),
                 &["namespace"],
             )?,

@@ -117,8 +117,11 @@ pub struct Committed {
     pub kind: Kind,
     pub hash: Hash,
     pub logical_size: u64,
-    /// Stored bytes rounded up to 4 KiB: the unit of the LRU and of billing.
+    /// Stored bytes rounded up to 4 KiB: the unit of the LRU only.
     pub size_on_disk: u64,
+    /// The stored file's exact length: what an upload sends, what the
+    /// bucket holds, and the unit of billing.
+    pub stored_bytes: u64,
     /// The blob came from the backend (a read-through), not from a client.
     pub from_backend: bool,
 }

@@ -355,6 +355,7 @@ impl Writer {
                 hash: self.hash,
                 logical_size: self.expected,
                 size_on_disk,
+                stored_bytes: file_len,
                 from_backend: self.from_backend,
             });
         }

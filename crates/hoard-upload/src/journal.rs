@@ -1,6 +1,6 @@
 //! The upload journal: why a restart, or a `kill -9`, loses no upload.
 //!
-//! Each job is recorded (`+ ns kind hash size_on_disk nonce`) before it is queued
+//! Each job is recorded (`+ ns kind hash bytes nonce`) before it is queued
 //! and marked done (`- ns kind hash`) when it reaches its terminal outcome.
 //! Each record is one `write(2)` on a file opened with `O_APPEND`, so once
 //! `enqueue` returns the record is in the kernel and survives the process
@@ -28,7 +28,7 @@ pub struct JobKey {
     pub hash: Hash,
 }
 
-/// A job the journal holds: its key, SizeOnDisk and nonce.
+/// A job the journal holds: its key, object bytes and nonce.
 pub type Pending = (JobKey, u64, u64);
 
 pub struct Journal {
@@ -54,7 +54,7 @@ fn ns_field(ns: &str) -> &str {
 
 impl Journal {
     /// Opens the journal, returning the jobs it holds that never finished,
-    /// with their SizeOnDisk and nonce, in the order they were first queued.
+    /// with their bytes and nonce, in the order they were first queued.
     pub fn open(path: &Path) -> io::Result<(Journal, Vec<Pending>)> {
         let pending = match fs::read_to_string(path) {
             Ok(text) => replay(&text),
@@ -73,8 +73,8 @@ impl Journal {
         ))
     }
 
-    pub fn added(&self, k: &JobKey, size_on_disk: u64, nonce: u64) -> io::Result<()> {
-        self.write(&add_line(k, size_on_disk, nonce))
+    pub fn added(&self, k: &JobKey, bytes: u64, nonce: u64) -> io::Result<()> {
+        self.write(&add_line(k, bytes, nonce))
     }
 
     pub fn done(&self, k: &JobKey) -> io::Result<()> {

@@ -82,7 +82,9 @@ pub struct Outcome {
     pub kind: Kind,
     pub hash: Hash,
     pub status: Status,
-    pub size_on_disk: u64,
+    /// The object's size as the PUT sends it (the stored file's length):
+    /// the unit of billing.
+    pub bytes: u64,
     pub at: SystemTime,
 }
 
@@ -125,7 +127,7 @@ const MODE_HEAD_FIRST: u8 = 2;
 
 struct Job {
     key: JobKey,
-    size_on_disk: u64,
+    bytes: u64,
     nonce: u64,
     /// Re-queued from the journal: an earlier process may have sent it.
     replayed: bool,
@@ -222,10 +224,10 @@ impl Backend {
         if !pending.is_empty() {
             tracing::info!(jobs = pending.len(), "re-queuing uploads from the journal");
         }
-        for (key, size_on_disk, nonce) in pending {
+        for (key, bytes, nonce) in pending {
             b.push(Job {
                 key,
-                size_on_disk,
+                bytes,
                 nonce,
                 replayed: true,
             });
@@ -272,7 +274,7 @@ impl Backend {
         let i = &self.inner;
         if c.from_backend {
             i.existence
-                .insert(namespace, c.kind, &c.hash, c.size_on_disk);
+                .insert(namespace, c.kind, &c.hash, c.stored_bytes);
             return;
         }
         if i.cfg.num_uploaders == 0 || c.logical_size > i.cfg.max_proxy_blob_size {
@@ -284,12 +286,12 @@ impl Backend {
             hash: c.hash,
         };
         let nonce = i.random.hash_one((&key.hash, Instant::now()));
-        if let Err(e) = i.journal.added(&key, c.size_on_disk, nonce) {
+        if let Err(e) = i.journal.added(&key, c.stored_bytes, nonce) {
             tracing::error!(error = %e, "writing the upload journal failed; this upload will not survive a restart");
         }
         self.push(Job {
             key,
-            size_on_disk: c.size_on_disk,
+            bytes: c.stored_bytes,
             nonce,
             replayed: false,
         });
@@ -332,17 +334,13 @@ impl Backend {
         i.metrics
             .bytes
             .with_label_values(&[kind, status.as_str()])
-            .inc_by(job.size_on_disk);
+            .inc_by(job.bytes);
         if status == Status::Created {
-            i.metrics.created_bytes.inc_by(job.size_on_disk);
+            i.metrics.created_bytes.inc_by(job.bytes);
         }
         if matches!(status, Status::Created | Status::AlreadyExists) {
-            i.existence.insert(
-                &job.key.namespace,
-                job.key.kind,
-                &job.key.hash,
-                job.size_on_disk,
-            );
+            i.existence
+                .insert(&job.key.namespace, job.key.kind, &job.key.hash, job.bytes);
         }
         if let Some(w) = i.pending_cas.lock().remove(&job.key) {
             let _ = w.send(Some(status));
@@ -356,7 +354,7 @@ impl Backend {
                 kind: job.key.kind,
                 hash: job.key.hash,
                 status,
-                size_on_disk: job.size_on_disk,
+                bytes: job.bytes,
                 at: SystemTime::now(),
             });
         }
@@ -853,8 +851,8 @@ impl Source {
     }
 }
 
-/// What the bucket holds per namespace, in SizeOnDisk units: each object's
-/// size rounded up to 4 KiB, summed. hoard's own probe keys are left out.
+/// What the bucket holds per namespace: the objects' sizes as listed,
+/// summed (the unit of billing). hoard's own probe keys are left out.
 pub async fn bucket_footprint(
     cfg: &S3Config,
 ) -> Result<std::collections::BTreeMap<String, u64>, String> {
@@ -878,7 +876,7 @@ pub async fn bucket_footprint(
             }
             None => String::new(),
         };
-        *out.entry(ns).or_insert(0) += size.div_ceil(4096) * 4096;
+        *out.entry(ns).or_insert(0) += size;
     }
     Ok(out)
 }

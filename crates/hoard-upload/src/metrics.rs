@@ -39,13 +39,13 @@ impl Metrics {
             bytes: IntCounterVec::new(
                 Opts::new(
                     "hoard_upload_bytes_total",
-                    "SizeOnDisk of upload jobs by kind and terminal outcome.",
+                    "Bytes of upload jobs (the object size a PUT sends) by kind and terminal outcome.",
                 ),
                 &["kind", "status"],
             )?,
             created_bytes: IntCounter::new(
                 "bazelre_cache_upload_bytes_created",
-                "SizeOnDisk of uploads that created a new object in the bucket.",
+                "Bytes of uploads that created a new object in the bucket (object sizes as listed).",
             )?,
             queue_length: IntGauge::new("hoard_upload_queue_length", "Upload jobs waiting.")?,
             queue_oldest_seconds: prometheus::Gauge::new(

@@ -118,7 +118,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                         namespace: o.namespace.clone(),
                         kind: o.kind.as_str(),
                         status: o.status.as_str(),
-                        bytes: o.size_on_disk,
+                        bytes: o.bytes,
                         at: o.at,
                     })
                 }) as hoard_upload::OutcomeSink
