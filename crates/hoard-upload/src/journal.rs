@@ -163,6 +163,9 @@ fn replay(text: &str) -> Vec<Pending> {
                 let e = open.entry(key).or_insert((seq, 0, 0, nonce));
                 e.1 = size.unwrap_or(e.1);
                 e.2 += 1;
+                // The latest attempt's nonce: its writer tag is the one an
+                // object this job may have created carries.
+                e.3 = nonce;
             }
             "-" => {
                 if let Some(e) = open.get_mut(&key) {
@@ -224,6 +227,13 @@ mod tests {
             .unwrap()
             .write_all(b"+ . cas 12")
             .unwrap();
+        // A key added again (a re-PUT) replays with its latest nonce.
+        OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(format!("\n{}", add_line(&key(4, Kind::Cas), 4096 * 4, 0x99)).as_bytes())
+            .unwrap();
         let (j, pending) = Journal::open(&path).unwrap();
         let keys: Vec<JobKey> = pending.iter().map(|(k, _, _)| k.clone()).collect();
         assert_eq!(
@@ -235,7 +245,10 @@ mod tests {
                 key(9, Kind::Ac)
             ]
         );
-        assert_eq!((pending[2].1, pending[3].2), (4096 * 4, 8));
+        assert_eq!(
+            (pending[2].1, pending[2].2, pending[3].2),
+            (4096 * 4, 0x99, 8)
+        );
         j.done(&key(0, Kind::Cas)).unwrap();
         drop(j);
         let (_j, pending) = Journal::open(&path).unwrap();

@@ -44,7 +44,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use aws_sdk_s3::primitives::Length;
 use hoard_disk::{Committed, DiskCache, Hash, Kind};
 use hoard_proto::prost::Message;
 use hoard_proto::reapi::{ActionResult, Digest, Tree};
@@ -53,7 +52,7 @@ use tokio::sync::watch;
 use existence::ExistenceCache;
 use journal::{JobKey, Journal};
 use metrics::Metrics;
-use s3::Store;
+use s3::{Source, Store};
 
 /// The terminal outcome of an upload job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -391,7 +390,7 @@ impl Backend {
             }
             let status = i.runtime.block_on(async {
                 tokio::select! {
-                    s = self.process(&job) => Some(s),
+                    s = outcome_of(self.process(&job)) => Some(s),
                     () = i.cancel.cancelled() => None,
                 }
             });
@@ -470,16 +469,29 @@ impl Backend {
         if i.mode.load(Ordering::Acquire) == MODE_HEAD_FIRST {
             // The bucket ignores If-None-Match: ask before writing, so the
             // outcome stays truthful (though not race-free between hosts).
-            match i.store.head(&i.metrics, key).await {
-                Ok(Some(h)) => {
-                    return if maybe_sent && h.writer.as_deref() == Some(writer.as_str()) {
-                        Status::Created
-                    } else {
-                        Status::AlreadyExists
-                    };
+            // Without an answer there is no PUT: on such a bucket it would
+            // overwrite and be counted `created` whether or not it was new.
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                match i.store.head(&i.metrics, key).await {
+                    Ok(Some(h)) => {
+                        return if maybe_sent && h.writer.as_deref() == Some(writer.as_str()) {
+                            Status::Created
+                        } else {
+                            Status::AlreadyExists
+                        };
+                    }
+                    Ok(None) => break,
+                    Err(e) if tries >= i.cfg.max_attempts => {
+                        tracing::warn!(key, error = %e, attempts = tries, "HEAD before PUT failed; not uploading blind");
+                        return Status::Error;
+                    }
+                    Err(e) => {
+                        tracing::debug!(key, error = %e, "HEAD before PUT failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(100 << tries.min(5))).await;
+                    }
                 }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(key, error = %e, "HEAD before PUT failed"),
             }
         }
         let mut attempt = 0;
@@ -487,21 +499,9 @@ impl Backend {
         loop {
             attempt += 1;
             let result = if len >= i.cfg.multipart_threshold {
-                match &src {
-                    Source::File(path) => {
-                        i.store
-                            .multipart_if_absent(
-                                &i.metrics,
-                                key,
-                                path,
-                                len,
-                                i.cfg.part_size,
-                                &writer,
-                            )
-                            .await
-                    }
-                    Source::Bytes(_) => PutResult::Failed("multipart needs a file".into()),
-                }
+                i.store
+                    .multipart_if_absent(&i.metrics, key, &src, len, i.cfg.part_size, &writer)
+                    .await
             } else {
                 match src.body(len).await {
                     Ok(body) => {
@@ -829,24 +829,16 @@ impl Backend {
     }
 }
 
-enum Source {
-    File(std::path::PathBuf),
-    Bytes(bytes::Bytes),
-}
-
-impl Source {
-    async fn body(&self, len: u64) -> Result<ByteStream, String> {
-        match self {
-            Source::Bytes(b) => Ok(ByteStream::from(b.clone())),
-            Source::File(path) => {
-                // Opened afresh for every attempt, so a retry starts at byte 0.
-                ByteStream::read_from()
-                    .path(path)
-                    .length(Length::Exact(len))
-                    .build()
-                    .await
-                    .map_err(|e| format!("{}: {e}", path.display()))
-            }
+/// Runs one job to its outcome. A panic inside it (a bug) still ends the
+/// job, as `error`, and leaves the worker running: every job gets exactly
+/// one outcome and the pool never shrinks.
+async fn outcome_of(job: impl std::future::Future<Output = Status>) -> Status {
+    use futures_util::FutureExt as _;
+    match std::panic::AssertUnwindSafe(job).catch_unwind().await {
+        Ok(s) => s,
+        Err(_) => {
+            tracing::error!("an upload job panicked; it ends as error");
+            Status::Error
         }
     }
 }
@@ -897,4 +889,23 @@ pub struct Fetched {
     pub body: ByteStream,
     pub stored_len: u64,
     pub format: ObjectFormat,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_job_still_ends_in_exactly_one_outcome() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        #[allow(clippy::panic)]
+        let panicking = async { panic!("a bug in a job") };
+        assert_eq!(rt.block_on(outcome_of(panicking)), Status::Error);
+        assert_eq!(
+            rt.block_on(outcome_of(async { Status::Created })),
+            Status::Created
+        );
+    }
 }

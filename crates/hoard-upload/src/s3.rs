@@ -90,15 +90,26 @@ fn classify_put<E: ProvideErrorMetadata + std::fmt::Debug>(
         SdkError::ServiceError(se) => se.err().code().map(str::to_string),
         _ => None,
     };
-    match status_of(e) {
-        Some(412) | Some(304) => PutResult::Exists(status_of(e).unwrap_or(412)),
-        Some(409) if code.as_deref() == Some("ConditionalRequestConflict") => PutResult::Conflict,
-        Some(409) => PutResult::Exists(409),
+    classify(status_of(e), code.as_deref(), || describe(e))
+}
+
+/// What a refused create-if-absent PUT means. Only answers that say "the
+/// object exists" count as `Exists`: 412 (S3), 304 (older MinIO) and 409
+/// with an already-exists code (Azure-style). A conflicting concurrent
+/// create is retried; any other 409 is a failure, never "already there".
+fn classify(status: Option<u16>, code: Option<&str>, describe: impl Fn() -> String) -> PutResult {
+    match status {
+        Some(s @ (412 | 304)) => PutResult::Exists(s),
+        Some(409) => match code {
+            Some("ConditionalRequestConflict") => PutResult::Conflict,
+            Some("BlobAlreadyExists" | "ObjectAlreadyExists") => PutResult::Exists(409),
+            _ => PutResult::Failed(format!("HTTP 409: {}", describe())),
+        },
         Some(s) if s >= 500 || s == 429 => {
-            PutResult::Transient(format!("HTTP {s}: {}", describe(e)))
+            PutResult::Transient(format!("HTTP {s}: {}", describe()))
         }
-        Some(s) => PutResult::Failed(format!("HTTP {s}: {}", describe(e))),
-        None => PutResult::Transient(describe(e)),
+        Some(s) => PutResult::Failed(format!("HTTP {s}: {}", describe())),
+        None => PutResult::Transient(describe()),
     }
 }
 
@@ -229,7 +240,7 @@ impl Store {
         &self,
         m: &Metrics,
         key: &str,
-        file: &std::path::Path,
+        src: &Source,
         len: u64,
         part_size: u64,
         writer: &str,
@@ -263,7 +274,7 @@ impl Store {
             upload_id: Some(upload_id.clone()),
         };
         let result = self
-            .upload_parts_and_complete(m, key, &upload_id, file, len, part_size)
+            .upload_parts_and_complete(m, key, &upload_id, src, len, part_size)
             .await;
         guard.upload_id = None;
         if result != PutResult::Created {
@@ -294,7 +305,7 @@ impl Store {
         m: &Metrics,
         key: &str,
         upload_id: &str,
-        file: &std::path::Path,
+        src: &Source,
         len: u64,
         part_size: u64,
     ) -> PutResult {
@@ -303,15 +314,9 @@ impl Store {
         let mut number = 1i32;
         while offset < len {
             let n = part_size.min(len - offset);
-            let body = match ByteStream::read_from()
-                .path(file)
-                .offset(offset)
-                .length(Length::Exact(n))
-                .build()
-                .await
-            {
+            let body = match src.range(offset, n).await {
                 Ok(b) => b,
-                Err(e) => return PutResult::Failed(format!("reading {}: {e}", file.display())),
+                Err(e) => return PutResult::Failed(e),
             };
             let start = Instant::now();
             let r = self
@@ -508,5 +513,69 @@ impl Drop for AbortOnDrop {
                 _ => tracing::warn!(key, "aborting an interrupted multipart upload failed; a bucket lifecycle rule for incomplete uploads will clean it up"),
             }
         });
+    }
+}
+
+/// What an upload sends: the stored file, opened afresh for every attempt
+/// and part, or bytes already in memory (an action result read for its
+/// reference check).
+pub(crate) enum Source {
+    File(std::path::PathBuf),
+    Bytes(bytes::Bytes),
+}
+
+impl Source {
+    /// The whole object.
+    pub(crate) async fn body(&self, len: u64) -> Result<ByteStream, String> {
+        self.range(0, len).await
+    }
+
+    /// `n` bytes from `offset` (a multipart part).
+    pub(crate) async fn range(&self, offset: u64, n: u64) -> Result<ByteStream, String> {
+        match self {
+            Source::Bytes(b) => {
+                let end = offset.saturating_add(n).min(b.len() as u64) as usize;
+                let start = (offset as usize).min(end);
+                Ok(ByteStream::from(b.slice(start..end)))
+            }
+            Source::File(path) => ByteStream::read_from()
+                .path(path)
+                .offset(offset)
+                .length(Length::Exact(n))
+                .build()
+                .await
+                .map_err(|e| format!("{}: {e}", path.display())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_answers_that_say_exists_count_as_already_exists() {
+        let d = || "x".to_string();
+        assert_eq!(classify(Some(412), None, d), PutResult::Exists(412));
+        assert_eq!(classify(Some(304), None, d), PutResult::Exists(304));
+        assert_eq!(
+            classify(Some(409), Some("BlobAlreadyExists"), d),
+            PutResult::Exists(409)
+        );
+        assert_eq!(
+            classify(Some(409), Some("ConditionalRequestConflict"), d),
+            PutResult::Conflict
+        );
+        for code in [Some("OperationAborted"), Some("BucketNotEmpty"), None] {
+            assert!(
+                matches!(classify(Some(409), code, d), PutResult::Failed(_)),
+                "409 {code:?} is not 'already exists'"
+            );
+        }
+        assert!(matches!(
+            classify(Some(503), None, d),
+            PutResult::Transient(_)
+        ));
+        assert!(matches!(classify(Some(403), None, d), PutResult::Failed(_)));
     }
 }
