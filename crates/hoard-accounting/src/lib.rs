@@ -1,12 +1,13 @@
 //! hoard-accounting: the storage footprint customers are billed for.
 //!
 //! What it owns: counting. Upload outcomes (created, already_exists, error,
-//! dropped) and refused client uploads (rejected) are summed per (minute,
+//! dropped) and refused client uploads (rejected), each at its position in
+//! the outcome ledger (the upload journal), are summed per (minute,
 //! namespace, kind, status): a count and bytes, the objects' sizes as the
 //! bucket lists them (never rounded to disk blocks). Every
-//! `flush_interval` the closed minutes become one batch with a fresh
-//! batch_id, which is spooled to disk and then inserted into ClickHouse's
-//! `remote_build_cache_operations`.
+//! `flush_interval` what was counted becomes one batch, named by the ledger
+//! positions it covers, which is spooled to disk and then inserted into
+//! ClickHouse's `remote_build_cache_operations`.
 //!
 //! # Exactly once
 //!
@@ -17,18 +18,25 @@
 //! key), read with FINAL. The spool keeps order: an older batch is always
 //! sent before a newer one.
 //!
+//! # Crash-proof
+//!
+//! An event reaches accounting only once it is in the ledger. Counts not
+//! yet spooled live in memory for at most one flush interval; after a
+//! `kill -9` the ledger hands them over again at start, and events whose
+//! position an earlier batch already covers (`accounted_through`: the
+//! spooled batches and the cursor of acknowledged ones) are skipped. So no
+//! instant loses a count or counts one twice. The ledger keeps events until
+//! [`SpooledHook`] says they are spooled.
+//!
 //! # Limits
 //!
-//! The hot path is a send on an unbounded lock-free channel. Counts not yet
-//! spooled live in memory for at most one flush interval: a graceful stop
-//! spools them; a `kill -9` loses them. The spool is bounded by
+//! The hot path is a send on an unbounded lock-free channel. The spool is bounded by
 //! `spool_max_bytes`; a batch that does not fit is dropped, logged, and
 //! counted in `hoard_accounting_spool_overflow_batches_total`.
 
 mod spool;
 
 use std::collections::BTreeMap;
-use std::hash::BuildHasher;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -54,9 +62,13 @@ pub struct AccountingConfig {
     pub host: String,
 }
 
-/// One counted event.
+/// One counted event, at its position in the outcome ledger: `(epoch,
+/// seq)` names it for good, so the same event handed over again (replayed
+/// from the ledger after a restart) is recognised.
 #[derive(Clone, Debug)]
 pub struct Event {
+    pub epoch: u64,
+    pub seq: u64,
     pub namespace: String,
     pub kind: &'static str,
     pub status: &'static str,
@@ -79,12 +91,23 @@ pub struct Row {
     pub batch_id: String,
 }
 
-/// Rows sent together under one batch_id.
+/// Rows sent together under one batch_id: the events of ledger positions
+/// `first_seq..=last_seq` of `epoch`, which also make the id.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Batch {
     pub batch_id: String,
     pub rows: Vec<Row>,
+    #[serde(default)]
+    pub epoch: u64,
+    #[serde(default)]
+    pub first_seq: u64,
+    #[serde(default)]
+    pub last_seq: u64,
 }
+
+/// Told `(epoch, seq)` once every event up to `seq` is spooled, so the
+/// ledger may drop them.
+pub type SpooledHook = Box<dyn Fn(u64, u64) + Send>;
 
 struct Metrics {
     completed: IntCounter,
@@ -131,7 +154,11 @@ impl Accounting {
     /// Starts the aggregating thread; sends what an earlier run left in the
     /// spool first. Must be called inside a tokio runtime (the ClickHouse
     /// client runs on it).
-    pub fn start(cfg: AccountingConfig, registry: &Registry) -> Result<Accounting, Error> {
+    pub fn start(
+        cfg: AccountingConfig,
+        registry: &Registry,
+        on_spooled: Option<SpooledHook>,
+    ) -> Result<Accounting, Error> {
         let metrics = Metrics {
             completed: IntCounter::new(
                 "bazelre_cache_accounting_reports_completed",
@@ -171,6 +198,7 @@ impl Accounting {
         let client = client(&cfg);
         let (tx, rx) = crossbeam_channel::unbounded();
         let runtime = tokio::runtime::Handle::current();
+        let accounted = accounted_through(&cfg.spool_dir, &spool);
         let mut worker = Worker {
             cfg,
             spool,
@@ -178,7 +206,9 @@ impl Accounting {
             metrics,
             sums: BTreeMap::new(),
             runtime,
-            random: std::hash::RandomState::new(),
+            accounted,
+            range: None,
+            on_spooled,
         };
         let handle = std::thread::Builder::new()
             .name("hoard-accounting".into())
@@ -232,7 +262,41 @@ struct Worker {
     metrics: Metrics,
     sums: BTreeMap<Key, (u64, u64)>,
     runtime: tokio::runtime::Handle,
-    random: std::hash::RandomState,
+    /// Per ledger epoch, the last position already in a batch (spooled or
+    /// sent): events up to it are counted and must not be again.
+    accounted: BTreeMap<u64, u64>,
+    /// Ledger positions of the events in `sums`: epoch, first, last.
+    range: Option<(u64, u64, u64)>,
+    on_spooled: Option<SpooledHook>,
+}
+
+/// The cursor file: the last ledger position of a batch ClickHouse
+/// acknowledged, written before that batch's spool file is deleted.
+const CURSOR: &str = "accounted";
+
+/// What was already counted, per epoch: the cursor, and every batch still
+/// in the spool.
+fn accounted_through(dir: &std::path::Path, spool: &Spool) -> BTreeMap<u64, u64> {
+    let mut out = BTreeMap::new();
+    if let Ok(text) = std::fs::read_to_string(dir.join(CURSOR)) {
+        for line in text.lines() {
+            if let Some((e, s)) = line.split_once(' ')
+                && let (Ok(e), Ok(s)) = (u64::from_str_radix(e, 16), s.parse::<u64>())
+            {
+                let v: &mut u64 = out.entry(e).or_default();
+                *v = (*v).max(s);
+            }
+        }
+    }
+    for path in spool.files() {
+        if let Ok(b) = Spool::read(&path)
+            && b.last_seq > 0
+        {
+            let v = out.entry(b.epoch).or_default();
+            *v = (*v).max(b.last_seq);
+        }
+    }
+    out
 }
 
 fn minute_of(t: SystemTime) -> u32 {
@@ -251,53 +315,60 @@ impl Worker {
         loop {
             let wait = next_flush.saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait) {
-                Ok(Msg::Event(e)) => {
-                    let key = (minute_of(e.at), e.namespace, e.kind, e.status);
-                    let s = self.sums.entry(key).or_insert((0, 0));
-                    s.0 += 1;
-                    s.1 += e.bytes;
-                }
+                Ok(Msg::Event(e)) => self.count(e),
                 Ok(Msg::Spool(done)) => {
-                    self.flush(true);
+                    self.flush();
                     let _ = done.send(());
                 }
                 Ok(Msg::Stop(done, deadline)) => {
-                    self.flush(true);
+                    self.flush();
                     self.send_spooled(Some(deadline));
                     let _ = done.send(());
                     return;
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    self.flush(false);
+                    self.flush();
                     self.send_spooled(None);
                     next_flush = Instant::now() + self.cfg.flush_interval;
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                    self.flush(true);
+                    self.flush();
                     return;
                 }
             }
         }
     }
 
-    /// Moves the closed minutes (all of them with `everything`) into one
-    /// spooled batch.
-    fn flush(&mut self, everything: bool) {
-        let current = minute_of(SystemTime::now());
-        let keys: Vec<Key> = self
-            .sums
-            .keys()
-            .filter(|k| everything || k.0 < current)
-            .cloned()
-            .collect();
-        if keys.is_empty() {
-            return;
+    /// Adds one event to the sums, unless an earlier batch holds it.
+    fn count(&mut self, e: Event) {
+        if self.accounted.get(&e.epoch).is_some_and(|s| e.seq <= *s) {
+            return; // replayed from the ledger: already spooled or sent
         }
-        let batch_id = format!(
-            "{:016x}{:016x}",
-            self.random.hash_one((Instant::now(), 1u8)),
-            self.random.hash_one((SystemTime::now(), 2u8))
-        );
+        if let Some((epoch, _, _)) = self.range
+            && epoch != e.epoch
+        {
+            // A new ledger (the journal was replaced): close the old batch.
+            self.flush();
+        }
+        self.range = Some(match self.range {
+            Some((epoch, first, last)) => (epoch, first.min(e.seq), last.max(e.seq)),
+            None => (e.epoch, e.seq, e.seq),
+        });
+        let key = (minute_of(e.at), e.namespace, e.kind, e.status);
+        let s = self.sums.entry(key).or_insert((0, 0));
+        s.0 += 1;
+        s.1 += e.bytes;
+    }
+
+    /// Moves everything counted into one spooled batch, named by the
+    /// ledger positions it covers: a batch rebuilt after a crash from the
+    /// same positions has the same id, so ClickHouse counts it once.
+    fn flush(&mut self) {
+        let Some((epoch, first, last)) = self.range.take() else {
+            return;
+        };
+        let keys: Vec<Key> = self.sums.keys().cloned().collect();
+        let batch_id = format!("{epoch:016x}-{first}-{last}");
         let rows: Vec<Row> = keys
             .iter()
             .filter_map(|k| {
@@ -314,7 +385,13 @@ impl Worker {
                 })
             })
             .collect();
-        let batch = Batch { batch_id, rows };
+        let batch = Batch {
+            batch_id,
+            rows,
+            epoch,
+            first_seq: first,
+            last_seq: last,
+        };
         let size = serde_json::to_vec(&batch)
             .map(|v| v.len() as u64)
             .unwrap_or(0);
@@ -330,6 +407,12 @@ impl Worker {
         if let Err(e) = self.spool.push(&batch) {
             self.metrics.overflow.inc();
             tracing::error!(error = %e, "cannot write the accounting spool; this batch is dropped");
+            return;
+        }
+        let through = self.accounted.entry(epoch).or_default();
+        *through = (*through).max(last);
+        if let Some(hook) = &self.on_spooled {
+            hook(epoch, last);
         }
         self.update_spool_gauges();
     }
@@ -358,6 +441,14 @@ impl Worker {
                 .block_on(insert(&self.client, &self.cfg.table, &batch.rows, timeout))
             {
                 Ok(()) => {
+                    // The cursor first: once the file is gone, only it says
+                    // these positions are counted.
+                    if batch.last_seq > 0
+                        && let Err(e) = self.write_cursor(batch.epoch, batch.last_seq)
+                    {
+                        tracing::error!(error = %e, "cannot write the accounting cursor; keeping the sent batch spooled");
+                        break;
+                    }
                     let _ = std::fs::remove_file(&path);
                     self.metrics.completed.inc();
                     let now = SystemTime::now()
@@ -374,6 +465,21 @@ impl Worker {
             }
         }
         self.update_spool_gauges();
+    }
+
+    /// Records durably that ledger positions of `epoch` up to `seq` were
+    /// acknowledged by ClickHouse.
+    fn write_cursor(&mut self, epoch: u64, seq: u64) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let dir = &self.cfg.spool_dir;
+        let tmp = dir.join(format!("{CURSOR}.tmp"));
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            writeln!(f, "{epoch:x} {seq}")?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, dir.join(CURSOR))?;
+        std::fs::File::open(dir)?.sync_all()
     }
 
     fn update_spool_gauges(&self) {
@@ -568,44 +674,74 @@ mod tests {
             metrics: m,
             sums: BTreeMap::new(),
             runtime: rt.handle().clone(),
-            random: std::hash::RandomState::new(),
+            accounted: BTreeMap::new(),
+            range: None,
+            on_spooled: None,
+        }
+    }
+
+    fn event(seq: u64, at: SystemTime, bytes: u64) -> Event {
+        Event {
+            epoch: 7,
+            seq,
+            namespace: String::new(),
+            kind: "cas",
+            status: "created",
+            bytes,
+            at,
         }
     }
 
     #[test]
-    fn closed_minutes_are_batched_and_a_full_spool_counts_what_it_drops() {
+    fn batches_are_named_by_ledger_positions_and_replayed_events_count_once() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let mut w = worker(dir.path(), 1 << 20, &rt);
         let now = SystemTime::now();
         let earlier = now - Duration::from_secs(120);
-        for (at, bytes) in [(earlier, 4096), (earlier, 8192), (now, 4096)] {
-            let s = w
-                .sums
-                .entry((minute_of(at), String::new(), "cas", "created"))
-                .or_insert((0, 0));
-            s.0 += 1;
-            s.1 += bytes;
+        let mut w = worker(dir.path(), 1 << 20, &rt);
+        for (seq, at, bytes) in [(1, earlier, 4096), (2, earlier, 8192), (3, now, 100)] {
+            w.count(event(seq, at, bytes));
         }
-        w.flush(false);
+        w.flush();
         let files = w.spool.files();
         assert_eq!(files.len(), 1);
         let b = Spool::read(&files[0]).unwrap();
-        assert_eq!(
-            (b.rows.len(), b.rows[0].count, b.rows[0].bytes),
-            (1, 2, 12288)
-        );
-        assert_eq!(w.sums.len(), 1, "the current minute stays open");
+        assert_eq!(b.batch_id, "0000000000000007-1-3");
+        let mut rows: Vec<(u64, u64)> = b.rows.iter().map(|r| (r.count, r.bytes)).collect();
+        rows.sort();
+        assert_eq!(rows, vec![(1, 100), (2, 12288)], "one row per minute");
+        // A restart: the ledger hands over 1..=5; 1..=3 are in the spool.
+        drop(w);
+        let mut w = worker(dir.path(), 1 << 20, &rt);
+        w.accounted = accounted_through(dir.path(), &w.spool);
+        for seq in 1..=5 {
+            w.count(event(seq, now, 10));
+        }
+        w.flush();
+        let files = w.spool.files();
+        let b = Spool::read(&files[1]).unwrap();
+        assert_eq!(b.batch_id, "0000000000000007-4-5");
+        assert_eq!((b.rows[0].count, b.rows[0].bytes), (2, 20));
+        // Acknowledged batches leave the cursor behind.
+        w.write_cursor(7, 5).unwrap();
+        for f in &files {
+            std::fs::remove_file(f).unwrap();
+        }
+        let spool = Spool::open(dir.path()).unwrap();
+        assert_eq!(accounted_through(dir.path(), &spool).get(&7), Some(&5));
+    }
 
-        let dir2 = tempfile::tempdir().unwrap();
-        let mut w = worker(dir2.path(), 10, &rt);
-        w.sums.insert(
-            (minute_of(earlier), String::new(), "cas", "created"),
-            (1, 4096),
-        );
-        w.flush(true);
+    #[test]
+    fn a_full_spool_counts_what_it_drops() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = worker(dir.path(), 10, &rt);
+        w.count(event(1, SystemTime::now(), 4096));
+        w.flush();
         assert_eq!(w.metrics.overflow.get(), 1);
         assert!(w.spool.files().is_empty());
     }

@@ -106,6 +106,9 @@ mod tests {
                 bytes: 4096,
                 batch_id: id.into(),
             }],
+            epoch: 1,
+            first_seq: 1,
+            last_seq: 1,
         }
     }
 

@@ -1,22 +1,46 @@
-//! The upload journal: why a restart, or a `kill -9`, loses no upload.
+//! The upload journal and outcome ledger: why a restart, or a `kill -9` at
+//! any instant, loses no upload and no count, and counts nothing twice.
 //!
-//! Each job is recorded (`+ ns kind hash bytes nonce`) before it is queued
-//! and marked done (`- ns kind hash`) when it reaches its terminal outcome.
-//! Each record is one `write(2)` on a file opened with `O_APPEND`, so once
-//! `enqueue` returns the record is in the kernel and survives the process
-//! being killed; the lines of concurrent writers never interleave. (A power
-//! cut can still lose the last records: the journal is not fsynced per job.)
+//! Records, one line each:
 //!
-//! At start the journal is replayed: jobs added and not done are queued
-//! again, and the file is rewritten with just those (temp file + rename).
-//! When the rewrite cannot be made (a full disk), the journal is kept as it
-//! is and appended to: replay reads it the same way, so a full disk delays
-//! compaction and never stops the daemon from starting.
+//! ```text
+//! # <epoch> <next seq>                         header (first line after a compaction)
+//! + <ns> <kind> <hash> <bytes> <nonce>           a job was queued
+//! = <seq> <ns> <kind> <hash> <status> <bytes> <unix secs>
+//!                                                the job ended: its outcome
+//! ! <seq> <ns> <kind> <status> <bytes> <unix secs>
+//!                                                a counted event with no job (rejected)
+//! - <ns> <kind> <hash>                           a job ended (older journals)
+//! ```
+//!
+//! A job's end and its outcome are one record, written in one `write(2)` on
+//! a file opened with `O_APPEND`: once it is in the kernel the job is done
+//! *and* its outcome is durable, so there is no instant at which a crash
+//! could lose the count (outcome reported, journal not yet updated) or count
+//! it twice (job replayed after its outcome was counted). Lines of
+//! concurrent writers never interleave. (A power cut can still lose the last
+//! records: the journal is not fsynced per record.)
+//!
+//! Each outcome has a sequence number, increasing over the journal's life;
+//! with the journal's random epoch it names the outcome for good, so
+//! accounting can build batches whose ids come from ledger positions (a
+//! batch rebuilt after a crash has the same id). Outcomes stay in the
+//! journal until accounting says it has spooled them ([`Journal::consumed`]).
+//!
+//! At start the journal is replayed: jobs queued and not ended are queued
+//! again, and outcomes are handed back for accounting to pick up what it
+//! had not spooled. While running, the journal is compacted once it holds
+//! many dead records: it is rewritten (temp file + rename) with the header,
+//! the pending jobs and the outcomes not yet consumed. When a rewrite cannot
+//! be made (a full disk), the journal is kept as it is and appended to, so a
+//! full disk delays compaction and never stops the daemon from starting.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
+use std::hash::BuildHasher;
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use hoard_disk::{Hash, Kind};
 
@@ -31,12 +55,42 @@ pub struct JobKey {
 /// A job the journal holds: its key, object bytes and nonce.
 pub type Pending = (JobKey, u64, u64);
 
-pub struct Journal {
-    file: parking_lot::Mutex<File>,
+/// An outcome (or job-less event) as the ledger holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recorded {
+    pub seq: u64,
+    pub namespace: String,
+    pub kind: Kind,
+    /// `created`, `already_exists`, `error`, `dropped` or `rejected`.
+    pub status: String,
+    pub bytes: u64,
+    /// Unix seconds.
+    pub at: u64,
 }
 
-fn kind_code(k: Kind) -> &'static str {
-    k.as_str()
+/// Compact once this many records were written since the last compaction
+/// and most of them are dead.
+const COMPACT_AFTER: u64 = 200_000;
+
+pub struct Journal {
+    path: PathBuf,
+    state: parking_lot::Mutex<State>,
+}
+
+struct State {
+    file: File,
+    epoch: u64,
+    next_seq: u64,
+    /// Outcomes up to here are spooled by accounting and may be dropped.
+    consumed: u64,
+    /// Keep outcomes for accounting at all.
+    retain: bool,
+    /// Live jobs: first position, bytes, times queued, latest nonce.
+    pending: HashMap<JobKey, (u64, u64, u32, u64)>,
+    /// Outcome lines not yet consumed, by seq.
+    outcomes: BTreeMap<u64, String>,
+    order: u64,
+    written: u64,
 }
 
 fn parse_kind(s: &str) -> Option<Kind> {
@@ -52,140 +106,370 @@ fn ns_field(ns: &str) -> &str {
     if ns.is_empty() { "." } else { ns }
 }
 
+fn ns_of(field: &str) -> String {
+    if field == "." {
+        String::new()
+    } else {
+        field.to_string()
+    }
+}
+
 impl Journal {
-    /// Opens the journal, returning the jobs it holds that never finished,
-    /// with their bytes and nonce, in the order they were first queued.
-    pub fn open(path: &Path) -> io::Result<(Journal, Vec<Pending>)> {
-        let pending = match fs::read_to_string(path) {
-            Ok(text) => replay(&text),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+    /// Opens the journal. Returns it, the jobs it holds that never ended
+    /// (with their bytes and latest nonce, in the order first queued), and
+    /// every outcome it still holds, in sequence order. With `retain`
+    /// false (no accounting), outcomes are not kept past compaction.
+    pub fn open(path: &Path, retain: bool) -> io::Result<(Journal, Vec<Pending>, Vec<Recorded>)> {
+        let text = match fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(e),
         };
-        if let Err(e) = compact(path, &pending) {
-            tracing::warn!(path = %path.display(), error = %e, "cannot compact the upload journal; appending to it as it is");
-        }
+        let replayed = replay(&text);
+        let epoch = replayed
+            .epoch
+            .unwrap_or_else(|| std::hash::RandomState::new().hash_one(SystemTime::now()) | 1);
         let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let mut st = State {
+            file,
+            epoch,
+            next_seq: replayed.next_seq,
+            consumed: 0,
+            retain,
+            pending: replayed.pending.clone(),
+            outcomes: replayed
+                .outcomes
+                .iter()
+                .map(|(r, line)| (r.seq, line.clone()))
+                .collect(),
+            order: replayed.order,
+            written: 0,
+        };
+        if !retain {
+            st.outcomes.clear();
+        }
+        let journal = Journal {
+            path: path.to_path_buf(),
+            state: parking_lot::Mutex::new(st),
+        };
+        // Rewrite now, so the file starts small and carries its header.
+        {
+            let mut st = journal.state.lock();
+            if let Err(e) = journal.compact(&mut st) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot compact the upload journal; appending to it as it is");
+                if replayed.epoch.is_none() {
+                    // Without a header the epoch would change at the next
+                    // start; write one as an ordinary record.
+                    let h = header(epoch, st.next_seq);
+                    let _ = st.file.write_all(h.as_bytes());
+                }
+            }
+        }
+        let mut pending: Vec<(u64, Pending)> = replayed
+            .pending
+            .into_iter()
+            .flat_map(|(k, (order, bytes, count, nonce))| {
+                (0..count).map(move |_| (order, (k.clone(), bytes, nonce)))
+            })
+            .collect();
+        pending.sort_by_key(|(o, _)| *o);
+        let outcomes = replayed.outcomes.into_iter().map(|(r, _)| r).collect();
         Ok((
-            Journal {
-                file: parking_lot::Mutex::new(file),
-            },
-            pending,
+            journal,
+            pending.into_iter().map(|(_, p)| p).collect(),
+            outcomes,
         ))
+    }
+
+    /// The journal's epoch: with a sequence number it names an outcome
+    /// uniquely, across restarts and across a journal that was deleted.
+    pub fn epoch(&self) -> u64 {
+        self.state.lock().epoch
     }
 
     pub fn added(&self, k: &JobKey, bytes: u64, nonce: u64) -> io::Result<()> {
-        self.write(&add_line(k, bytes, nonce))
-    }
-
-    pub fn done(&self, k: &JobKey) -> io::Result<()> {
-        self.write(&format!(
-            "- {} {} {}\n",
+        let mut st = self.state.lock();
+        let line = format!(
+            "+ {} {} {} {} {:x}\n",
             ns_field(&k.namespace),
-            kind_code(k.kind),
-            k.hash
-        ))
+            k.kind.as_str(),
+            k.hash,
+            bytes,
+            nonce
+        );
+        st.file.write_all(line.as_bytes())?;
+        st.order += 1;
+        let order = st.order;
+        let e = st
+            .pending
+            .entry(k.clone())
+            .or_insert((order, bytes, 0, nonce));
+        e.1 = bytes;
+        e.2 += 1;
+        e.3 = nonce;
+        self.after_write(&mut st);
+        Ok(())
     }
 
-    fn write(&self, line: &str) -> io::Result<()> {
-        // One write call per record (see the module doc).
-        self.file.lock().write_all(line.as_bytes())
-    }
-}
-
-/// Rewrites the journal with only what is pending, so the file stays small.
-/// On failure the old journal is untouched and the temp file removed.
-fn compact(path: &Path, pending: &[Pending]) -> io::Result<()> {
-    let tmp = path.with_extension("journal.tmp");
-    let written = (|| {
-        let mut f = File::create(&tmp)?;
-        let mut text = String::new();
-        for (k, size, nonce) in pending {
-            text.push_str(&add_line(k, *size, *nonce));
+    /// Ends a job with its outcome, durably, and runs `then` with the
+    /// outcome's sequence number while no other record can be written, so
+    /// whoever `then` reports to sees outcomes in sequence order. Returns
+    /// the sequence number; on a write error the outcome still gets one
+    /// (and `then` runs) but will not survive a restart.
+    pub fn done(
+        &self,
+        k: &JobKey,
+        status: &str,
+        bytes: u64,
+        at: SystemTime,
+        then: impl FnOnce(u64),
+    ) -> io::Result<u64> {
+        let mut st = self.state.lock();
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let line = format!(
+            "= {seq} {} {} {} {status} {bytes} {}\n",
+            ns_field(&k.namespace),
+            k.kind.as_str(),
+            k.hash,
+            unix(at)
+        );
+        let written = st.file.write_all(line.as_bytes());
+        if let Some(e) = st.pending.get_mut(k) {
+            e.2 = e.2.saturating_sub(1);
+            if e.2 == 0 {
+                st.pending.remove(k);
+            }
         }
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
+        if st.retain && written.is_ok() {
+            st.outcomes.insert(seq, line);
+        }
+        then(seq);
+        self.after_write(&mut st);
+        written.map(|()| seq)
     }
-    written
-}
 
-fn add_line(k: &JobKey, size: u64, nonce: u64) -> String {
-    format!(
-        "+ {} {} {} {} {:x}\n",
-        ns_field(&k.namespace),
-        kind_code(k.kind),
-        k.hash,
-        size,
-        nonce
-    )
-}
+    /// Records a counted event that belongs to no job (a refused client
+    /// upload), like [`Journal::done`].
+    pub fn event(
+        &self,
+        namespace: &str,
+        kind: Kind,
+        status: &str,
+        bytes: u64,
+        at: SystemTime,
+        then: impl FnOnce(u64),
+    ) -> io::Result<u64> {
+        let mut st = self.state.lock();
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let line = format!(
+            "! {seq} {} {} {status} {bytes} {}\n",
+            ns_field(namespace),
+            kind.as_str(),
+            unix(at)
+        );
+        let written = st.file.write_all(line.as_bytes());
+        if st.retain && written.is_ok() {
+            st.outcomes.insert(seq, line);
+        }
+        then(seq);
+        self.after_write(&mut st);
+        written.map(|()| seq)
+    }
 
-fn replay(text: &str) -> Vec<Pending> {
-    let mut open: HashMap<JobKey, (usize, u64, u32, u64)> = HashMap::new();
-    let mut seq = 0usize;
-    for line in text.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        let parsed = match f.as_slice() {
-            [op, ns, kind, hash, rest @ ..] => {
-                let ns = if *ns == "." {
-                    String::new()
-                } else {
-                    ns.to_string()
-                };
-                match (parse_kind(kind), Hash::parse(hash)) {
-                    (Some(kind), Ok(hash)) => Some((
-                        *op,
-                        JobKey {
-                            namespace: ns,
-                            kind,
-                            hash,
-                        },
-                        rest.first().and_then(|s| s.parse::<u64>().ok()),
-                        rest.get(1).and_then(|s| u64::from_str_radix(s, 16).ok()),
-                    )),
-                    _ => None,
+    /// Accounting has spooled every outcome up to `seq`: they need not be
+    /// kept any longer.
+    pub fn consumed(&self, seq: u64) {
+        let mut st = self.state.lock();
+        st.consumed = st.consumed.max(seq);
+        let keep = st.outcomes.split_off(&(seq + 1));
+        st.outcomes = keep;
+    }
+
+    fn after_write(&self, st: &mut State) {
+        st.written += 1;
+        let live = st.pending.len() as u64 + st.outcomes.len() as u64;
+        if st.written >= COMPACT_AFTER && st.written > 2 * live {
+            if let Err(e) = self.compact(st) {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot compact the upload journal; appending to it as it is");
+            }
+            st.written = 0;
+        }
+    }
+
+    /// Rewrites the journal with only what is live. On failure the old
+    /// journal is untouched (and still appended to); the temp file is
+    /// removed.
+    fn compact(&self, st: &mut State) -> io::Result<()> {
+        let tmp = self.path.with_extension("journal.tmp");
+        let written = (|| {
+            let mut text = header(st.epoch, st.next_seq);
+            let mut live: Vec<(&JobKey, &(u64, u64, u32, u64))> = st.pending.iter().collect();
+            live.sort_by_key(|(_, v)| v.0);
+            for (k, (_, bytes, count, nonce)) in live {
+                for _ in 0..*count {
+                    text.push_str(&format!(
+                        "+ {} {} {} {bytes} {nonce:x}\n",
+                        ns_field(&k.namespace),
+                        k.kind.as_str(),
+                        k.hash
+                    ));
                 }
             }
-            _ => None,
-        };
-        // A torn last line (a crash mid-write) or garbage is skipped.
-        let Some((op, key, size, nonce)) = parsed else {
+            for line in st.outcomes.values() {
+                text.push_str(line);
+            }
+            let mut f = File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            fs::rename(&tmp, &self.path)?;
+            OpenOptions::new().append(true).open(&self.path)
+        })();
+        match written {
+            Ok(file) => {
+                st.file = file;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+}
+
+fn header(epoch: u64, next_seq: u64) -> String {
+    format!("# {epoch:x} {next_seq}\n")
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[derive(Default)]
+struct Replayed {
+    epoch: Option<u64>,
+    next_seq: u64,
+    pending: HashMap<JobKey, (u64, u64, u32, u64)>,
+    outcomes: Vec<(Recorded, String)>,
+    order: u64,
+}
+
+fn replay(text: &str) -> Replayed {
+    let mut r = Replayed {
+        next_seq: 1,
+        ..Default::default()
+    };
+    let mut outcomes: BTreeMap<u64, (Recorded, String)> = BTreeMap::new();
+    for line in text.split_inclusive('\n') {
+        // A torn last line (a crash mid-write) has no newline: skip it.
+        let Some(body) = line.strip_suffix('\n') else {
             continue;
         };
-        match op {
-            "+" => {
-                // A record cut short by a crash has no nonce: skip it.
-                let Some(nonce) = nonce else { continue };
-                seq += 1;
-                let e = open.entry(key).or_insert((seq, 0, 0, nonce));
-                e.1 = size.unwrap_or(e.1);
+        let f: Vec<&str> = body.split(' ').collect();
+        match f.as_slice() {
+            ["#", epoch, next] => {
+                if let (Ok(e), Ok(n)) = (u64::from_str_radix(epoch, 16), next.parse::<u64>()) {
+                    r.epoch.get_or_insert(e);
+                    r.next_seq = r.next_seq.max(n);
+                }
+            }
+            ["+", ns, kind, hash, bytes, nonce] => {
+                let (Some(kind), Ok(hash), Ok(bytes), Ok(nonce)) = (
+                    parse_kind(kind),
+                    Hash::parse(hash),
+                    bytes.parse::<u64>(),
+                    u64::from_str_radix(nonce, 16),
+                ) else {
+                    continue;
+                };
+                r.order += 1;
+                let key = JobKey {
+                    namespace: ns_of(ns),
+                    kind,
+                    hash,
+                };
+                let e = r.pending.entry(key).or_insert((r.order, bytes, 0, nonce));
+                e.1 = bytes;
                 e.2 += 1;
                 // The latest attempt's nonce: its writer tag is the one an
                 // object this job may have created carries.
                 e.3 = nonce;
             }
-            "-" => {
-                if let Some(e) = open.get_mut(&key) {
-                    e.2 = e.2.saturating_sub(1);
-                    if e.2 == 0 {
-                        open.remove(&key);
-                    }
+            ["=", seq, ns, kind, hash, status, bytes, at] => {
+                let (Ok(seq), Some(kind), Ok(hash), Ok(bytes), Ok(at)) = (
+                    seq.parse::<u64>(),
+                    parse_kind(kind),
+                    Hash::parse(hash),
+                    bytes.parse::<u64>(),
+                    at.parse::<u64>(),
+                ) else {
+                    continue;
+                };
+                let key = JobKey {
+                    namespace: ns_of(ns),
+                    kind,
+                    hash,
+                };
+                end_job(&mut r.pending, &key);
+                r.next_seq = r.next_seq.max(seq + 1);
+                let rec = Recorded {
+                    seq,
+                    namespace: key.namespace,
+                    kind,
+                    status: status.to_string(),
+                    bytes,
+                    at,
+                };
+                outcomes.insert(seq, (rec, line.to_string()));
+            }
+            ["!", seq, ns, kind, status, bytes, at] => {
+                let (Ok(seq), Some(kind), Ok(bytes), Ok(at)) = (
+                    seq.parse::<u64>(),
+                    parse_kind(kind),
+                    bytes.parse::<u64>(),
+                    at.parse::<u64>(),
+                ) else {
+                    continue;
+                };
+                r.next_seq = r.next_seq.max(seq + 1);
+                let rec = Recorded {
+                    seq,
+                    namespace: ns_of(ns),
+                    kind,
+                    status: status.to_string(),
+                    bytes,
+                    at,
+                };
+                outcomes.insert(seq, (rec, line.to_string()));
+            }
+            ["-", ns, kind, hash] => {
+                if let (Some(kind), Ok(hash)) = (parse_kind(kind), Hash::parse(hash)) {
+                    let key = JobKey {
+                        namespace: ns_of(ns),
+                        kind,
+                        hash,
+                    };
+                    end_job(&mut r.pending, &key);
                 }
             }
             _ => {}
         }
     }
-    let mut v: Vec<(usize, JobKey, u64, u64)> = open
-        .into_iter()
-        .map(|(k, (s, size, _, nonce))| (s, k, size, nonce))
-        .collect();
-    v.sort_by_key(|(s, _, _, _)| *s);
-    v.into_iter()
-        .map(|(_, k, size, nonce)| (k, size, nonce))
-        .collect()
+    r.outcomes = outcomes.into_values().collect();
+    r
+}
+
+fn end_job(pending: &mut HashMap<JobKey, (u64, u64, u32, u64)>, key: &JobKey) {
+    if let Some(e) = pending.get_mut(key) {
+        e.2 = e.2.saturating_sub(1);
+        if e.2 == 0 {
+            pending.remove(key);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -204,37 +488,53 @@ mod tests {
         }
     }
 
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("hoard-journal-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    const T: SystemTime = UNIX_EPOCH;
+
     #[test]
-    fn pending_jobs_survive_reopen_and_done_jobs_do_not() {
-        let dir = std::env::temp_dir().join(format!("hoard-journal-test-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("upload.journal");
+    fn pending_jobs_and_outcomes_survive_reopen() {
+        let d = dir("reopen");
+        let path = d.join("upload.journal");
+        let epoch;
         {
-            let (j, pending) = Journal::open(&path).unwrap();
-            assert!(pending.is_empty());
+            let (j, pending, outcomes) = Journal::open(&path, true).unwrap();
+            assert!(pending.is_empty() && outcomes.is_empty());
+            epoch = j.epoch();
             for i in 0..5 {
                 j.added(&key(i, Kind::Cas), 4096 * i as u64, 7).unwrap();
             }
-            j.done(&key(1, Kind::Cas)).unwrap();
-            j.done(&key(3, Kind::Cas)).unwrap();
+            assert_eq!(
+                j.done(&key(1, Kind::Cas), "created", 11, T, |_| {})
+                    .unwrap(),
+                1
+            );
+            assert_eq!(
+                j.done(&key(3, Kind::Cas), "error", 12, T, |_| {}).unwrap(),
+                2
+            );
+            assert_eq!(
+                j.event("team", Kind::Ac, "rejected", 0, T, |_| {}).unwrap(),
+                3
+            );
             j.added(&key(9, Kind::Ac), 4096, 8).unwrap();
+            // A key queued again (a re-PUT) replays with its latest nonce.
+            j.added(&key(4, Kind::Cas), 4096 * 4, 0x99).unwrap();
         }
         // A torn final record is ignored.
         OpenOptions::new()
             .append(true)
             .open(&path)
             .unwrap()
-            .write_all(b"+ . cas 12")
+            .write_all(b"= 4 . cas 12")
             .unwrap();
-        // A key added again (a re-PUT) replays with its latest nonce.
-        OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .unwrap()
-            .write_all(format!("\n{}", add_line(&key(4, Kind::Cas), 4096 * 4, 0x99)).as_bytes())
-            .unwrap();
-        let (j, pending) = Journal::open(&path).unwrap();
+        let (j, pending, outcomes) = Journal::open(&path, true).unwrap();
+        assert_eq!(j.epoch(), epoch, "the epoch survives");
         let keys: Vec<JobKey> = pending.iter().map(|(k, _, _)| k.clone()).collect();
         assert_eq!(
             keys,
@@ -242,17 +542,77 @@ mod tests {
                 key(0, Kind::Cas),
                 key(2, Kind::Cas),
                 key(4, Kind::Cas),
-                key(9, Kind::Ac)
+                key(4, Kind::Cas),
+                key(9, Kind::Ac),
             ]
         );
+        assert_eq!(pending[2].2, 0x99);
+        let seqs: Vec<(u64, &str)> = outcomes
+            .iter()
+            .map(|o| (o.seq, o.status.as_str()))
+            .collect();
+        assert_eq!(seqs, vec![(1, "created"), (2, "error"), (3, "rejected")]);
+        // Sequence numbers go on; consumed outcomes are dropped at the next
+        // compaction.
         assert_eq!(
-            (pending[2].1, pending[2].2, pending[3].2),
-            (4096 * 4, 0x99, 8)
+            j.done(&key(0, Kind::Cas), "created", 5, T, |_| {}).unwrap(),
+            4
         );
-        j.done(&key(0, Kind::Cas)).unwrap();
+        j.consumed(3);
+        {
+            let mut st = j.state.lock();
+            j.compact(&mut st).unwrap();
+        }
         drop(j);
-        let (_j, pending) = Journal::open(&path).unwrap();
-        assert_eq!(pending.len(), 3);
-        let _ = fs::remove_dir_all(&dir);
+        let (_j, pending, outcomes) = Journal::open(&path, true).unwrap();
+        assert_eq!(pending.len(), 4);
+        let seqs: Vec<u64> = outcomes.iter().map(|o| o.seq).collect();
+        assert_eq!(seqs, vec![4], "only the unconsumed outcome is kept");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn the_journal_is_compacted_while_running_and_keeps_what_is_live() {
+        let d = dir("compact");
+        let path = d.join("upload.journal");
+        let (j, _, _) = Journal::open(&path, true).unwrap();
+        let n = COMPACT_AFTER as usize;
+        for i in 0..n {
+            let k = JobKey {
+                namespace: String::new(),
+                kind: Kind::Cas,
+                hash: Hash([(i % 251) as u8; 32]),
+            };
+            j.added(&k, 1, i as u64).unwrap();
+            j.done(&k, "created", 1, T, |_| {}).unwrap();
+            j.consumed(i as u64 + 1);
+        }
+        j.added(&key(7, Kind::Cas), 3, 3).unwrap();
+        let len = fs::metadata(&path).unwrap().len();
+        assert!(len < 10_000_000, "compacted while running: {len} bytes");
+        drop(j);
+        let (_j, pending, outcomes) = Journal::open(&path, true).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert!(outcomes.len() < 10, "{} outcomes kept", outcomes.len());
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn older_journals_replay() {
+        let d = dir("old");
+        let path = d.join("upload.journal");
+        let h = Hash([5; 32]);
+        fs::write(
+            &path,
+            format!(
+                "+ . cas {h} 10 a\n+ . cas {} 10 b\n- . cas {h}\n",
+                Hash([6; 32])
+            ),
+        )
+        .unwrap();
+        let (_j, pending, outcomes) = Journal::open(&path, false).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert!(outcomes.is_empty());
+        let _ = fs::remove_dir_all(&d);
     }
 }

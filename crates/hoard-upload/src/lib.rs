@@ -42,7 +42,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hoard_disk::{Committed, DiskCache, Hash, Kind};
 use hoard_proto::prost::Message;
@@ -61,6 +61,9 @@ pub enum Status {
     AlreadyExists,
     Error,
     Dropped,
+    /// Not an upload outcome: a client upload hoard refused, counted in
+    /// the same ledger (with no job and no bytes stored).
+    Rejected,
 }
 
 impl Status {
@@ -70,16 +73,34 @@ impl Status {
             Status::AlreadyExists => "already_exists",
             Status::Error => "error",
             Status::Dropped => "dropped",
+            Status::Rejected => "rejected",
         }
+    }
+
+    fn parse(s: &str) -> Option<Status> {
+        [
+            Status::Created,
+            Status::AlreadyExists,
+            Status::Error,
+            Status::Dropped,
+            Status::Rejected,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
     }
 }
 
-/// One job's terminal outcome, for accounting.
+/// One job's terminal outcome (or a refused upload), for accounting. It is
+/// in the journal before anyone is told of it; `(epoch, seq)` names it for
+/// good (see `journal.rs`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outcome {
+    pub epoch: u64,
+    pub seq: u64,
     pub namespace: String,
     pub kind: Kind,
-    pub hash: Hash,
+    /// The blob; `None` for a refused upload replayed from the journal.
+    pub hash: Option<Hash>,
     pub status: Status,
     /// The object's size as the PUT sends it (the stored file's length):
     /// the unit of billing.
@@ -87,7 +108,9 @@ pub struct Outcome {
     pub at: SystemTime,
 }
 
-/// Receives every terminal outcome, once, as it happens (accounting).
+/// Receives every terminal outcome as it happens, in sequence order, and at
+/// start every outcome the journal still holds (accounting skips those it
+/// already spooled).
 pub type OutcomeSink = Box<dyn Fn(&Outcome) + Send + Sync>;
 
 /// What the bucket said about an object. Only `Absent` is an answer one may
@@ -189,8 +212,8 @@ impl Backend {
         outcomes: Option<OutcomeSink>,
     ) -> Result<Backend, Error> {
         let metrics = Metrics::register(registry)?;
-        let (journal, pending) =
-            Journal::open(&cfg.journal_path).map_err(|source| Error::Journal {
+        let (journal, pending, recorded) = Journal::open(&cfg.journal_path, outcomes.is_some())
+            .map_err(|source| Error::Journal {
                 path: cfg.journal_path.clone(),
                 source,
             })?;
@@ -220,6 +243,26 @@ impl Backend {
             random: std::hash::RandomState::new(),
         });
         let b = Backend { inner };
+        // Outcomes the journal still holds go to accounting again; it keeps
+        // those it had not spooled before the last stop or crash.
+        if let Some(sink) = &b.inner.outcomes {
+            let epoch = b.inner.journal.epoch();
+            for r in recorded {
+                let Some(status) = Status::parse(&r.status) else {
+                    continue;
+                };
+                sink(&Outcome {
+                    epoch,
+                    seq: r.seq,
+                    namespace: r.namespace,
+                    kind: r.kind,
+                    hash: None,
+                    status,
+                    bytes: r.bytes,
+                    at: UNIX_EPOCH + Duration::from_secs(r.at),
+                });
+            }
+        }
         if !pending.is_empty() {
             tracing::info!(jobs = pending.len(), "re-queuing uploads from the journal");
         }
@@ -344,18 +387,63 @@ impl Backend {
         if let Some(w) = i.pending_cas.lock().remove(&job.key) {
             let _ = w.send(Some(status));
         }
-        if let Err(e) = i.journal.done(&job.key) {
-            tracing::error!(error = %e, "writing the upload journal failed");
-        }
-        if let Some(sink) = &i.outcomes {
-            sink(&Outcome {
-                namespace: job.key.namespace.clone(),
-                kind: job.key.kind,
-                hash: job.key.hash,
-                status,
-                bytes: job.bytes,
-                at: SystemTime::now(),
+        // The job's end and its outcome are one journal record; accounting
+        // hears of it only once it is there.
+        let at = SystemTime::now();
+        let epoch = i.journal.epoch();
+        let written = i
+            .journal
+            .done(&job.key, status.as_str(), job.bytes, at, |seq| {
+                if let Some(sink) = &i.outcomes {
+                    sink(&Outcome {
+                        epoch,
+                        seq,
+                        namespace: job.key.namespace.clone(),
+                        kind: job.key.kind,
+                        hash: Some(job.key.hash),
+                        status,
+                        bytes: job.bytes,
+                        at,
+                    });
+                }
             });
+        if let Err(e) = written {
+            tracing::error!(error = %e, "writing the upload journal failed; this outcome will not survive a restart");
+        }
+    }
+
+    /// Counts a client upload hoard refused, in the same ledger as upload
+    /// outcomes, so a crash loses it no more than an outcome.
+    pub fn record_rejection(&self, namespace: &str, kind: Kind) {
+        let i = &self.inner;
+        let at = SystemTime::now();
+        let epoch = i.journal.epoch();
+        let written = i
+            .journal
+            .event(namespace, kind, Status::Rejected.as_str(), 0, at, |seq| {
+                if let Some(sink) = &i.outcomes {
+                    sink(&Outcome {
+                        epoch,
+                        seq,
+                        namespace: namespace.to_string(),
+                        kind,
+                        hash: None,
+                        status: Status::Rejected,
+                        bytes: 0,
+                        at,
+                    });
+                }
+            });
+        if let Err(e) = written {
+            tracing::error!(error = %e, "writing the upload journal failed; this count will not survive a restart");
+        }
+    }
+
+    /// Accounting has spooled every outcome of `epoch` up to `seq`: the
+    /// journal need not keep them.
+    pub fn outcomes_consumed(&self, epoch: u64, seq: u64) {
+        if self.inner.journal.epoch() == epoch {
+            self.inner.journal.consumed(seq);
         }
     }
 

@@ -99,11 +99,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .context("starting the index loader")?;
 
     let metrics = Arc::new(Metrics::new().context("creating metrics")?);
+    // Accounting tells the ledger (the upload journal) what it has spooled;
+    // the backend it tells is started next.
+    let ledger: Arc<std::sync::OnceLock<hoard_upload::Backend>> = Arc::default();
     let accounting = match cfg.accounting.clone() {
         Some(a) => {
             tracing::info!(url = %a.clickhouse_url, table = %a.table, "storage accounting on");
+            let l = Arc::clone(&ledger);
+            let on_spooled: hoard_accounting::SpooledHook = Box::new(move |epoch, seq| {
+                if let Some(b) = l.get() {
+                    b.outcomes_consumed(epoch, seq);
+                }
+            });
             Some(
-                hoard_accounting::Accounting::start(a, &metrics.registry)
+                hoard_accounting::Accounting::start(a, &metrics.registry, Some(on_spooled))
                     .context("starting accounting")?,
             )
         }
@@ -115,6 +124,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             let sink: Option<hoard_upload::OutcomeSink> = accounting.clone().map(|acc| {
                 Box::new(move |o: &hoard_upload::Outcome| {
                     acc.record(hoard_accounting::Event {
+                        epoch: o.epoch,
+                        seq: o.seq,
                         namespace: o.namespace.clone(),
                         kind: o.kind.as_str(),
                         status: o.status.as_str(),
@@ -126,6 +137,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             let b = hoard_upload::Backend::start(upload, s3, disk.clone(), &metrics.registry, sink)
                 .await
                 .context("starting the S3 uploader")?;
+            let _ = ledger.set(b.clone());
             let hook_backend = b.clone();
             let hook_disk = disk.clone();
             disk.set_commit_hook(Box::new(move |c| {
@@ -149,15 +161,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(b) = &backend {
         cache.set_backend(b.clone());
     }
-    if let Some(acc) = accounting.clone() {
+    // Refused uploads are counted through the same ledger as outcomes.
+    if let (Some(b), Some(_)) = (&backend, &accounting) {
+        let b = b.clone();
         cache.set_rejection_sink(Box::new(move |ns: &str, kind: hoard_disk::Kind| {
-            acc.record(hoard_accounting::Event {
-                namespace: ns.to_string(),
-                kind: kind.as_str(),
-                status: "rejected",
-                bytes: 0,
-                at: std::time::SystemTime::now(),
-            })
+            b.record_rejection(ns, kind)
         }));
     }
     let state = Arc::new(HttpState {
