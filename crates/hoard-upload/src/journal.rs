@@ -77,6 +77,9 @@ pub struct Journal {
     state: parking_lot::Mutex<State>,
 }
 
+/// A live job: first position, bytes, times queued, latest nonce.
+type Live = (u64, u64, u32, u64);
+
 struct State {
     file: File,
     epoch: u64,
@@ -85,8 +88,8 @@ struct State {
     consumed: u64,
     /// Keep outcomes for accounting at all.
     retain: bool,
-    /// Live jobs: first position, bytes, times queued, latest nonce.
-    pending: HashMap<JobKey, (u64, u64, u32, u64)>,
+    /// Live jobs.
+    pending: HashMap<JobKey, Live>,
     /// Outcome lines not yet consumed, by seq.
     outcomes: BTreeMap<u64, String>,
     order: u64,
@@ -305,7 +308,7 @@ impl Journal {
         let tmp = self.path.with_extension("journal.tmp");
         let written = (|| {
             let mut text = header(st.epoch, st.next_seq);
-            let mut live: Vec<(&JobKey, &(u64, u64, u32, u64))> = st.pending.iter().collect();
+            let mut live: Vec<(&JobKey, &Live)> = st.pending.iter().collect();
             live.sort_by_key(|(_, v)| v.0);
             for (k, (_, bytes, count, nonce)) in live {
                 for _ in 0..*count {
@@ -353,7 +356,7 @@ fn unix(t: SystemTime) -> u64 {
 struct Replayed {
     epoch: Option<u64>,
     next_seq: u64,
-    pending: HashMap<JobKey, (u64, u64, u32, u64)>,
+    pending: HashMap<JobKey, Live>,
     outcomes: Vec<(Recorded, String)>,
     order: u64,
 }
@@ -463,7 +466,7 @@ fn replay(text: &str) -> Replayed {
     r
 }
 
-fn end_job(pending: &mut HashMap<JobKey, (u64, u64, u32, u64)>, key: &JobKey) {
+fn end_job(pending: &mut HashMap<JobKey, Live>, key: &JobKey) {
     if let Some(e) = pending.get_mut(key) {
         e.2 = e.2.saturating_sub(1);
         if e.2 == 0 {
