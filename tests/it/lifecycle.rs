@@ -37,7 +37,7 @@ fn count_files(dir: &Path, kind_dir: &str) -> usize {
 /// A cache directory in bazel-remote's uncompressed layout, written file by
 /// file: `cas` blobs, and `ac` action results each naming three of them.
 /// Returns the CAS contents and the action keys.
-fn build_directory(dir: &Path, cas: usize, ac: usize) -> (Vec<Vec<u8>>, Vec<String>) {
+pub(crate) fn build_directory(dir: &Path, cas: usize, ac: usize) -> (Vec<Vec<u8>>, Vec<String>) {
     let blobs: Vec<Vec<u8>> = (0..cas)
         .map(|i| format!("blob number {i:08}").into_bytes())
         .collect();

@@ -7,6 +7,7 @@ mod accounting;
 mod bazel;
 mod ccache;
 mod clickhouse;
+mod convergence;
 mod deploy;
 mod grpc;
 mod http;

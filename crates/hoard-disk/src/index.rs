@@ -72,7 +72,9 @@ pub(crate) struct Entry {
     /// other suffixes live in `Index::odd_suffixes`.
     pub suffix: u32,
     size_lo: u32,
-    /// Bits 0-13: logical size bits 32-45; bit 14: odd suffix.
+    /// Bits 0-13: logical size bits 32-45; bit 14: odd suffix; bit 15: the
+    /// blob is known to be in the bucket (uploaded, or read from it) since
+    /// this process started.
     size_hi: u16,
     /// Bits 0-10 namespace, 11-12 kind, 13-14 format.
     tag: u16,
@@ -120,6 +122,12 @@ impl Entry {
     }
     pub fn odd_suffix(&self) -> bool {
         self.size_hi & (1 << 14) != 0
+    }
+    pub fn uploaded(&self) -> bool {
+        self.size_hi & (1 << 15) != 0
+    }
+    pub fn set_uploaded(&mut self) {
+        self.size_hi |= 1 << 15;
     }
     pub fn size_on_disk(&self) -> u64 {
         self.blocks as u64 * crate::BLOCK_SIZE
@@ -258,6 +266,25 @@ impl Index {
 
     pub fn entry(&self, slot: u32) -> &Entry {
         &self.entries[slot as usize]
+    }
+
+    pub fn entry_mut(&mut self, slot: u32) -> &mut Entry {
+        &mut self.entries[slot as usize]
+    }
+
+    /// Up to `max` slots of `kind` whose entry is not marked uploaded,
+    /// least recently used first.
+    pub fn not_uploaded(&self, kind: Kind, max: usize) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut s = self.tail;
+        while s != NIL && out.len() < max {
+            let e = &self.entries[s as usize];
+            if e.kind() == kind && !e.uploaded() {
+                out.push(s);
+            }
+            s = e.prev;
+        }
+        out
     }
 
     pub fn odd_suffix(&self, slot: u32) -> Option<&str> {

@@ -124,10 +124,15 @@ pub struct Committed {
     pub stored_bytes: u64,
     /// The blob came from the backend (a read-through), not from a client.
     pub from_backend: bool,
+    /// False for a write that found the blob already stored (nothing new
+    /// was written): the hook may still want to upload a blob whose upload
+    /// never succeeded.
+    pub new: bool,
 }
 
-/// Called once for each newly committed blob (not for a write that found
-/// the blob already present), after it is visible to readers.
+/// Called for each committed blob after it is visible to readers: once for
+/// each newly stored blob, and for each write that found it already stored
+/// (`new: false`).
 pub type CommitHook = Box<dyn Fn(&Committed) + Send + Sync>;
 
 /// Point-in-time figures for `/status` and metrics.
@@ -429,6 +434,39 @@ impl DiskCache {
             Location::of(&st.index, slot)
         };
         read::open(self.clone(), loc)
+    }
+
+    /// Notes that a blob is in the bucket (its upload succeeded, or it was
+    /// read from there), so neither a re-PUT nor the backfill sends it again.
+    pub fn mark_uploaded(&self, ns: NamespaceId, kind: Kind, hash: &Hash) {
+        let mut st = self.shared.state.lock();
+        if let Some(slot) = st.index.find(ns, kind, hash) {
+            st.index.entry_mut(slot).set_uploaded();
+        }
+    }
+
+    /// Whether a blob is marked as in the bucket (see [`DiskCache::mark_uploaded`]).
+    /// Not persisted: after a restart every blob is unmarked until an upload
+    /// or the backfill learns otherwise.
+    pub fn is_uploaded(&self, ns: NamespaceId, kind: Kind, hash: &Hash) -> bool {
+        let st = self.shared.state.lock();
+        st.index
+            .find(ns, kind, hash)
+            .is_some_and(|slot| st.index.entry(slot).uploaded())
+    }
+
+    /// Up to `max` blobs of `kind` not marked as in the bucket, least
+    /// recently used first: what a backfill should upload.
+    pub fn not_uploaded(&self, kind: Kind, max: usize) -> Vec<(NamespaceId, Hash)> {
+        let st = self.shared.state.lock();
+        st.index
+            .not_uploaded(kind, max)
+            .into_iter()
+            .map(|slot| {
+                let e = st.index.entry(slot);
+                (e.ns(), Hash(e.hash))
+            })
+            .collect()
     }
 
     /// Removes a blob from the cache (for example an action-cache entry

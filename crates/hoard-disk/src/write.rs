@@ -255,6 +255,9 @@ impl Writer {
             }
         }
         let Some(sink) = self.sink.as_mut() else {
+            // Already stored: verified, nothing written. Tell the hook, which
+            // may re-queue an upload that never succeeded.
+            self.report_present();
             return Ok(WriteOutcome {
                 created: false,
                 size_on_disk: 0,
@@ -343,6 +346,7 @@ impl Writer {
         if !created {
             // Never indexed, so no reader can have it open by name.
             let _ = fs::remove_file(&path);
+            self.report_present();
             return Ok(WriteOutcome {
                 created: false,
                 size_on_disk: 0,
@@ -357,12 +361,42 @@ impl Writer {
                 size_on_disk,
                 stored_bytes: file_len,
                 from_backend: self.from_backend,
+                new: true,
             });
         }
         Ok(WriteOutcome {
             created: true,
             size_on_disk,
         })
+    }
+}
+
+impl Writer {
+    /// Calls the hook for a blob this write found already stored.
+    fn report_present(&self) {
+        let shared = self.cache.shared();
+        let Some(hook) = shared.hook.get() else {
+            return;
+        };
+        let stored = {
+            let st = shared.state.lock();
+            st.index
+                .find(self.ns, self.kind, &self.hash)
+                .map(|slot| st.index.entry(slot).size_on_disk())
+        };
+        if let Some(size_on_disk) = stored {
+            hook(&Committed {
+                namespace: self.ns,
+                kind: self.kind,
+                hash: self.hash,
+                logical_size: self.expected,
+                size_on_disk,
+                // Unknown here; the upload measures the file it sends.
+                stored_bytes: 0,
+                from_backend: self.from_backend,
+                new: false,
+            });
+        }
     }
 }
 

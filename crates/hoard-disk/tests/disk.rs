@@ -229,7 +229,13 @@ fn concurrent_writers_of_one_blob_leave_one_file_and_one_commit() {
         }
     });
     assert_eq!(files_under(dir.path()).len(), 1);
-    assert_eq!(commits.lock().unwrap().len(), 1);
+    let commits = commits.lock().unwrap();
+    assert_eq!(
+        commits.iter().filter(|c| c.new).count(),
+        1,
+        "one write stores it; the others find it present"
+    );
+    assert_eq!(commits.len(), 16, "the hook hears of every write");
     assert_eq!(
         read(&cache, NamespaceId::DEFAULT, Kind::Cas, &sha(&blob)).unwrap(),
         blob

@@ -80,6 +80,10 @@ pub struct UploadConfig {
     /// On shutdown, how long queued uploads may still run; the rest stay in
     /// the journal for the next start.
     pub drain_timeout: Duration,
+    /// Background backfill: blobs with no successful upload recorded
+    /// (errors, drops, an adopted directory) are uploaded at this many per
+    /// second; 0 turns it off.
+    pub backfill_rate: u32,
     /// File recording queued jobs (survives restarts and `kill -9`).
     pub journal_path: PathBuf,
     /// Names this host in object metadata, to recognise its own creations.

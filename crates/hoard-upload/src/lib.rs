@@ -41,7 +41,7 @@ pub use s3::PutResult;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hoard_disk::{Committed, DiskCache, Hash, Kind};
@@ -143,13 +143,19 @@ pub struct ProbeReport {
     pub refusal_status: Option<u16>,
 }
 
+/// How long the backfill waits before trying a blob again whose attempt
+/// failed.
+const BACKFILL_RETRY: Duration = Duration::from_secs(10);
+
 const MODE_UNKNOWN: u8 = 0;
 const MODE_CONDITIONAL: u8 = 1;
 const MODE_HEAD_FIRST: u8 = 2;
 
 struct Job {
     key: JobKey,
-    bytes: u64,
+    /// The object's bytes; 0 until measured for a job queued without them
+    /// (a re-PUT or the backfill), which the worker sets from the file.
+    bytes: AtomicU64,
     nonce: u64,
     /// Re-queued from the journal: an earlier process may have sent it.
     replayed: bool,
@@ -173,6 +179,12 @@ struct Inner {
     journal: Journal,
     existence: ExistenceCache,
     pending_cas: parking_lot::Mutex<HashMap<JobKey, watch::Sender<Option<Status>>>>,
+    /// Every key with a job queued or running: a re-PUT or the backfill
+    /// never queues a second one.
+    queued: parking_lot::Mutex<std::collections::HashSet<JobKey>>,
+    /// Action results skipped because this (namespace, CAS blob) was not in
+    /// the bucket; queued again once it is.
+    waiting_ac: parking_lot::Mutex<HashMap<(String, Hash), Vec<JobKey>>>,
     mode: AtomicU8,
     probe: parking_lot::Mutex<Option<ProbeReport>>,
     outcomes: Option<OutcomeSink>,
@@ -232,6 +244,8 @@ impl Backend {
             queued_at: parking_lot::Mutex::new(VecDeque::new()),
             journal,
             pending_cas: parking_lot::Mutex::new(HashMap::new()),
+            queued: parking_lot::Mutex::new(std::collections::HashSet::new()),
+            waiting_ac: parking_lot::Mutex::new(HashMap::new()),
             mode: AtomicU8::new(MODE_UNKNOWN),
             probe: parking_lot::Mutex::new(None),
             outcomes,
@@ -269,7 +283,7 @@ impl Backend {
         for (key, bytes, nonce) in pending {
             b.push(Job {
                 key,
-                bytes,
+                bytes: AtomicU64::new(bytes),
                 nonce,
                 replayed: true,
             });
@@ -278,6 +292,14 @@ impl Backend {
         b.inner
             .runtime
             .spawn(async move { prober.probe_until_done().await });
+        if b.inner.cfg.backfill_rate > 0 && b.inner.cfg.num_uploaders > 0 {
+            let w = b.clone();
+            let h = std::thread::Builder::new()
+                .name("hoard-backfill".into())
+                .spawn(move || w.backfill())
+                .map_err(Error::Spawn)?;
+            b.inner.workers.lock().push(h);
+        }
         for i in 0..b.inner.cfg.num_uploaders {
             let w = b.clone();
             let h = std::thread::Builder::new()
@@ -317,30 +339,51 @@ impl Backend {
         if c.from_backend {
             i.existence
                 .insert(namespace, c.kind, &c.hash, c.stored_bytes);
+            i.disk.mark_uploaded(c.namespace, c.kind, &c.hash);
             return;
         }
         if i.cfg.num_uploaders == 0 || c.logical_size > i.cfg.max_proxy_blob_size {
             return;
         }
-        let key = JobKey {
-            namespace: namespace.to_string(),
-            kind: c.kind,
-            hash: c.hash,
-        };
+        // A re-PUT of a stored blob: upload it again only if no upload of it
+        // succeeded (it ended error or dropped, or came with an adopted
+        // directory) and none is queued.
+        if !c.new && i.disk.is_uploaded(c.namespace, c.kind, &c.hash) {
+            return;
+        }
+        self.queue_new(
+            JobKey {
+                namespace: namespace.to_string(),
+                kind: c.kind,
+                hash: c.hash,
+            },
+            c.stored_bytes,
+        );
+    }
+
+    /// Journals and queues a new job for `key` unless one is queued already.
+    /// `bytes` 0 means "measure the file".
+    fn queue_new(&self, key: JobKey, bytes: u64) -> bool {
+        let i = &self.inner;
+        if !i.queued.lock().insert(key.clone()) {
+            return false;
+        }
         let nonce = i.random.hash_one((&key.hash, Instant::now()));
-        if let Err(e) = i.journal.added(&key, c.stored_bytes, nonce) {
+        if let Err(e) = i.journal.added(&key, bytes, nonce) {
             tracing::error!(error = %e, "writing the upload journal failed; this upload will not survive a restart");
         }
         self.push(Job {
             key,
-            bytes: c.stored_bytes,
+            bytes: AtomicU64::new(bytes),
             nonce,
             replayed: false,
         });
+        true
     }
 
     fn push(&self, job: Job) {
         let i = &self.inner;
+        i.queued.lock().insert(job.key.clone());
         i.metrics
             .jobs
             .with_label_values(&[job.key.kind.as_str()])
@@ -369,6 +412,7 @@ impl Backend {
     fn finish(&self, job: &Job, status: Status) {
         let i = &self.inner;
         let kind = job.key.kind.as_str();
+        let bytes = job.bytes.load(Ordering::Relaxed);
         i.metrics
             .outcomes
             .with_label_values(&[kind, status.as_str()])
@@ -376,39 +420,54 @@ impl Backend {
         i.metrics
             .bytes
             .with_label_values(&[kind, status.as_str()])
-            .inc_by(job.bytes);
+            .inc_by(bytes);
         if status == Status::Created {
-            i.metrics.created_bytes.inc_by(job.bytes);
+            i.metrics.created_bytes.inc_by(bytes);
         }
-        if matches!(status, Status::Created | Status::AlreadyExists) {
+        let uploaded = matches!(status, Status::Created | Status::AlreadyExists);
+        if uploaded {
             i.existence
-                .insert(&job.key.namespace, job.key.kind, &job.key.hash, job.bytes);
+                .insert(&job.key.namespace, job.key.kind, &job.key.hash, bytes);
+            if let Ok(ns) = i.disk.namespace(&job.key.namespace) {
+                i.disk.mark_uploaded(ns, job.key.kind, &job.key.hash);
+            }
         }
         if let Some(w) = i.pending_cas.lock().remove(&job.key) {
             let _ = w.send(Some(status));
         }
+        i.queued.lock().remove(&job.key);
         // The job's end and its outcome are one journal record; accounting
         // hears of it only once it is there.
         let at = SystemTime::now();
         let epoch = i.journal.epoch();
-        let written = i
-            .journal
-            .done(&job.key, status.as_str(), job.bytes, at, |seq| {
-                if let Some(sink) = &i.outcomes {
-                    sink(&Outcome {
-                        epoch,
-                        seq,
-                        namespace: job.key.namespace.clone(),
-                        kind: job.key.kind,
-                        hash: Some(job.key.hash),
-                        status,
-                        bytes: job.bytes,
-                        at,
-                    });
-                }
-            });
+        let written = i.journal.done(&job.key, status.as_str(), bytes, at, |seq| {
+            if let Some(sink) = &i.outcomes {
+                sink(&Outcome {
+                    epoch,
+                    seq,
+                    namespace: job.key.namespace.clone(),
+                    kind: job.key.kind,
+                    hash: Some(job.key.hash),
+                    status,
+                    bytes,
+                    at,
+                });
+            }
+        });
         if let Err(e) = written {
             tracing::error!(error = %e, "writing the upload journal failed; this outcome will not survive a restart");
+        }
+        // Action results skipped because this blob was not up yet get
+        // another try, each as a new job.
+        if uploaded && job.key.kind == Kind::Cas {
+            let waiting = i
+                .waiting_ac
+                .lock()
+                .remove(&(job.key.namespace.clone(), job.key.hash))
+                .unwrap_or_default();
+            for ac in waiting {
+                self.queue_new(ac, 0);
+            }
         }
     }
 
@@ -493,7 +552,60 @@ impl Backend {
     /// its journal record stays, so the next start queues it again.
     fn abandon(&self, job: &Job) {
         self.inner.pending_cas.lock().remove(&job.key);
+        self.inner.queued.lock().remove(&job.key);
         tracing::debug!(kind = %job.key.kind, hash = %job.key.hash, "upload interrupted by shutdown; kept in the journal");
+    }
+
+    /// Queues uploads of blobs no upload of which succeeded, at
+    /// `backfill_rate` per second: CAS and raw blobs before action results
+    /// (which go up only after their outputs). A blob whose attempt failed
+    /// is tried again after [`BACKFILL_RETRY`]. The queue keeps room for
+    /// client uploads: the backfill waits while it is half full.
+    fn backfill(&self) {
+        let i = &self.inner;
+        let rate = f64::from(i.cfg.backfill_rate);
+        let mut budget = 0.0f64;
+        let mut tried: HashMap<JobKey, Instant> = HashMap::new();
+        loop {
+            for _ in 0..10 {
+                if i.stopping.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if i.mode.load(Ordering::Acquire) == MODE_UNKNOWN
+                || !i.disk.is_loaded()
+                || i.rx.len() * 2 > i.cfg.max_queued_uploads
+            {
+                continue;
+            }
+            budget = (budget + rate).min(2.0 * rate);
+            tried.retain(|_, at| at.elapsed() < BACKFILL_RETRY);
+            for kind in [Kind::Cas, Kind::Raw, Kind::Ac] {
+                if budget < 1.0 {
+                    break;
+                }
+                let want = budget as usize + tried.len();
+                for (ns, hash) in i.disk.not_uploaded(kind, want) {
+                    if budget < 1.0 {
+                        break;
+                    }
+                    let key = JobKey {
+                        namespace: i.disk.namespace_name(ns),
+                        kind,
+                        hash,
+                    };
+                    if tried.contains_key(&key) {
+                        continue;
+                    }
+                    tried.insert(key.clone(), Instant::now());
+                    if self.queue_new(key, 0) {
+                        i.metrics.backfill.inc();
+                        budget -= 1.0;
+                    }
+                }
+            }
+        }
     }
 
     fn key_for(&self, ns: &str, kind: Kind, hash: &Hash, format: ObjectFormat) -> String {
@@ -525,6 +637,8 @@ impl Backend {
         };
         let key = self.key_for(&k.namespace, k.kind, &k.hash, format);
         let len = blob.stored_len();
+        // The outcome counts what is sent: this file's length.
+        job.bytes.store(len, Ordering::Relaxed);
         if k.kind == Kind::Ac {
             let mut blob = blob;
             let bytes = match blob.read_to_vec() {
@@ -534,9 +648,18 @@ impl Backend {
                     return Status::Error;
                 }
             };
-            if !self.references_in_bucket(&k.namespace, &bytes).await {
+            if let Err(missing) = self.references_in_bucket(&k.namespace, &bytes).await {
                 i.metrics.ac_skipped.inc();
                 tracing::warn!(action = %k.hash, "action result not uploaded: a blob it references is not in the bucket");
+                // Try again once that blob is up (its upload, a re-PUT or
+                // the backfill).
+                if let Some(h) = missing {
+                    i.waiting_ac
+                        .lock()
+                        .entry((k.namespace.clone(), h))
+                        .or_default()
+                        .push(k.clone());
+                }
                 return Status::Error;
             }
             return self
@@ -646,9 +769,9 @@ impl Backend {
 
     /// Whether every blob an action result references is in the bucket,
     /// waiting for this host's own uploads of them to finish first.
-    async fn references_in_bucket(&self, ns: &str, ac_bytes: &[u8]) -> bool {
+    async fn references_in_bucket(&self, ns: &str, ac_bytes: &[u8]) -> Result<(), Option<Hash>> {
         let Ok(ar) = ActionResult::decode(ac_bytes) else {
-            return false;
+            return Err(None);
         };
         let mut digests: Vec<Digest> = ar
             .output_files
@@ -665,7 +788,7 @@ impl Backend {
             digests.push(d.clone());
             // The tree's files too, read from the local copy of the tree.
             let Ok(h) = Hash::parse(&d.hash) else {
-                return false;
+                return Err(None);
             };
             let tree = self
                 .inner
@@ -675,23 +798,25 @@ impl Backend {
                 .and_then(|id| self.inner.disk.get(id, Kind::Cas, &h).ok().flatten())
                 .and_then(|mut b| b.read_to_vec().ok())
                 .and_then(|bytes| Tree::decode(bytes.as_slice()).ok());
-            let Some(tree) = tree else { return false };
+            let Some(tree) = tree else {
+                return Err(Hash::parse(&d.hash).ok());
+            };
             for dir in tree.root.iter().chain(&tree.children) {
                 digests.extend(dir.files.iter().filter_map(|f| f.digest.clone()));
             }
         }
         for d in digests {
             let Ok(h) = Hash::parse(&d.hash) else {
-                return false;
+                return Err(None);
             };
             if d.size_bytes == 0 && h.is_empty_blob() {
                 continue;
             }
             if !self.cas_uploaded(ns, &h).await {
-                return false;
+                return Err(Some(h));
             }
         }
-        true
+        Ok(())
     }
 
     async fn cas_uploaded(&self, ns: &str, hash: &Hash) -> bool {

@@ -16,6 +16,7 @@ pub struct Metrics {
     pub existence: IntCounterVec,
     pub verify_failed: IntCounter,
     pub ac_skipped: IntCounter,
+    pub backfill: IntCounter,
     pub backend_honors_conditional: IntGauge,
 }
 
@@ -82,6 +83,10 @@ impl Metrics {
                 "hoard_readthrough_verify_failures_total",
                 "Objects fetched from the bucket that did not match their digest and were refused.",
             )?,
+            backfill: IntCounter::new(
+                "hoard_upload_backfill_jobs_total",
+                "Upload jobs the backfill queued for blobs with no successful upload.",
+            )?,
             ac_skipped: IntCounter::new(
                 "hoard_upload_ac_skipped_total",
                 "Action results not uploaded because a blob they reference is not in the bucket.",
@@ -103,6 +108,7 @@ impl Metrics {
         r.register(Box::new(m.existence.clone()))?;
         r.register(Box::new(m.verify_failed.clone()))?;
         r.register(Box::new(m.ac_skipped.clone()))?;
+        r.register(Box::new(m.backfill.clone()))?;
         r.register(Box::new(m.backend_honors_conditional.clone()))?;
         m.backend_honors_conditional.set(-1);
         for kind in ["ac", "cas"] {

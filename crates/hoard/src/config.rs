@@ -543,6 +543,11 @@ fn s3_config(
             existence_ttl: v.duration("s3_proxy.existence_ttl")?,
             existence_capacity: 1_000_000,
             drain_timeout: v.duration("upload_drain_timeout")?,
+            backfill_rate: if v.bool("s3_proxy.backfill")? {
+                v.int("s3_proxy.backfill_rate")?.clamp(1, 100_000) as u32
+            } else {
+                0
+            },
             journal_path: dir.join("upload.journal"),
             host_id,
         },

@@ -297,6 +297,22 @@ pub const SETTINGS: &[Setting] = &[
         "multipart part size (bytes, at least 5 MiB)"
     ),
     s!(
+        "s3_proxy.backfill",
+        "s3.backfill",
+        ["HOARD_S3_BACKFILL"],
+        Bool,
+        "false",
+        "upload, in the background, blobs with no successful upload (after errors, drops, or an adopted bazel-remote directory)"
+    ),
+    s!(
+        "s3_proxy.backfill_rate",
+        "s3.backfill_rate",
+        ["HOARD_S3_BACKFILL_RATE"],
+        Int,
+        "10",
+        "backfill uploads started per second"
+    ),
+    s!(
         "num_uploaders",
         "num_uploaders",
         ["BAZEL_REMOTE_NUM_UPLOADERS", "HOARD_NUM_UPLOADERS"],
