@@ -42,6 +42,13 @@ if ! "$venv/bin/moto_server" --help >/dev/null 2>&1; then
 fi
 "$venv/bin/moto_server" --help >/dev/null 2>&1 || { echo "tests/run.sh: moto_server does not run from $venv" >&2; exit 1; }
 export MOTO_SERVER="$venv/bin/moto_server"
+# A current ClickHouse engine, embedded, for the DDL and footprint query.
+if ! "$venv/bin/python" -c 'import chdb' >/dev/null 2>&1; then
+  echo "installing chdb into $venv"
+  "$venv/bin/pip" install -q chdb
+fi
+"$venv/bin/python" -c 'import chdb' >/dev/null 2>&1 || { echo "tests/run.sh: chdb does not import in $venv" >&2; exit 1; }
+export CHDB_PYTHON="$venv/bin/python"
 
 echo "== cargo fmt"
 cargo fmt --all -- --check

@@ -286,6 +286,35 @@ fn an_insert_whose_acknowledgement_is_lost_is_sent_again_and_counted_once() {
         bucket_footprint(&bucket),
         "and is counted once"
     );
+
+    // The same DDL and footprint query on a current ClickHouse engine
+    // (chdb), over the very rows this run stored, resent batch included.
+    let rows = ch.query("SELECT * FROM remote_build_cache_operations FORMAT TSV");
+    let rows_file = tmp.path().join("rows.tsv");
+    std::fs::write(&rows_file, &rows).unwrap();
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/clickhouse");
+    let queries = std::fs::read_to_string(deploy.join("queries.sql")).unwrap();
+    let on_1816 = ch.query(&format!("{queries} FORMAT TSV"));
+    let python = std::env::var("CHDB_PYTHON").unwrap_or_else(|_| {
+        format!("{}/../target/e2e-venv/bin/python", env!("CARGO_MANIFEST_DIR"))
+    });
+    let out = std::process::Command::new(&python)
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("chdb/footprint.py"))
+        .arg(deploy.join("schema.sql"))
+        .arg(deploy.join("queries.sql"))
+        .arg(&rows_file)
+        .output()
+        .unwrap_or_else(|e| panic!("running {python}: {e}; the README's test command installs chdb into the venv"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "chdb: {stderr}");
+    let on_current = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!(
+        "footprint query on 18.16: {:?}; on {}: {:?}",
+        on_1816.trim(),
+        stderr.trim().trim_start_matches("# chdb "),
+        on_current.trim()
+    );
+    assert_eq!(on_current.trim(), on_1816.trim(), "the same answer on both engines");
 }
 
 #[test]
