@@ -52,7 +52,7 @@ fn wait_uploads(h: &Hoard) {
 
 /// What the bucket holds, per namespace: the objects' sizes as listed, the
 /// unit customers are billed in.
-fn bucket_footprint(bucket: &Bucket) -> BTreeMap<String, u64> {
+pub(crate) fn bucket_footprint(bucket: &Bucket) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for (key, size) in bucket.objects() {
         if key.starts_with("_hoard/") {
@@ -296,7 +296,10 @@ fn an_insert_whose_acknowledgement_is_lost_is_sent_again_and_counted_once() {
     let queries = std::fs::read_to_string(deploy.join("queries.sql")).unwrap();
     let on_1816 = ch.query(&format!("{queries} FORMAT TSV"));
     let python = std::env::var("CHDB_PYTHON").unwrap_or_else(|_| {
-        format!("{}/../target/e2e-venv/bin/python", env!("CARGO_MANIFEST_DIR"))
+        format!(
+            "{}/../target/e2e-venv/bin/python",
+            env!("CARGO_MANIFEST_DIR")
+        )
     });
     let out = std::process::Command::new(&python)
         .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("chdb/footprint.py"))
@@ -304,7 +307,9 @@ fn an_insert_whose_acknowledgement_is_lost_is_sent_again_and_counted_once() {
         .arg(deploy.join("queries.sql"))
         .arg(&rows_file)
         .output()
-        .unwrap_or_else(|e| panic!("running {python}: {e}; the README's test command installs chdb into the venv"));
+        .unwrap_or_else(|e| {
+            panic!("running {python}: {e}; the README's test command installs chdb into the venv")
+        });
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "chdb: {stderr}");
     let on_current = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -314,7 +319,11 @@ fn an_insert_whose_acknowledgement_is_lost_is_sent_again_and_counted_once() {
         stderr.trim().trim_start_matches("# chdb "),
         on_current.trim()
     );
-    assert_eq!(on_current.trim(), on_1816.trim(), "the same answer on both engines");
+    assert_eq!(
+        on_current.trim(),
+        on_1816.trim(),
+        "the same answer on both engines"
+    );
 }
 
 #[test]

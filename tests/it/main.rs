@@ -5,6 +5,7 @@
 
 mod accounting;
 mod bazel;
+mod campaign;
 mod ccache;
 mod clickhouse;
 mod convergence;

@@ -176,6 +176,12 @@ impl Hoard {
         self.request("PUT", path, &[("Content-Length", &len)], body)
     }
 
+    /// `kill -9`: no chance to clean up.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and returns the exit code.
     pub fn stop(mut self) -> Option<i32> {
         let pid = self.child.id().to_string();
@@ -235,6 +241,31 @@ impl Resp {
     }
 }
 
+/// Like [`request`], but `None` when the server is gone or answers nothing
+/// (for clients of a server that may be killed at any moment).
+pub fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<Resp> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).ok()?;
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let mut c = std::io::Cursor::new(raw);
+    Some(parse_response(&mut c, method == "HEAD"))
+}
+
 /// One HTTP/1.1 request on a fresh connection (`Connection: close`).
 pub fn request(
     addr: SocketAddr,
@@ -256,6 +287,10 @@ pub fn request(
 }
 
 pub fn read_response(s: &mut TcpStream, head_only: bool) -> Resp {
+    parse_response(s, head_only)
+}
+
+fn parse_response(s: &mut impl Read, head_only: bool) -> Resp {
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
     let split = raw

@@ -143,6 +143,9 @@ pub struct ProbeReport {
     pub refusal_status: Option<u16>,
 }
 
+/// How long an undecided job waits before it is tried again.
+const RETRY_UNDECIDED: Duration = Duration::from_secs(3);
+
 /// How long the backfill waits before trying a blob again whose attempt
 /// failed.
 const BACKFILL_RETRY: Duration = Duration::from_secs(10);
@@ -542,10 +545,41 @@ impl Backend {
                 }
             });
             match status {
-                Some(s) => self.finish(&job, s),
+                Some(Some(s)) => self.finish(&job, s),
+                Some(None) => self.retry_later(job),
                 None => self.abandon(&job),
             }
         }
+    }
+
+    /// A job whose outcome the bucket would not decide: it goes back to the
+    /// queue after a pause, as a job that may have sent its object (so the
+    /// writer tag decides `created` once the bucket answers). Until then it
+    /// has no outcome, and the journal keeps it across a restart.
+    fn retry_later(&self, mut job: Job) {
+        job.replayed = true;
+        let b = self.clone();
+        self.inner.runtime.spawn(async move {
+            tokio::time::sleep(RETRY_UNDECIDED).await;
+            let i = &b.inner;
+            let mut job = job;
+            loop {
+                if i.stopping.load(Ordering::Relaxed) {
+                    b.abandon(&job);
+                    return;
+                }
+                let mut q = i.queued_at.lock();
+                match i.tx.try_send(job) {
+                    Ok(()) => {
+                        q.push_back(Instant::now());
+                        return;
+                    }
+                    Err(e) => job = e.into_inner(),
+                }
+                drop(q);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
     }
 
     /// A job cut off by the shutdown deadline: no outcome in this process;
@@ -612,7 +646,7 @@ impl Backend {
         object_key(&self.inner.prefix, ns, kind, hash, format)
     }
 
-    async fn process(&self, job: &Job) -> Status {
+    async fn process(&self, job: &Job) -> Option<Status> {
         let i = &self.inner;
         let k = &job.key;
         let blob = match i
@@ -623,11 +657,11 @@ impl Backend {
             Ok(Some(b)) => b,
             Ok(None) => {
                 tracing::warn!(kind = %k.kind, hash = %k.hash, "blob left the local cache before its upload");
-                return Status::Error;
+                return Some(Status::Error);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot open a blob to upload it");
-                return Status::Error;
+                return Some(Status::Error);
             }
         };
         let format = if blob.is_casblob() {
@@ -645,7 +679,7 @@ impl Backend {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read an action result to upload it");
-                    return Status::Error;
+                    return Some(Status::Error);
                 }
             };
             if let Err(missing) = self.references_in_bucket(&k.namespace, &bytes).await {
@@ -660,7 +694,7 @@ impl Backend {
                         .or_default()
                         .push(k.clone());
                 }
-                return Status::Error;
+                return Some(Status::Error);
             }
             return self
                 .put_with_retries(job, &key, Source::Bytes(bytes.into()), len)
@@ -673,7 +707,16 @@ impl Backend {
             .await
     }
 
-    async fn put_with_retries(&self, job: &Job, key: &str, src: Source, len: u64) -> Status {
+    /// `None`: an attempt may have created the object and the bucket would
+    /// not say; the job is tried again later rather than ended, since an
+    /// `error` would leave a created object uncounted.
+    async fn put_with_retries(
+        &self,
+        job: &Job,
+        key: &str,
+        src: Source,
+        len: u64,
+    ) -> Option<Status> {
         let i = &self.inner;
         let writer = format!("{}/{:x}", i.cfg.host_id, job.nonce);
         let mut maybe_sent = job.replayed;
@@ -687,16 +730,23 @@ impl Backend {
                 tries += 1;
                 match i.store.head(&i.metrics, key).await {
                     Ok(Some(h)) => {
-                        return if maybe_sent && h.writer.as_deref() == Some(writer.as_str()) {
-                            Status::Created
-                        } else {
-                            Status::AlreadyExists
-                        };
+                        return Some(
+                            if maybe_sent && h.writer.as_deref() == Some(writer.as_str()) {
+                                Status::Created
+                            } else {
+                                Status::AlreadyExists
+                            },
+                        );
                     }
                     Ok(None) => break,
                     Err(e) if tries >= i.cfg.max_attempts => {
                         tracing::warn!(key, error = %e, attempts = tries, "HEAD before PUT failed; not uploading blind");
-                        return Status::Error;
+                        // An earlier attempt may have created it: undecided.
+                        return if maybe_sent {
+                            None
+                        } else {
+                            Some(Status::Error)
+                        };
                     }
                     Err(e) => {
                         tracing::debug!(key, error = %e, "HEAD before PUT failed; retrying");
@@ -724,34 +774,47 @@ impl Backend {
                 }
             };
             match result {
-                PutResult::Created => return Status::Created,
+                PutResult::Created => return Some(Status::Created),
                 PutResult::Exists(_) => {
                     if !maybe_sent {
-                        return Status::AlreadyExists;
+                        return Some(Status::AlreadyExists);
                     }
                     // An earlier attempt may have created it: the writer tag says.
                     return match i.store.head(&i.metrics, key).await {
                         Ok(Some(h)) if h.writer.as_deref() == Some(writer.as_str()) => {
-                            Status::Created
+                            Some(Status::Created)
                         }
-                        _ => Status::AlreadyExists,
+                        Ok(_) => Some(Status::AlreadyExists),
+                        // Ours or not: only the writer tag can say.
+                        Err(_) => None,
                     };
+                }
+                PutResult::Failed(e) if maybe_sent => {
+                    // An earlier attempt may have created it: only the
+                    // writer tag can tell, once the bucket answers.
+                    tracing::warn!(key, error = %e, "upload undecided after a refusal that followed a lost answer; trying again later");
+                    return None;
                 }
                 PutResult::Failed(e) => {
                     tracing::warn!(key, error = %e, "upload failed");
-                    return Status::Error;
+                    return Some(Status::Error);
                 }
+                PutResult::Conflict if attempt >= i.cfg.max_attempts && maybe_sent => return None,
                 PutResult::Conflict if attempt >= i.cfg.max_attempts => {
                     tracing::warn!(
                         key,
                         attempts = attempt,
                         "upload failed after retries: concurrent create conflicts"
                     );
-                    return Status::Error;
+                    return Some(Status::Error);
                 }
                 PutResult::Transient(e) if attempt >= i.cfg.max_attempts => {
+                    if maybe_sent {
+                        tracing::warn!(key, attempts = attempt, error = %e, "upload undecided: an attempt may have created the object; trying again later");
+                        return None;
+                    }
                     tracing::warn!(key, attempts = attempt, error = %e, previous = %last, "upload failed after retries");
-                    return Status::Error;
+                    return Some(Status::Error);
                 }
                 PutResult::Conflict => {}
                 PutResult::Transient(e) => {
@@ -1045,13 +1108,13 @@ impl Backend {
 /// Runs one job to its outcome. A panic inside it (a bug) still ends the
 /// job, as `error`, and leaves the worker running: every job gets exactly
 /// one outcome and the pool never shrinks.
-async fn outcome_of(job: impl std::future::Future<Output = Status>) -> Status {
+async fn outcome_of(job: impl std::future::Future<Output = Option<Status>>) -> Option<Status> {
     use futures_util::FutureExt as _;
     match std::panic::AssertUnwindSafe(job).catch_unwind().await {
         Ok(s) => s,
         Err(_) => {
             tracing::error!("an upload job panicked; it ends as error");
-            Status::Error
+            Some(Status::Error)
         }
     }
 }
