@@ -1178,10 +1178,10 @@ mod tests {
             .unwrap();
         #[allow(clippy::panic)]
         let panicking = async { panic!("a bug in a job") };
-        assert_eq!(rt.block_on(outcome_of(panicking)), Status::Error);
+        assert_eq!(rt.block_on(outcome_of(panicking)), Some(Status::Error));
         assert_eq!(
-            rt.block_on(outcome_of(async { Status::Created })),
-            Status::Created
+            rt.block_on(outcome_of(async { Some(Status::Created) })),
+            Some(Status::Created)
         );
     }
 }
