@@ -6,6 +6,8 @@
 #
 #   bash benches/run.sh            # all
 #   bash benches/run.sh get put    # some: get put load concurrent grpc s3 accounting
+#   HOARD_BASE=/path/to/older/hoard bash benches/run.sh ledger
+#                                  # PUT latency, accounting on, older binary vs this one
 set -euo pipefail
 cd "$(dirname "$0")/.."
 which=("$@")
@@ -212,6 +214,44 @@ CH
     echo "round=$round accounting=on  $("$BENCH" s3-put-latency 127.0.0.1:18602 1000 $((round * 100000 + 50000)))"
   done
   stop noacc; stop acc; rm -rf "$shm"
+  ;;
+ledger)
+  # The cost of making each outcome durable before it is counted: the same
+  # workload against an older binary (HOARD_BASE, built from the commit
+  # before the outcome ledger) and this one, both with accounting on,
+  # alternated.
+  [ -x "${HOARD_BASE:-}" ] || { echo "ledger: set HOARD_BASE to an older hoard binary" >&2; exit 1; }
+  echo "== PUT latency with accounting on: $HOARD_BASE (before) vs $HOARD (after)"
+  moto="${MOTO_SERVER:-$PWD/target/e2e-venv/bin/moto_server}"
+  "$moto" -H 127.0.0.1 -p 18700 >"$W/moto-ledger.log" 2>&1 & pids+=($!)
+  until curl -s -o /dev/null http://127.0.0.1:18700/; do sleep 0.05; done
+  curl -s -o /dev/null -X PUT http://127.0.0.1:18700/ledger
+  mkdir -p "$W/chl/data/tmp"
+  cat >"$W/chl/config.xml" <<CH
+<?xml version="1.0"?>
+<yandex>
+  <logger><level>warning</level><log>$W/chl/server.log</log><errorlog>$W/chl/error.log</errorlog><console>0</console></logger>
+  <http_port>18723</http_port><tcp_port>18724</tcp_port><listen_host>127.0.0.1</listen_host>
+  <path>$W/chl/data/</path><tmp_path>$W/chl/data/tmp/</tmp_path><user_files_path>$W/chl/data/user_files/</user_files_path>
+  <mark_cache_size>536870912</mark_cache_size>
+  <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
+  <profiles><default></default></profiles><quotas><default></default></quotas>
+</yandex>
+CH
+  /usr/sbin/clickhouse-server --config-file="$W/chl/config.xml" >/dev/null 2>&1 & pids+=($!)
+  until curl -sf http://127.0.0.1:18723/ping >/dev/null; do sleep 0.05; done
+  curl -sf --data-binary @deploy/clickhouse/schema.sql http://127.0.0.1:18723/ >/dev/null
+  shm=$(mktemp -d /dev/shm/hoard-bench.XXXXXX)
+  s3=(--s3.endpoint=127.0.0.1:18700 --s3.disable_ssl --s3.bucket=ledger --s3.access_key_id=AK --s3.secret_access_key=SK --grpc_address=none
+      --accounting.clickhouse_url=http://127.0.0.1:18723 --accounting.flush_interval=1s)
+  current=$HOARD
+  HOARD=$HOARD_BASE start_hoard before 18701 --dir="$shm/b" --host_id=bench-before "${s3[@]}" >/dev/null
+  HOARD=$current start_hoard after 18702 --dir="$shm/a" --host_id=bench-after "${s3[@]}" >/dev/null
+  for round in 1 2 3; do
+    echo "round=$round before $("$BENCH" s3-put-latency 127.0.0.1:18701 1000 $((round * 100000)))"
+    echo "round=$round after  $("$BENCH" s3-put-latency 127.0.0.1:18702 1000 $((round * 100000 + 50000)))"
+  done
+  stop before; stop after; rm -rf "$shm"
   ;;
 *) echo "unknown benchmark $what" >&2; exit 1;;
 esac; done

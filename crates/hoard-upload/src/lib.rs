@@ -14,13 +14,21 @@
 //!
 //! * Jobs enqueued = outcomes published: every job taken by
 //!   [`Backend::enqueue`] ends in exactly one outcome, in this process or,
-//!   after a restart, the next (the journal).
+//!   after a restart, the next (the journal). The outcome is in the journal
+//!   before the sink hears of it, in the same record that ends the job.
+//! * A job that may have created its object (an answer lost, then the
+//!   bucket away) is never ended as `error`: it waits and tries again, so a
+//!   created object is always counted `created` once.
+//! * The local cache converges to a subset of the bucket: what no upload
+//!   got there is queued again by its next PUT, by the output it waited
+//!   for, or by the backfill; each attempt is its own job.
 //! * A queued job holds no open file: it names the blob, and the worker
 //!   opens it when it starts.
 //! * An action result is uploaded only after every CAS blob it references
-//!   is known to be in the bucket; otherwise it ends as `error` and
-//!   `hoard_upload_ac_skipped_total` counts it, so another host can never
-//!   read an action result whose outputs are absent from the bucket.
+//!   is known to be in the bucket; otherwise it ends as `error`,
+//!   `hoard_upload_ac_skipped_total` counts it, and it is queued again once
+//!   the missing blob is up; so another host can never read an action
+//!   result whose outputs are absent from the bucket.
 //! * `created` means this job's request created the object. A job that may
 //!   have created it in an earlier attempt (a timeout, or a process that
 //!   died) checks the writer tag it put in the object's metadata before
