@@ -198,6 +198,11 @@ pub enum StubMode {
     Ignoring,
     /// Multipart parts always fail with 500.
     FailingParts,
+    /// Ignores If-None-Match (as `Ignoring`) and fails every HEAD with 500.
+    IgnoringFailingHeads,
+    /// Refuses creates of existing keys with a 409 that does not mean
+    /// "exists" (OperationAborted); the probe's own keys get 412.
+    OtherConflict,
 }
 
 /// A recorded request.
@@ -338,8 +343,14 @@ fn serve_stub(
                         continue;
                     }
                 }
-                if conditional && exists && mode != StubMode::Ignoring {
+                if conditional
+                    && exists
+                    && !matches!(mode, StubMode::Ignoring | StubMode::IgnoringFailingHeads)
+                {
                     match mode {
+                        StubMode::OtherConflict if !path.contains("/_hoard/") => {
+                            respond(&mut w, 409, "Conflict", &[], &s3_error("OperationAborted"))
+                        }
                         StubMode::Conditional(304) => {
                             respond(&mut w, 304, "Not Modified", &[], b"")
                         }
@@ -366,6 +377,9 @@ fn serve_stub(
             "DELETE" => {
                 objects.lock().unwrap().remove(&path);
                 respond(&mut w, 204, "No Content", &[], b"");
+            }
+            "HEAD" if mode == StubMode::IgnoringFailingHeads => {
+                respond(&mut w, 500, "Internal Server Error", &[], b"");
             }
             "HEAD" | "GET" => {
                 let obj = objects.lock().unwrap().get(&path).cloned();

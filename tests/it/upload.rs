@@ -690,3 +690,102 @@ fn sigterm_drains_uploads_until_the_deadline_and_journals_the_rest() {
     assert_eq!(count(&o, "cas", "created"), 10.0, "{o:?}");
     assert_eq!(bucket.objects().len(), 10);
 }
+
+#[test]
+fn a_failed_head_before_put_and_a_409_that_is_not_exists_end_as_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A bucket that ignores If-None-Match and whose HEADs fail: without an
+    // answer there is no PUT (it would overwrite and count `created`).
+    let stub = StubS3::start(StubMode::IgnoringFailingHeads);
+    let h = start(
+        &tmp.path().join("a"),
+        &s3_args(&stub.endpoint(), "b", "host-h"),
+    );
+    let blob = noise(3000, 901);
+    assert_eq!(
+        h.put(&format!("/cas/{}", sha256_hex(&blob)), &blob).status,
+        200
+    );
+    let o = drained(&h);
+    assert_eq!(count(&o, "cas", "error"), 1.0, "{o:?}");
+    assert_eq!(count(&o, "cas", "created"), 0.0, "{o:?}");
+    let puts = stub
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.method == "PUT" && r.path.contains(&sha256_hex(&blob)))
+        .count();
+    assert_eq!(puts, 0, "no blind PUT");
+    drop(h);
+
+    // A 409 other than "exists" or a conditional conflict is a failure.
+    let stub = StubS3::start(StubMode::OtherConflict);
+    let h = start(
+        &tmp.path().join("b"),
+        &s3_args(&stub.endpoint(), "b", "host-c"),
+    );
+    let blob = noise(3000, 902);
+    stub.objects.lock().unwrap().insert(
+        format!(
+            "/b/cas.v2/{}/{}",
+            &sha256_hex(&blob)[..2],
+            sha256_hex(&blob)
+        ),
+        b"someone else's".to_vec(),
+    );
+    assert_eq!(
+        h.put(&format!("/cas/{}", sha256_hex(&blob)), &blob).status,
+        200
+    );
+    let o = drained(&h);
+    assert_eq!(count(&o, "cas", "error"), 1.0, "{o:?}");
+    assert_eq!(count(&o, "cas", "already_exists"), 0.0, "{o:?}");
+}
+
+#[test]
+fn an_action_result_above_the_multipart_threshold_goes_up_whole() {
+    let (_moto, bucket) = moto_with_bucket("bigac");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut args = s3_args(&_moto.endpoint(), "bigac", "host-big");
+    args.extend([
+        "--s3.multipart_threshold=5242880".into(),
+        "--s3.part_size=5242880".into(),
+    ]);
+    let h = start(&tmp.path().join("c"), &args);
+    let out = noise(4000, 903);
+    assert_eq!(
+        h.put(&format!("/cas/{}", sha256_hex(&out)), &out).status,
+        200
+    );
+    let ar = ActionResult {
+        output_files: (0..70_000)
+            .map(|i| OutputFile {
+                path: format!("out/file-{i}"),
+                digest: Some(Digest {
+                    hash: sha256_hex(&out),
+                    size_bytes: out.len() as i64,
+                }),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let bytes = ar.encode_to_vec();
+    assert!(bytes.len() > 5 << 20, "{} bytes", bytes.len());
+    let key = sha256_hex(b"a very large action");
+    assert_eq!(h.put(&format!("/ac/{key}"), &bytes).status, 200);
+    let o = drained(&h);
+    assert_eq!(count(&o, "ac", "created"), 1.0, "{o:?}");
+    let objects = bucket.objects();
+    let size = objects
+        .iter()
+        .find(|(k, _)| k.ends_with(&key))
+        .map(|(_, v)| *v)
+        .unwrap();
+    assert_eq!(
+        size as usize,
+        bytes.len(),
+        "the whole action result, by multipart"
+    );
+}
