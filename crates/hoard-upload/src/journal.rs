@@ -6,8 +6,11 @@
 //! ```text
 //! # <epoch> <next seq>                         header (first line after a compaction)
 //! + <ns> <kind> <hash> <bytes> <nonce>           a job was queued
-//! = <seq> <ns> <kind> <hash> <status> <bytes> <unix secs>
-//!                                                the job ended: its outcome
+//! = <seq> <ns> <kind> <hash> <status> <bytes> <unix secs> [~<nonce>]
+//!                                                the job ended: its outcome; `~nonce`:
+//!                                                it ended `error` but may have created the
+//!                                                object with that writer nonce
+//! ? <ns> <kind> <hash> <nonce>                   such a nonce, still unresolved (after a compaction)
 //! ! <seq> <ns> <kind> <status> <bytes> <unix secs>
 //!                                                a counted event with no job (rejected)
 //! - <ns> <kind> <hash>                           a job ended (older journals)
@@ -92,6 +95,10 @@ struct State {
     pending: HashMap<JobKey, Live>,
     /// Outcome lines not yet consumed, by seq.
     outcomes: BTreeMap<u64, String>,
+    /// Per key, writer nonces of jobs that ended `error` after a request
+    /// that may have created the object: a later job that finds the object
+    /// with one of these tags counts it `created` (it never was).
+    unresolved: HashMap<JobKey, Vec<u64>>,
     order: u64,
     written: u64,
 }
@@ -147,6 +154,7 @@ impl Journal {
                 .collect(),
             order: replayed.order,
             written: 0,
+            unresolved: replayed.unresolved.clone(),
         };
         if !retain {
             st.outcomes.clear();
@@ -214,29 +222,54 @@ impl Journal {
         Ok(())
     }
 
+    /// Writer nonces of earlier jobs for `k` that may have created the
+    /// object without counting it.
+    pub fn unresolved(&self, k: &JobKey) -> Vec<u64> {
+        self.state
+            .lock()
+            .unresolved
+            .get(k)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Ends a job with its outcome, durably, and runs `then` with the
     /// outcome's sequence number while no other record can be written, so
     /// whoever `then` reports to sees outcomes in sequence order. Returns
     /// the sequence number; on a write error the outcome still gets one
     /// (and `then` runs) but will not survive a restart.
+    ///
+    /// `maybe_created`: the job ends `error` although a request of it, with
+    /// this writer nonce, may have created the object. A `created` or
+    /// `already_exists` outcome settles the key's unresolved nonces.
     pub fn done(
         &self,
         k: &JobKey,
         status: &str,
         bytes: u64,
         at: SystemTime,
+        maybe_created: Option<u64>,
         then: impl FnOnce(u64),
     ) -> io::Result<u64> {
         let mut st = self.state.lock();
         let seq = st.next_seq;
         st.next_seq += 1;
+        let tail = maybe_created
+            .map(|n| format!(" ~{n:x}"))
+            .unwrap_or_default();
         let line = format!(
-            "= {seq} {} {} {} {status} {bytes} {}\n",
+            "= {seq} {} {} {} {status} {bytes} {}{tail}\n",
             ns_field(&k.namespace),
             k.kind.as_str(),
             k.hash,
             unix(at)
         );
+        if matches!(status, "created" | "already_exists") {
+            st.unresolved.remove(k);
+        }
+        if let Some(n) = maybe_created {
+            st.unresolved.entry(k.clone()).or_default().push(n);
+        }
         let written = st.file.write_all(line.as_bytes());
         if let Some(e) = st.pending.get_mut(k) {
             e.2 = e.2.saturating_sub(1);
@@ -320,6 +353,16 @@ impl Journal {
                     ));
                 }
             }
+            for (k, nonces) in &st.unresolved {
+                for n in nonces {
+                    text.push_str(&format!(
+                        "? {} {} {} {n:x}\n",
+                        ns_field(&k.namespace),
+                        k.kind.as_str(),
+                        k.hash
+                    ));
+                }
+            }
             for line in st.outcomes.values() {
                 text.push_str(line);
             }
@@ -359,6 +402,7 @@ struct Replayed {
     pending: HashMap<JobKey, Live>,
     outcomes: Vec<(Recorded, String)>,
     order: u64,
+    unresolved: HashMap<JobKey, Vec<u64>>,
 }
 
 fn replay(text: &str) -> Replayed {
@@ -402,7 +446,11 @@ fn replay(text: &str) -> Replayed {
                 // object this job may have created carries.
                 e.3 = nonce;
             }
-            ["=", seq, ns, kind, hash, status, bytes, at] => {
+            ["=", seq, ns, kind, hash, status, bytes, at, rest @ ..] => {
+                let maybe = rest
+                    .first()
+                    .and_then(|t| t.strip_prefix('~'))
+                    .and_then(|n| u64::from_str_radix(n, 16).ok());
                 let (Ok(seq), Some(kind), Ok(hash), Ok(bytes), Ok(at)) = (
                     seq.parse::<u64>(),
                     parse_kind(kind),
@@ -418,6 +466,12 @@ fn replay(text: &str) -> Replayed {
                     hash,
                 };
                 end_job(&mut r.pending, &key);
+                if matches!(*status, "created" | "already_exists") {
+                    r.unresolved.remove(&key);
+                }
+                if let Some(n) = maybe {
+                    r.unresolved.entry(key.clone()).or_default().push(n);
+                }
                 r.next_seq = r.next_seq.max(seq + 1);
                 let rec = Recorded {
                     seq,
@@ -448,6 +502,20 @@ fn replay(text: &str) -> Replayed {
                     at,
                 };
                 outcomes.insert(seq, (rec, line.to_string()));
+            }
+            ["?", ns, kind, hash, nonce] => {
+                if let (Some(kind), Ok(hash), Ok(n)) = (
+                    parse_kind(kind),
+                    Hash::parse(hash),
+                    u64::from_str_radix(nonce, 16),
+                ) {
+                    let key = JobKey {
+                        namespace: ns_of(ns),
+                        kind,
+                        hash,
+                    };
+                    r.unresolved.entry(key).or_default().push(n);
+                }
             }
             ["-", ns, kind, hash] => {
                 if let (Some(kind), Ok(hash)) = (parse_kind(kind), Hash::parse(hash)) {
@@ -513,12 +581,13 @@ mod tests {
                 j.added(&key(i, Kind::Cas), 4096 * i as u64, 7).unwrap();
             }
             assert_eq!(
-                j.done(&key(1, Kind::Cas), "created", 11, T, |_| {})
+                j.done(&key(1, Kind::Cas), "created", 11, T, None, |_| {})
                     .unwrap(),
                 1
             );
             assert_eq!(
-                j.done(&key(3, Kind::Cas), "error", 12, T, |_| {}).unwrap(),
+                j.done(&key(3, Kind::Cas), "error", 12, T, Some(0xabc), |_| {})
+                    .unwrap(),
                 2
             );
             assert_eq!(
@@ -550,6 +619,8 @@ mod tests {
             ]
         );
         assert_eq!(pending[2].2, 0x99);
+        // An error that may have created the object stays unresolved.
+        assert_eq!(j.unresolved(&key(3, Kind::Cas)), vec![0xabc]);
         let seqs: Vec<(u64, &str)> = outcomes
             .iter()
             .map(|o| (o.seq, o.status.as_str()))
@@ -558,7 +629,8 @@ mod tests {
         // Sequence numbers go on; consumed outcomes are dropped at the next
         // compaction.
         assert_eq!(
-            j.done(&key(0, Kind::Cas), "created", 5, T, |_| {}).unwrap(),
+            j.done(&key(0, Kind::Cas), "created", 5, T, None, |_| {})
+                .unwrap(),
             4
         );
         j.consumed(3);
@@ -587,7 +659,7 @@ mod tests {
                 hash: Hash([(i % 251) as u8; 32]),
             };
             j.added(&k, 1, i as u64).unwrap();
-            j.done(&k, "created", 1, T, |_| {}).unwrap();
+            j.done(&k, "created", 1, T, None, |_| {}).unwrap();
             j.consumed(i as u64 + 1);
         }
         j.added(&key(7, Kind::Cas), 3, 3).unwrap();

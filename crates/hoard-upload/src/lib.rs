@@ -151,9 +151,6 @@ pub struct ProbeReport {
     pub refusal_status: Option<u16>,
 }
 
-/// How long an undecided job waits before it is tried again.
-const RETRY_UNDECIDED: Duration = Duration::from_secs(3);
-
 /// How long the backfill waits before trying a blob again whose attempt
 /// failed.
 const BACKFILL_RETRY: Duration = Duration::from_secs(10);
@@ -413,14 +410,14 @@ impl Backend {
             | Err(crossbeam_channel::TrySendError::Disconnected(job)) => {
                 drop(q);
                 tracing::warn!(kind = %job.key.kind, hash = %job.key.hash, "upload queue full; upload dropped");
-                self.finish(&job, Status::Dropped);
+                self.finish(&job, Status::Dropped, None);
             }
         }
     }
 
     /// Records a terminal outcome: metrics, existence, waiters, journal,
     /// outcome channel. Called exactly once per job.
-    fn finish(&self, job: &Job, status: Status) {
+    fn finish(&self, job: &Job, status: Status, maybe_created: Option<u64>) {
         let i = &self.inner;
         let kind = job.key.kind.as_str();
         let bytes = job.bytes.load(Ordering::Relaxed);
@@ -451,20 +448,22 @@ impl Backend {
         // hears of it only once it is there.
         let at = SystemTime::now();
         let epoch = i.journal.epoch();
-        let written = i.journal.done(&job.key, status.as_str(), bytes, at, |seq| {
-            if let Some(sink) = &i.outcomes {
-                sink(&Outcome {
-                    epoch,
-                    seq,
-                    namespace: job.key.namespace.clone(),
-                    kind: job.key.kind,
-                    hash: Some(job.key.hash),
-                    status,
-                    bytes,
-                    at,
-                });
-            }
-        });
+        let written = i
+            .journal
+            .done(&job.key, status.as_str(), bytes, at, maybe_created, |seq| {
+                if let Some(sink) = &i.outcomes {
+                    sink(&Outcome {
+                        epoch,
+                        seq,
+                        namespace: job.key.namespace.clone(),
+                        kind: job.key.kind,
+                        hash: Some(job.key.hash),
+                        status,
+                        bytes,
+                        at,
+                    });
+                }
+            });
         if let Err(e) = written {
             tracing::error!(error = %e, "writing the upload journal failed; this outcome will not survive a restart");
         }
@@ -553,41 +552,13 @@ impl Backend {
                 }
             });
             match status {
-                Some(Some(s)) => self.finish(&job, s),
-                Some(None) => self.retry_later(job),
+                Some(Some(s)) => self.finish(&job, s, None),
+                // It may have created the object: `error`, and the journal
+                // keeps its nonce until a later job settles the key.
+                Some(None) => self.finish(&job, Status::Error, Some(job.nonce)),
                 None => self.abandon(&job),
             }
         }
-    }
-
-    /// A job whose outcome the bucket would not decide: it goes back to the
-    /// queue after a pause, as a job that may have sent its object (so the
-    /// writer tag decides `created` once the bucket answers). Until then it
-    /// has no outcome, and the journal keeps it across a restart.
-    fn retry_later(&self, mut job: Job) {
-        job.replayed = true;
-        let b = self.clone();
-        self.inner.runtime.spawn(async move {
-            tokio::time::sleep(RETRY_UNDECIDED).await;
-            let i = &b.inner;
-            let mut job = job;
-            loop {
-                if i.stopping.load(Ordering::Relaxed) {
-                    b.abandon(&job);
-                    return;
-                }
-                let mut q = i.queued_at.lock();
-                match i.tx.try_send(job) {
-                    Ok(()) => {
-                        q.push_back(Instant::now());
-                        return;
-                    }
-                    Err(e) => job = e.into_inner(),
-                }
-                drop(q);
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        });
     }
 
     /// A job cut off by the shutdown deadline: no outcome in this process;
@@ -738,13 +709,14 @@ impl Backend {
                 tries += 1;
                 match i.store.head(&i.metrics, key).await {
                     Ok(Some(h)) => {
-                        return Some(
-                            if maybe_sent && h.writer.as_deref() == Some(writer.as_str()) {
-                                Status::Created
-                            } else {
-                                Status::AlreadyExists
-                            },
-                        );
+                        let earlier = i.journal.unresolved(&job.key);
+                        let ours = (maybe_sent || !earlier.is_empty())
+                            && self.written_by_us(&h, &writer, &earlier);
+                        return Some(if ours {
+                            Status::Created
+                        } else {
+                            Status::AlreadyExists
+                        });
                     }
                     Ok(None) => break,
                     Err(e) if tries >= i.cfg.max_attempts => {
@@ -784,23 +756,27 @@ impl Backend {
             match result {
                 PutResult::Created => return Some(Status::Created),
                 PutResult::Exists(_) => {
-                    if !maybe_sent {
+                    let earlier = i.journal.unresolved(&job.key);
+                    if !maybe_sent && earlier.is_empty() {
                         return Some(Status::AlreadyExists);
                     }
-                    // An earlier attempt may have created it: the writer tag says.
+                    // An attempt of this job, or an earlier job of this host
+                    // that ended `error`, may have created it: the writer
+                    // tag says whether it was us (and never counted).
                     return match i.store.head(&i.metrics, key).await {
-                        Ok(Some(h)) if h.writer.as_deref() == Some(writer.as_str()) => {
+                        Ok(Some(h)) if self.written_by_us(&h, &writer, &earlier) => {
                             Some(Status::Created)
                         }
                         Ok(_) => Some(Status::AlreadyExists),
-                        // Ours or not: only the writer tag can say.
-                        Err(_) => None,
+                        // Cannot tell: `error`, the question stays open.
+                        Err(_) if maybe_sent => None,
+                        Err(_) => Some(Status::Error),
                     };
                 }
                 PutResult::Failed(e) if maybe_sent => {
-                    // An earlier attempt may have created it: only the
-                    // writer tag can tell, once the bucket answers.
-                    tracing::warn!(key, error = %e, "upload undecided after a refusal that followed a lost answer; trying again later");
+                    // An earlier attempt may have created it: `error`, and
+                    // a later attempt's writer-tag check settles it.
+                    tracing::warn!(key, error = %e, "upload failed after an attempt whose answer was lost; it may have created the object");
                     return None;
                 }
                 PutResult::Failed(e) => {
@@ -818,7 +794,7 @@ impl Backend {
                 }
                 PutResult::Transient(e) if attempt >= i.cfg.max_attempts => {
                     if maybe_sent {
-                        tracing::warn!(key, attempts = attempt, error = %e, "upload undecided: an attempt may have created the object; trying again later");
+                        tracing::warn!(key, attempts = attempt, error = %e, "upload failed after retries; an attempt may have created the object");
                         return None;
                     }
                     tracing::warn!(key, attempts = attempt, error = %e, previous = %last, "upload failed after retries");
@@ -836,6 +812,18 @@ impl Backend {
             let jitter = i.random.hash_one((key, attempt, Instant::now())) % cap.max(1);
             tokio::time::sleep(Duration::from_millis(jitter.max(20))).await;
         }
+    }
+
+    /// Whether an object's writer tag is this job's or that of an earlier
+    /// job of this host that ended `error` without knowing.
+    fn written_by_us(&self, h: &s3::HeadInfo, writer: &str, earlier: &[u64]) -> bool {
+        let Some(tag) = h.writer.as_deref() else {
+            return false;
+        };
+        tag == writer
+            || earlier
+                .iter()
+                .any(|n| tag == format!("{}/{n:x}", self.inner.cfg.host_id))
     }
 
     /// Whether every blob an action result references is in the bucket,
