@@ -37,6 +37,25 @@ start_hoard() {
   until curl -sf "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; do sleep 0.02; done
   awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN {printf "%.2f\n", a - b}'
 }
+# start_clickhouse DIR PORT : ClickHouse on 127.0.0.1:PORT (TCP on PORT+1),
+# data in DIR, waited for.
+start_clickhouse() {
+  local dir=$1 port=$2
+  mkdir -p "$dir/data/tmp"
+  cat >"$dir/config.xml" <<CH
+<?xml version="1.0"?>
+<yandex>
+  <logger><level>warning</level><log>$dir/server.log</log><errorlog>$dir/error.log</errorlog><console>0</console></logger>
+  <http_port>$port</http_port><tcp_port>$((port + 1))</tcp_port><listen_host>127.0.0.1</listen_host>
+  <path>$dir/data/</path><tmp_path>$dir/data/tmp/</tmp_path><user_files_path>$dir/data/user_files/</user_files_path>
+  <mark_cache_size>536870912</mark_cache_size>
+  <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
+  <profiles><default></default></profiles><quotas><default></default></quotas>
+</yandex>
+CH
+  /usr/sbin/clickhouse-server --config-file="$dir/config.xml" >/dev/null 2>&1 & pids+=($!)
+  until curl -sf "http://127.0.0.1:$port/ping" >/dev/null; do sleep 0.05; done
+}
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$(cat "$W/$1.pid")/status"; }
 hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$(cat "$W/$1.pid")/status"; }
 stop() { kill "$(cat "$W/$1.pid")"; while kill -0 "$(cat "$W/$1.pid")" 2>/dev/null; do sleep 0.05; done; }
@@ -190,20 +209,7 @@ accounting)
   "$moto" -H 127.0.0.1 -p 18600 >"$W/moto-acc.log" 2>&1 & pids+=($!)
   until curl -s -o /dev/null http://127.0.0.1:18600/; do sleep 0.05; done
   curl -s -o /dev/null -X PUT http://127.0.0.1:18600/acc
-  mkdir -p "$W/ch/data/tmp"
-  cat >"$W/ch/config.xml" <<CH
-<?xml version="1.0"?>
-<yandex>
-  <logger><level>warning</level><log>$W/ch/server.log</log><errorlog>$W/ch/error.log</errorlog><console>0</console></logger>
-  <http_port>18623</http_port><tcp_port>18624</tcp_port><listen_host>127.0.0.1</listen_host>
-  <path>$W/ch/data/</path><tmp_path>$W/ch/data/tmp/</tmp_path><user_files_path>$W/ch/data/user_files/</user_files_path>
-  <mark_cache_size>536870912</mark_cache_size>
-  <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
-  <profiles><default></default></profiles><quotas><default></default></quotas>
-</yandex>
-CH
-  /usr/sbin/clickhouse-server --config-file="$W/ch/config.xml" >/dev/null 2>&1 & pids+=($!)
-  until curl -sf http://127.0.0.1:18623/ping >/dev/null; do sleep 0.05; done
+  start_clickhouse "$W/ch" 18623
   curl -sf --data-binary @deploy/clickhouse/schema.sql http://127.0.0.1:18623/ >/dev/null
   shm=$(mktemp -d /dev/shm/hoard-bench.XXXXXX)
   s3=(--s3.endpoint=127.0.0.1:18600 --s3.disable_ssl --s3.bucket=acc --s3.access_key_id=AK --s3.secret_access_key=SK --grpc_address=none)
@@ -226,20 +232,7 @@ ledger)
   "$moto" -H 127.0.0.1 -p 18700 >"$W/moto-ledger.log" 2>&1 & pids+=($!)
   until curl -s -o /dev/null http://127.0.0.1:18700/; do sleep 0.05; done
   curl -s -o /dev/null -X PUT http://127.0.0.1:18700/ledger
-  mkdir -p "$W/chl/data/tmp"
-  cat >"$W/chl/config.xml" <<CH
-<?xml version="1.0"?>
-<yandex>
-  <logger><level>warning</level><log>$W/chl/server.log</log><errorlog>$W/chl/error.log</errorlog><console>0</console></logger>
-  <http_port>18723</http_port><tcp_port>18724</tcp_port><listen_host>127.0.0.1</listen_host>
-  <path>$W/chl/data/</path><tmp_path>$W/chl/data/tmp/</tmp_path><user_files_path>$W/chl/data/user_files/</user_files_path>
-  <mark_cache_size>536870912</mark_cache_size>
-  <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
-  <profiles><default></default></profiles><quotas><default></default></quotas>
-</yandex>
-CH
-  /usr/sbin/clickhouse-server --config-file="$W/chl/config.xml" >/dev/null 2>&1 & pids+=($!)
-  until curl -sf http://127.0.0.1:18723/ping >/dev/null; do sleep 0.05; done
+  start_clickhouse "$W/chl" 18723
   curl -sf --data-binary @deploy/clickhouse/schema.sql http://127.0.0.1:18723/ >/dev/null
   shm=$(mktemp -d /dev/shm/hoard-bench.XXXXXX)
   s3=(--s3.endpoint=127.0.0.1:18700 --s3.disable_ssl --s3.bucket=ledger --s3.access_key_id=AK --s3.secret_access_key=SK --grpc_address=none

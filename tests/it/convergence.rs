@@ -25,22 +25,48 @@ fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Durat
     t.elapsed()
 }
 
-#[test]
-fn a_failed_upload_goes_up_on_the_next_put_and_its_action_result_follows() {
-    let (moto, bucket) = moto_with_bucket("again");
+/// A hoard whose bucket (moto) is reached through a switchable proxy, once
+/// its startup probe has run.
+struct BehindProxy {
+    _moto: crate::s3::Moto,
+    bucket: crate::s3::Bucket,
+    proxy: Proxy,
+    _tmp: tempfile::TempDir,
+    h: Hoard,
+}
+
+fn behind_proxy(name: &str, extra: &[&str]) -> BehindProxy {
+    let (moto, bucket) = moto_with_bucket(name);
     let proxy = Proxy::start(moto.port);
-    proxy.set(REFUSE);
     let tmp = tempfile::tempdir().unwrap();
-    let mut args = s3_args(&format!("127.0.0.1:{}", proxy.port), "again", "host-again");
+    let mut args = s3_args(&format!("127.0.0.1:{}", proxy.port), name, "host-converge");
     args.push("--s3.read_timeout=1s".into());
-    // The probe needs the bucket once; then it refuses.
-    proxy.set(FORWARD);
+    args.extend(extra.iter().map(|a| a.to_string()));
     let h = start(&tmp.path().join("c"), &args);
     wait_for("the probe", Duration::from_secs(20), || {
         h.get("/status")
             .text()
             .contains("\"HonorsIfNoneMatch\": true")
     });
+    BehindProxy {
+        _moto: moto,
+        bucket,
+        proxy,
+        _tmp: tmp,
+        h,
+    }
+}
+
+#[test]
+fn a_failed_upload_goes_up_on_the_next_put_and_its_action_result_follows() {
+    // Every field bound: moto and the directory must live to the end.
+    let BehindProxy {
+        bucket,
+        proxy,
+        h,
+        _moto,
+        _tmp,
+    } = behind_proxy("again", &[]);
     proxy.set(REFUSE);
     let out = noise(5000, 71);
     let key = action_with_output(&h, &out, b"converging action");
@@ -76,21 +102,13 @@ fn a_failed_upload_goes_up_on_the_next_put_and_its_action_result_follows() {
 
 #[test]
 fn the_backfill_uploads_what_failed_without_any_client_action() {
-    let (moto, bucket) = moto_with_bucket("backfill");
-    let proxy = Proxy::start(moto.port);
-    let tmp = tempfile::tempdir().unwrap();
-    let mut args = s3_args(&format!("127.0.0.1:{}", proxy.port), "backfill", "host-bf");
-    args.extend([
-        "--s3.read_timeout=1s".into(),
-        "--s3.backfill=true".into(),
-        "--s3.backfill_rate=20".into(),
-    ]);
-    let h = start(&tmp.path().join("c"), &args);
-    wait_for("the probe", Duration::from_secs(20), || {
-        h.get("/status")
-            .text()
-            .contains("\"HonorsIfNoneMatch\": true")
-    });
+    let BehindProxy {
+        bucket,
+        proxy,
+        h,
+        _moto,
+        _tmp,
+    } = behind_proxy("backfill", &["--s3.backfill=true", "--s3.backfill_rate=20"]);
     proxy.set(REFUSE);
     let out = noise(7000, 72);
     let key = action_with_output(&h, &out, b"backfilled action");

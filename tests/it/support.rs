@@ -9,6 +9,20 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+/// A thread draining `r` (a full pipe would block the process writing to
+/// it), handing over its lines.
+fn lines_of(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// The hoard binary under test: `$HOARD_BIN`, else the workspace's debug
 /// build. The README's test command builds it first.
 pub fn hoard_bin() -> PathBuf {
@@ -74,24 +88,8 @@ impl Hoard {
             .stderr(Stdio::piped())
             .env("HOARD_LOG", "info");
         let mut child = cmd.spawn().map_err(|e| format!("spawn: {e}"))?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let (out_tx, out_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if out_tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = child.stderr.take().ok_or("no stderr")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let out_rx = lines_of(child.stdout.take().ok_or("no stdout")?);
+        let rx = lines_of(child.stderr.take().ok_or("no stderr")?);
         let mut seen = Vec::new();
         let mut http = None;
         let mut grpc = None;

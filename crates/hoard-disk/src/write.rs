@@ -353,16 +353,7 @@ impl Writer {
             });
         }
         if let Some(hook) = shared.hook.get() {
-            hook(&Committed {
-                namespace: self.ns,
-                kind: self.kind,
-                hash: self.hash,
-                logical_size: self.expected,
-                size_on_disk,
-                stored_bytes: file_len,
-                from_backend: self.from_backend,
-                new: true,
-            });
+            hook(&self.committed(size_on_disk, file_len, true));
         }
         Ok(WriteOutcome {
             created: true,
@@ -385,17 +376,22 @@ impl Writer {
                 .map(|slot| st.index.entry(slot).size_on_disk())
         };
         if let Some(size_on_disk) = stored {
-            hook(&Committed {
-                namespace: self.ns,
-                kind: self.kind,
-                hash: self.hash,
-                logical_size: self.expected,
-                size_on_disk,
-                // Unknown here; the upload measures the file it sends.
-                stored_bytes: 0,
-                from_backend: self.from_backend,
-                new: false,
-            });
+            // The stored length is unknown here; the upload measures the
+            // file it sends.
+            hook(&self.committed(size_on_disk, 0, false));
+        }
+    }
+
+    fn committed(&self, size_on_disk: u64, stored_bytes: u64, new: bool) -> Committed {
+        Committed {
+            namespace: self.ns,
+            kind: self.kind,
+            hash: self.hash,
+            logical_size: self.expected,
+            size_on_disk,
+            stored_bytes,
+            from_backend: self.from_backend,
+            new,
         }
     }
 }
