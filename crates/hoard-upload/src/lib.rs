@@ -151,6 +151,9 @@ pub struct ProbeReport {
     pub refusal_status: Option<u16>,
 }
 
+/// Most missing blobs that skipped action results wait for at once.
+const MAX_WAITING_AC: usize = 100_000;
+
 /// How long the backfill waits before trying a blob again whose attempt
 /// failed.
 const BACKFILL_RETRY: Duration = Duration::from_secs(10);
@@ -666,9 +669,12 @@ impl Backend {
                 tracing::warn!(action = %k.hash, "action result not uploaded: a blob it references is not in the bucket");
                 // Try again once that blob is up (its upload, a re-PUT or
                 // the backfill).
-                if let Some(h) = missing {
-                    i.waiting_ac
-                        .lock()
+                // Bounded: beyond it the backfill still brings them.
+                let mut waiting = i.waiting_ac.lock();
+                if let Some(h) = missing
+                    && waiting.len() < MAX_WAITING_AC
+                {
+                    waiting
                         .entry((k.namespace.clone(), h))
                         .or_default()
                         .push(k.clone());
