@@ -338,6 +338,11 @@ fn a_full_disk_with_pending_uploads_starts_serves_reads_and_recovers() {
     let r = h.put(&format!("/cas/{}", sha256_hex(&new)), &new);
     println!("full disk: PUT answered {} {}", r.status, r.text().trim());
     assert_eq!(r.status, 507, "a write on a full disk is 507");
+    assert!(
+        r.text().contains("no space") && !r.text().contains(&mnt.display().to_string()),
+        "the refusal names the problem, not a server path: {}",
+        r.text()
+    );
 
     std::fs::remove_file(mnt.join("filler")).unwrap();
     let r = h.put(&format!("/cas/{}", sha256_hex(&new)), &new);
@@ -536,6 +541,30 @@ fn damaged_files_are_never_served_as_a_complete_success_on_any_read_path() {
                 }
             }
         }
+        // The refusal names no server path.
+        seed += 1;
+        let data = noise((2 << 20) + 5, seed);
+        let hash = sha256_hex(&data);
+        assert_eq!(h.put(&format!("/cas/{hash}"), &data).status, 200);
+        damage(&dir, &hash, false);
+        let status = runtime.block_on(async {
+            let mut s = ByteStreamClient::new(ch.clone())
+                .read(ReadRequest {
+                    resource_name: format!("blobs/{hash}/{}", data.len()),
+                    read_offset: 0,
+                    read_limit: 0,
+                })
+                .await?
+                .into_inner();
+            while s.message().await?.is_some() {}
+            Ok::<(), tonic::Status>(())
+        });
+        let e = status.expect_err("a damaged blob fails the read");
+        assert!(
+            !e.message().contains(&tmp.path().display().to_string()),
+            "{mode}: {}",
+            e.message()
+        );
         assert_eq!(h.get("/healthz").status, 200, "still serving");
     }
     let mut t: Vec<_> = tally.into_iter().collect();

@@ -69,17 +69,34 @@ impl CacheError {
 }
 
 impl From<DiskError> for CacheError {
+    /// What a client is told never names a server path: errors that carry
+    /// one are logged here in full and answered with a plain message.
     fn from(e: DiskError) -> CacheError {
-        let kind = match &e {
+        let (kind, message) = match &e {
             DiskError::DigestMismatch { .. }
             | DiskError::SizeMismatch { .. }
-            | DiskError::Namespace(_) => ErrorKind::InvalidArgument,
-            DiskError::TooLarge { .. } => ErrorKind::TooLarge,
-            DiskError::HardLimit { .. } | DiskError::NoSpace { .. } => ErrorKind::NoSpace,
-            DiskError::Io { .. } | DiskError::Corrupt { .. } | DiskError::Locked { .. } => {
-                ErrorKind::Internal
+            | DiskError::Namespace(_) => (ErrorKind::InvalidArgument, e.to_string()),
+            DiskError::TooLarge { .. } => (ErrorKind::TooLarge, e.to_string()),
+            DiskError::HardLimit { .. } => (ErrorKind::NoSpace, e.to_string()),
+            DiskError::NoSpace { .. } => (
+                ErrorKind::NoSpace,
+                "no space left on the cache device; try again later".to_string(),
+            ),
+            DiskError::Io { .. } | DiskError::Locked { .. } => {
+                tracing::error!(error = %e, "cache I/O failed");
+                (
+                    ErrorKind::Internal,
+                    "I/O error in the cache; the server log has the details".to_string(),
+                )
+            }
+            DiskError::Corrupt { .. } => {
+                tracing::warn!(error = %e, "corrupt cache file");
+                (
+                    ErrorKind::Internal,
+                    "a stored blob was corrupt and has been dropped".to_string(),
+                )
             }
         };
-        CacheError::new(kind, e.to_string())
+        CacheError::new(kind, message)
     }
 }

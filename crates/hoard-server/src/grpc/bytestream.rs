@@ -381,7 +381,7 @@ async fn produce(
             .await
             .map_err(blocking_err)?;
             blob = b;
-            let tail = r.map_err(|e| Status::data_loss(e.to_string()))?;
+            let tail = r.map_err(data_loss)?;
             let frame =
                 zstd::bulk::compress(&tail, 1).map_err(|e| Status::internal(e.to_string()))?;
             send(tx, frame.into()).await?;
@@ -403,7 +403,7 @@ async fn produce(
             .await
             .map_err(blocking_err)?;
             blob = b;
-            let (more, data) = r.map_err(|e| Status::data_loss(e.to_string()))?;
+            let (more, data) = r.map_err(data_loss)?;
             if !more {
                 break;
             }
@@ -426,7 +426,7 @@ async fn produce(
         .await
         .map_err(blocking_err)?;
         blob = b;
-        let (more, mut data) = r.map_err(|e| Status::data_loss(e.to_string()))?;
+        let (more, mut data) = r.map_err(data_loss)?;
         if !more {
             break;
         }
@@ -441,7 +441,7 @@ async fn produce(
             .await
             .map_err(blocking_err)?;
             blob = b;
-            r.map_err(|e| Status::data_loss(e.to_string()))?;
+            r.map_err(data_loss)?;
         }
         remaining -= data.len() as u64;
         let data = if compressed {
@@ -518,4 +518,10 @@ impl ByteStream for ByteStreamService {
             .observe("unary", SERVICE, "QueryWriteStatus", start, &r);
         r
     }
+}
+
+/// A read that failed mid-stream: DATA_LOSS, with the client's message
+/// (never a server path).
+fn data_loss(e: hoard_disk::Error) -> Status {
+    Status::data_loss(crate::error::CacheError::from(e).message)
 }

@@ -21,6 +21,7 @@ use tonic::{Code, Request, Response, Status};
 
 use super::{BoxStream, Shared, to_status};
 use crate::cache::{Encoding, Found};
+use crate::error::CacheError;
 use crate::validate::{BlobDigest, parse_digest};
 
 pub(crate) struct CasService(pub Shared);
@@ -235,7 +236,7 @@ impl CasService {
                         r.status = ok_status();
                     }
                     Err(hoard_disk::Error::Corrupt { .. }) => r.status = not_found(),
-                    Err(e) => r.status = rpc_status(Code::Internal, e.to_string()),
+                    Err(e) => r.status = rpc_status(Code::Internal, CacheError::from(e).message),
                 }
             }
             Ok(_) => r.status = not_found(),
