@@ -37,8 +37,16 @@ start_hoard() {
   until curl -sf "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; do sleep 0.02; done
   awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN {printf "%.2f\n", a - b}'
 }
+# start_moto PORT : moto (an S3 server) on 127.0.0.1:PORT with bucket "bench".
+start_moto() {
+  local moto="${MOTO_SERVER:-$PWD/target/e2e-venv/bin/moto_server}"
+  "$moto" -H 127.0.0.1 -p "$1" >"$W/moto-$1.log" 2>&1 & echo $! >"$W/moto-$1.pid"; pids+=($!)
+  until curl -s -o /dev/null "http://127.0.0.1:$1/"; do sleep 0.05; done
+  curl -s -o /dev/null -X PUT "http://127.0.0.1:$1/bench"
+}
+
 # start_clickhouse DIR PORT : ClickHouse on 127.0.0.1:PORT (TCP on PORT+1),
-# data in DIR, waited for.
+# data in DIR, waited for, with hoard's table created.
 start_clickhouse() {
   local dir=$1 port=$2
   mkdir -p "$dir/data/tmp"
@@ -55,6 +63,7 @@ start_clickhouse() {
 CH
   /usr/sbin/clickhouse-server --config-file="$dir/config.xml" >/dev/null 2>&1 & pids+=($!)
   until curl -sf "http://127.0.0.1:$port/ping" >/dev/null; do sleep 0.05; done
+  curl -sf --data-binary @deploy/clickhouse/schema.sql "http://127.0.0.1:$port/" >/dev/null
 }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$(cat "$W/$1.pid")/status"; }
 hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$(cat "$W/$1.pid")/status"; }
@@ -180,11 +189,6 @@ s3)
   echo "== S3 tier against moto (the local S3 server the tests use)"
   moto="${MOTO_SERVER:-$PWD/target/e2e-venv/bin/moto_server}"
   [ -x "$moto" ] || { echo "moto_server not found at $moto: run tests/run.sh first" >&2; exit 1; }
-  start_moto() {
-    "$moto" -H 127.0.0.1 -p "$1" >"$W/moto-$1.log" 2>&1 & echo $! >"$W/moto-$1.pid"; pids+=($!)
-    until curl -s -o /dev/null "http://127.0.0.1:$1/"; do sleep 0.05; done
-    curl -s -o /dev/null -X PUT "http://127.0.0.1:$1/bench"
-  }
   s3=(--s3.endpoint=127.0.0.1:18500 --s3.disable_ssl --s3.bucket=bench --s3.access_key_id=AK --s3.secret_access_key=SK --grpc_address=none)
   start_moto 18500
   shm=$(mktemp -d /dev/shm/hoard-bench.XXXXXX)
@@ -205,14 +209,10 @@ s3)
   ;;
 accounting)
   echo "== PUT latency with and without accounting (S3 tier on in both; moto and ClickHouse on loopback)"
-  moto="${MOTO_SERVER:-$PWD/target/e2e-venv/bin/moto_server}"
-  "$moto" -H 127.0.0.1 -p 18600 >"$W/moto-acc.log" 2>&1 & pids+=($!)
-  until curl -s -o /dev/null http://127.0.0.1:18600/; do sleep 0.05; done
-  curl -s -o /dev/null -X PUT http://127.0.0.1:18600/acc
+  start_moto 18600
   start_clickhouse "$W/ch" 18623
-  curl -sf --data-binary @deploy/clickhouse/schema.sql http://127.0.0.1:18623/ >/dev/null
   shm=$(mktemp -d /dev/shm/hoard-bench.XXXXXX)
-  s3=(--s3.endpoint=127.0.0.1:18600 --s3.disable_ssl --s3.bucket=acc --s3.access_key_id=AK --s3.secret_access_key=SK --grpc_address=none)
+  s3=(--s3.endpoint=127.0.0.1:18600 --s3.disable_ssl --s3.bucket=bench --s3.access_key_id=AK --s3.secret_access_key=SK --grpc_address=none)
   start_hoard noacc 18601 --dir="$shm/n" --host_id=bench-n "${s3[@]}" >/dev/null
   start_hoard acc 18602 --dir="$shm/a" --host_id=bench-a "${s3[@]}" --accounting.clickhouse_url=http://127.0.0.1:18623 --accounting.flush_interval=1s >/dev/null
   for round in 1 2 3; do
@@ -228,14 +228,10 @@ ledger)
   # alternated.
   [ -x "${HOARD_BASE:-}" ] || { echo "ledger: set HOARD_BASE to an older hoard binary" >&2; exit 1; }
   echo "== PUT latency with accounting on: $HOARD_BASE (before) vs $HOARD (after)"
-  moto="${MOTO_SERVER:-$PWD/target/e2e-venv/bin/moto_server}"
-  "$moto" -H 127.0.0.1 -p 18700 >"$W/moto-ledger.log" 2>&1 & pids+=($!)
-  until curl -s -o /dev/null http://127.0.0.1:18700/; do sleep 0.05; done
-  curl -s -o /dev/null -X PUT http://127.0.0.1:18700/ledger
+  start_moto 18700
   start_clickhouse "$W/chl" 18723
-  curl -sf --data-binary @deploy/clickhouse/schema.sql http://127.0.0.1:18723/ >/dev/null
   shm=$(mktemp -d /dev/shm/hoard-bench.XXXXXX)
-  s3=(--s3.endpoint=127.0.0.1:18700 --s3.disable_ssl --s3.bucket=ledger --s3.access_key_id=AK --s3.secret_access_key=SK --grpc_address=none
+  s3=(--s3.endpoint=127.0.0.1:18700 --s3.disable_ssl --s3.bucket=bench --s3.access_key_id=AK --s3.secret_access_key=SK --grpc_address=none
       --accounting.clickhouse_url=http://127.0.0.1:18723 --accounting.flush_interval=1s)
   current=$HOARD
   HOARD=$HOARD_BASE start_hoard before 18701 --dir="$shm/b" --host_id=bench-before "${s3[@]}" >/dev/null
