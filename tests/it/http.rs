@@ -466,13 +466,14 @@ fn a_full_disk_answers_507_and_hoard_keeps_serving() {
 #[test]
 fn the_hard_limit_answers_507() {
     let dir = tempfile::tempdir().unwrap();
-    // max_size 1 GiB, hard limit 1 GiB: a blob above it can never be admitted.
+    // max_size 1 GiB, hard limit 1 GiB.
     let h = Hoard::start(
         &dir.path().join("c"),
         &["--max_size=1", "--max_size_hard_limit=1"],
     );
     h.wait_ready();
-    // Hold a 700 MiB reservation with a slow upload, then try another.
+    // A stalled upload declaring 700 MiB holds only what it sent (one
+    // reservation step), not the whole declared size.
     let mut s = TcpStream::connect(h.addr).unwrap();
     let hx = sha256_hex(b"big");
     write!(
@@ -482,15 +483,20 @@ fn the_hard_limit_answers_507() {
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    let other = vec![7u8; 1024];
+    // One that cannot fit beside what is held is refused before its body
+    // is read.
     let r = h.request(
         "PUT",
-        &format!("/cas/{}", sha256_hex(b"other")),
-        &[("Content-Length", &(400u64 << 20).to_string())],
-        &other,
+        &format!("/cas/{}", sha256_hex(b"huge")),
+        &[("Content-Length", &(1020u64 << 20).to_string())],
+        b"",
     );
     assert_eq!(r.status, 507, "{}", r.text());
     assert!(r.text().contains("max_size_hard_limit"), "{}", r.text());
+    // Another upload still fits.
+    let other = vec![7u8; 1024];
+    let r = h.put(&format!("/cas/{}", sha256_hex(&other)), &other);
+    assert_eq!(r.status, 200, "{}", r.text());
     drop(s);
 }
 

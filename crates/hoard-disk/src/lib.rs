@@ -365,24 +365,21 @@ impl DiskCache {
     }
 
     /// Resolves a namespace name, creating its directories on first use.
-    /// The empty name is the default namespace.
+    /// The empty name is the default namespace. Only writes should call
+    /// this: a namespace costs a directory tree and a slot of
+    /// `namespaces.max` for good (see [`DiskCache::find_namespace`]).
     pub fn namespace(&self, name: &str) -> Result<NamespaceId, Error> {
-        if name.is_empty() {
-            return Ok(NamespaceId::DEFAULT);
-        }
-        if let Some(id) = self.shared.namespaces.read().by_name.get(name) {
-            return Ok(*id);
+        if let Some(id) = self.find_namespace(name) {
+            return Ok(id);
         }
         validate_namespace(name)?;
-        let mut ns = self.shared.namespaces.write();
-        if let Some(id) = ns.by_name.get(name) {
-            return Ok(*id);
+        let max = self.shared.cfg.max_namespaces;
+        if self.shared.namespaces.read().names.len() >= max {
+            return Err(NamespaceError::TooMany(name.into(), max).into());
         }
-        if ns.names.len() >= self.shared.cfg.max_namespaces {
-            return Err(
-                NamespaceError::TooMany(name.into(), self.shared.cfg.max_namespaces).into(),
-            );
-        }
+        // The directories are made before the lock is taken (mkdir is
+        // idempotent, so a racing creator only repeats it): no lookup or
+        // eviction waits on the file system for a new tenant.
         let root = self
             .shared
             .cfg
@@ -390,7 +387,23 @@ impl DiskCache {
             .join(NS_DIR)
             .join(key::namespace_dir_name(name));
         create_layout(&root)?;
+        let mut ns = self.shared.namespaces.write();
+        if let Some(id) = ns.by_name.get(name) {
+            return Ok(*id);
+        }
+        if ns.names.len() >= max {
+            return Err(NamespaceError::TooMany(name.into(), max).into());
+        }
         Ok(register(&mut ns, name, root))
+    }
+
+    /// A namespace that exists already; None for one never written to.
+    /// Creates nothing, so reads of made-up names cost nothing.
+    pub fn find_namespace(&self, name: &str) -> Option<NamespaceId> {
+        if name.is_empty() {
+            return Some(NamespaceId::DEFAULT);
+        }
+        self.shared.namespaces.read().by_name.get(name).copied()
     }
 
     /// The name of a namespace id handed out by this cache.

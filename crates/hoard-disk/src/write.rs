@@ -40,9 +40,18 @@ pub struct Writer {
     hasher: Option<Sha256>,
     received: u64,
     sink: Option<Sink>,
+    /// Space counted in `reserved` for this write now. It grows with the
+    /// bytes received, [`RESERVE_STEP`] ahead of them, up to `estimate`:
+    /// a client that declares a huge blob and then stalls holds only what
+    /// it sent, never the whole declared size.
     reservation: u64,
+    /// The stored size the whole blob may take.
+    estimate: u64,
     from_backend: bool,
 }
+
+/// How far a write's reservation runs ahead of its bytes.
+const RESERVE_STEP: u64 = 8 << 20;
 
 struct Sink {
     tmp: PathBuf,
@@ -99,6 +108,7 @@ impl Writer {
             received: 0,
             sink: None,
             reservation: 0,
+            estimate: 0,
             from_backend: false,
         };
         if kind == Kind::Cas && w.cache.contains(ns, kind, &hash).is_some() {
@@ -126,20 +136,10 @@ impl Writer {
                 max_size: cfg.max_size_bytes,
             });
         }
-        {
-            let mut st = w.cache.shared().state.lock();
-            if let Some(limit) = cfg.hard_limit_bytes {
-                let used = st.index.size_on_disk + st.reserved + st.pending_deletion;
-                if used.saturating_add(estimate) > limit {
-                    return Err(Error::HardLimit {
-                        needed: estimate,
-                        limit,
-                    });
-                }
-            }
-            st.reserved += estimate;
-            w.reservation = estimate;
-        }
+        // A blob that cannot fit now is refused before a byte is taken;
+        // one that fits reserves its first step only.
+        w.estimate = estimate;
+        w.reserve(estimate.min(RESERVE_STEP), estimate)?;
         let dir = w.cache.dir_of(ns, kind, &hash);
         let tmp = dir.join(format!(
             "{}-{:09}-{:08x}.tmp",
@@ -190,6 +190,28 @@ impl Writer {
     }
 
     /// Appends content. Fails as soon as more bytes arrive than declared.
+    /// Grows this write's reservation to `to` bytes, checking the hard
+    /// limit for `check` bytes (what is asked for now, or the whole
+    /// estimate at the start).
+    fn reserve(&mut self, to: u64, check: u64) -> Result<(), Error> {
+        let cfg = self.cache.config();
+        let limit = cfg.hard_limit_bytes;
+        let mut st = self.cache.shared().state.lock();
+        if let Some(limit) = limit {
+            let used = st.index.size_on_disk + st.reserved + st.pending_deletion;
+            let more = check.saturating_sub(self.reservation);
+            if used.saturating_add(more) > limit {
+                return Err(Error::HardLimit {
+                    needed: more,
+                    limit,
+                });
+            }
+        }
+        st.reserved += to - self.reservation;
+        self.reservation = to;
+        Ok(())
+    }
+
     pub fn write(&mut self, mut data: &[u8]) -> Result<(), Error> {
         let received = self.received + data.len() as u64;
         if received > self.expected {
@@ -197,6 +219,10 @@ impl Writer {
                 expected: self.expected,
                 received,
             });
+        }
+        if self.sink.is_some() && received > self.reservation && self.reservation < self.estimate {
+            let to = received.saturating_add(RESERVE_STEP).min(self.estimate);
+            self.reserve(to, to)?;
         }
         self.received = received;
         if let Some(h) = &mut self.hasher {

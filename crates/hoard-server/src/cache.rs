@@ -22,7 +22,9 @@ use hoard_disk::{Blob, DiskCache, Hash, Kind, NamespaceId, WriteOutcome};
 use hoard_proto::prost::Message;
 use hoard_proto::reapi::{ActionResult, Tree};
 pub use hoard_upload::Presence;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::mpsc;
+
+use crate::budget::{Budget, Permit, Share};
 
 use crate::error::{CacheError, ErrorKind};
 use crate::metrics::Metrics;
@@ -30,6 +32,13 @@ use crate::validate::{BlobDigest, parse_digest, references, validate_action_resu
 
 /// Told of each refused client upload: namespace name and kind.
 pub type RejectionSink = Box<dyn Fn(&str, Kind) + Send + Sync>;
+
+/// Largest zstd window (log2) an upload's frames may use: 8 MiB, well
+/// above what Bazel's compressor picks (at most 2^21), far below zstd's own
+/// decoding limit of 2^27, which would let a 4 KB body cost 128 MiB.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 23;
+/// The zstd decoder's output buffer.
+const DECODE_OUT: usize = 128 * 1024;
 
 /// A blob's identity within the cache.
 type BlobKey = (NamespaceId, Kind, Hash);
@@ -51,9 +60,13 @@ pub struct Limits {
     /// Largest action result accepted, in bytes.
     pub max_action_result_size: u64,
     /// Request and response body bytes held in memory at once, across all
-    /// requests. Requests wait (backpressure) rather than fail when it is
-    /// reached.
+    /// requests (see [`crate::budget`]). Requests wait (backpressure) for
+    /// up to `max_inflight_wait`, then fail as busy.
     pub max_inflight_bytes: u64,
+    pub max_inflight_wait: std::time::Duration,
+    /// How long a client may leave a request body unsent, or a response
+    /// unread, before its request fails and gives back what it holds.
+    pub client_idle_timeout: std::time::Duration,
     /// bazel-remote's `disable_http_ac_validation`: HTTP `/ac/` entries
     /// are any bytes (ccache stores its own there), kept in the separate
     /// `raw` keyspace that gRPC never sees, so an unvalidated entry can
@@ -75,10 +88,13 @@ pub enum Found {
     Blob(Box<Blob>),
 }
 
-/// The shared cache API.
+/// The shared cache API. Each connection works through its own handle
+/// ([`Cache::for_connection`]), which carries the connection's share of the
+/// in-flight budget.
 #[derive(Clone)]
 pub struct Cache {
     inner: Arc<Inner>,
+    share: Share,
 }
 
 struct Inner {
@@ -86,8 +102,7 @@ struct Inner {
     policy: NamespacePolicy,
     limits: Limits,
     metrics: Arc<Metrics>,
-    inflight: Arc<Semaphore>,
-    inflight_budget: u32,
+    budget: Budget,
     /// The bucket behind the disk, if configured.
     backend: std::sync::OnceLock<hoard_upload::Backend>,
     rejections: std::sync::OnceLock<RejectionSink>,
@@ -102,15 +117,16 @@ impl Cache {
         limits: Limits,
         metrics: Arc<Metrics>,
     ) -> Cache {
-        let budget = limits.max_inflight_bytes.clamp(1 << 20, u32::MAX as u64) as u32;
+        let budget = Budget::new(limits.max_inflight_bytes, limits.max_inflight_wait);
+        let share = budget.share();
         Cache {
+            share,
             inner: Arc::new(Inner {
                 disk,
                 policy,
                 limits,
                 metrics,
-                inflight: Arc::new(Semaphore::new(budget as usize)),
-                inflight_budget: budget,
+                budget,
                 backend: std::sync::OnceLock::new(),
                 rejections: std::sync::OnceLock::new(),
                 flights: parking_lot::Mutex::new(std::collections::HashMap::new()),
@@ -140,25 +156,46 @@ impl Cache {
         &self.inner.limits
     }
 
+    /// A handle for one new connection: what its requests hold in memory
+    /// is drawn from its own share of the budget.
+    pub fn for_connection(&self) -> Cache {
+        Cache {
+            inner: Arc::clone(&self.inner),
+            share: self.inner.budget.share(),
+        }
+    }
+
     /// Bytes currently held under the in-flight budget.
     pub fn inflight_bytes(&self) -> u64 {
-        (self.inner.inflight_budget as u64)
-            .saturating_sub(self.inner.inflight.available_permits() as u64)
+        self.inner.budget.held()
     }
 
-    /// Waits until `n` bytes fit the in-flight budget. The permit releases
-    /// them when dropped.
-    pub async fn reserve_inflight(&self, n: usize) -> Result<OwnedSemaphorePermit, CacheError> {
-        let n = (n as u64).clamp(1, self.inner.inflight_budget as u64) as u32;
-        let p = Arc::clone(&self.inner.inflight)
-            .acquire_many_owned(n)
-            .await
-            .map_err(|_| CacheError::new(ErrorKind::Unavailable, "server is shutting down"))?;
-        Ok(p)
+    /// The most one request may hold at once.
+    pub fn inflight_share(&self) -> u64 {
+        self.inner.budget.share_bytes()
     }
 
-    /// Resolves a request's instance name to a namespace.
-    pub fn namespace(&self, instance: &str) -> Result<NamespaceId, CacheError> {
+    /// Waits (bounded) until `n` bytes fit this connection's share and the
+    /// in-flight budget. The permit releases them when dropped.
+    pub async fn reserve_inflight(&self, n: usize) -> Result<Permit, CacheError> {
+        self.inner.budget.acquire(n, &self.share).await
+    }
+
+    /// Waits for the client's next piece of body, at most
+    /// `client_idle_timeout`.
+    pub async fn from_client<F: std::future::Future>(&self, f: F) -> Result<F::Output, CacheError> {
+        let t = self.inner.limits.client_idle_timeout;
+        tokio::time::timeout(t, f).await.map_err(|_| {
+            CacheError::new(
+                ErrorKind::Timeout,
+                format!("the client sent nothing for {t:?} (client_idle_timeout)"),
+            )
+        })
+    }
+
+    /// The namespace name a request's instance name stands for, if this
+    /// server serves it.
+    fn namespace_name<'a>(&'a self, instance: &'a str) -> Result<&'a str, CacheError> {
         let policy = &self.inner.policy;
         let name = if instance.is_empty() {
             policy.default.as_str()
@@ -172,11 +209,47 @@ impl Cache {
             return Err(CacheError::new(
                 ErrorKind::UnknownNamespace,
                 format!(
-                    "unknown namespace {name:?}: this server only serves the configured namespaces"
+                    "unknown namespace {:?}: this server only serves the configured namespaces",
+                    crate::grpc::codes::clip_to(name, 100)
                 ),
             ));
         }
+        Ok(name)
+    }
+
+    /// Resolves a request's instance name to a namespace for a write,
+    /// creating the namespace on first use.
+    pub fn namespace(&self, instance: &str) -> Result<NamespaceId, CacheError> {
+        let name = self.namespace_name(instance)?;
         self.inner.disk.namespace(name).map_err(CacheError::from)
+    }
+
+    /// Resolves a request's instance name for a read. A namespace never
+    /// written here is None (a miss) and is not created, unless the bucket
+    /// holds `probe`, the blob asked for (another host wrote it): then it
+    /// is created, so that the read can go through.
+    pub async fn namespace_for_read(
+        &self,
+        instance: &str,
+        probe: Option<(Kind, &Hash)>,
+    ) -> Result<Option<NamespaceId>, CacheError> {
+        let name = self.namespace_name(instance)?;
+        if let Some(id) = self.inner.disk.find_namespace(name) {
+            return Ok(Some(id));
+        }
+        hoard_disk::validate_namespace(name)
+            .map_err(|e| CacheError::from(hoard_disk::Error::from(e)))?;
+        let (Some(backend), Some((kind, hash))) = (self.backend(), probe) else {
+            return Ok(None);
+        };
+        if backend.exists(name, kind, hash).await != Presence::Present {
+            return Ok(None);
+        }
+        self.inner
+            .disk
+            .namespace(name)
+            .map(Some)
+            .map_err(CacheError::from)
     }
 
     /// The keyspace HTTP `/ac/` requests use: validated action results, or
@@ -358,7 +431,7 @@ impl Cache {
             }
             hoard_upload::ObjectFormat::Raw => (fetched.stored_len, Encoding::Identity),
         };
-        let mut upload = self.begin_upload(ns, kind, *hash, size, encoding)?;
+        let mut upload = self.begin_upload(ns, kind, *hash, size, encoding).await?;
         upload.set_from_backend();
         let first = head.freeze();
         let rest = futures_util::stream::unfold(body, move |mut body| async move {
@@ -504,7 +577,7 @@ impl Cache {
     /// Starts an upload of `size` logical bytes. Writing and finishing are
     /// blocking (hashing, compressing, disk I/O): call them from the
     /// blocking pool. Dropping an unfinished upload stores nothing.
-    pub fn begin_upload(
+    pub async fn begin_upload(
         &self,
         ns: NamespaceId,
         kind: Kind,
@@ -524,16 +597,27 @@ impl Cache {
         } else {
             Some(self.inner.disk.writer(ns, kind, hash, size)?)
         };
-        let decoder = match encoding {
-            Encoding::Identity => None,
-            Encoding::Zstd => Some(
-                zstd::stream::raw::Decoder::new()
-                    .map_err(|e| CacheError::internal(format!("zstd decoder: {e}")))?,
-            ),
+        let (decoder, window) = match encoding {
+            Encoding::Identity => (None, None),
+            Encoding::Zstd => {
+                // The decoder's window is body memory like any other: a
+                // frame may ask for at most 2^ZSTD_WINDOW_LOG_MAX, and never
+                // needs more than the blob itself.
+                let window = (1u64 << ZSTD_WINDOW_LOG_MAX).min(size) as usize + DECODE_OUT;
+                let permit = self.reserve_inflight(window).await?;
+                let mut d = zstd::stream::raw::Decoder::new()
+                    .map_err(|e| CacheError::internal(format!("zstd decoder: {e}")))?;
+                d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
+                    ZSTD_WINDOW_LOG_MAX,
+                ))
+                .map_err(|e| CacheError::internal(format!("zstd decoder: {e}")))?;
+                (Some(d), Some(permit))
+            }
         };
         Ok(Upload {
             writer,
             decoder,
+            _window: window,
             size,
             out: Vec::new(),
             wire_received: 0,
@@ -558,7 +642,7 @@ impl Cache {
     where
         S: Stream<Item = Result<Bytes, CacheError>> + Unpin,
     {
-        let upload = self.begin_upload(ns, kind, hash, size, encoding)?;
+        let upload = self.begin_upload(ns, kind, hash, size, encoding).await?;
         self.put_upload(upload, body).await
     }
 
@@ -571,7 +655,7 @@ impl Cache {
     where
         S: Stream<Item = Result<Bytes, CacheError>> + Unpin,
     {
-        let (tx, mut rx) = mpsc::channel::<(Bytes, OwnedSemaphorePermit)>(4);
+        let (tx, mut rx) = mpsc::channel::<(Bytes, Permit)>(4);
         let task = tokio::task::spawn_blocking(move || {
             let mut upload = upload;
             while let Some((b, _permit)) = rx.blocking_recv() {
@@ -580,7 +664,12 @@ impl Cache {
             upload.finish()
         });
         let mut body_err = None;
-        while let Some(chunk) = body.next().await {
+        loop {
+            let chunk = match self.from_client(body.next()).await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => Err(e),
+            };
             match chunk {
                 Ok(b) if b.is_empty() => {}
                 Ok(b) => {
@@ -625,6 +714,8 @@ pub struct Upload {
     /// None for the empty blob, which is never stored.
     writer: Option<hoard_disk::Writer>,
     decoder: Option<zstd::stream::raw::Decoder<'static>>,
+    /// The decoder's window and output buffer, under the budget.
+    _window: Option<Permit>,
     size: u64,
     out: Vec<u8>,
     wire_received: u64,
@@ -660,7 +751,7 @@ impl Upload {
         };
         let mut input = InBuffer::around(data);
         let mut out = std::mem::take(&mut self.out);
-        out.resize(128 * 1024, 0);
+        out.resize(DECODE_OUT, 0);
         let res = loop {
             let mut output = OutBuffer::around(&mut out[..]);
             let hint = match dec.run(&mut input, &mut output) {

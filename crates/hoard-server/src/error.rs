@@ -16,6 +16,10 @@ pub enum ErrorKind {
     UnknownNamespace,
     /// The daemon is shutting down.
     Unavailable,
+    /// No memory for the request within the budget's wait; retry.
+    Busy,
+    /// The client stopped sending (or reading) for longer than allowed.
+    Timeout,
     /// Something on this side failed (disk I/O).
     Internal,
 }
@@ -50,7 +54,8 @@ impl CacheError {
             ErrorKind::InvalidArgument | ErrorKind::UnknownNamespace => 400,
             ErrorKind::TooLarge => 413,
             ErrorKind::NoSpace => 507,
-            ErrorKind::Unavailable => 503,
+            ErrorKind::Unavailable | ErrorKind::Busy => 503,
+            ErrorKind::Timeout => 408,
             ErrorKind::Internal => 500,
         }
     }
@@ -63,6 +68,8 @@ impl CacheError {
             ErrorKind::NoSpace => "no_space",
             ErrorKind::UnknownNamespace => "unknown_namespace",
             ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Busy => "busy",
+            ErrorKind::Timeout => "client_timeout",
             ErrorKind::Internal => "internal",
         }
     }

@@ -20,15 +20,15 @@ use http_body_util::{BodyExt, BodyStream, Full, StreamBody, combinators::UnsyncB
 use hyper::body::{Frame, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::AccessLog;
 use crate::cache::{Cache, Encoding, Found};
 use crate::error::CacheError;
+use crate::listener::Listener;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -37,6 +37,10 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 /// ones stream chunk by chunk from the blocking pool.
 const INLINE_LIMIT: u64 = 256 * 1024;
 const STREAM_CHUNK: usize = 1 << 20;
+/// Largest read buffer per connection: bounds what a request head (or a
+/// client trickling one) can cost.
+const MAX_BUF: usize = 64 * 1024;
+const MAX_HEADERS: usize = 100;
 
 /// What the HTTP server needs besides the cache.
 pub struct HttpState {
@@ -48,39 +52,45 @@ pub struct HttpState {
     pub shutting_down: AtomicBool,
     /// Cache requests served so far (for the idle timeout).
     pub cache_requests: AtomicU64,
+    /// Both front ends' connections.
+    pub connections: Arc<crate::listener::Connections>,
 }
 
 /// Serves HTTP on `listener` until `shutdown` fires, then stops accepting,
 /// lets in-flight requests finish (up to `drain`), and returns.
+///
+/// Each connection gets its own handle on the cache (its share of the
+/// in-flight budget), a header-read timeout, a bounded read buffer, and
+/// half-close support: a client that shuts down its sending side after a
+/// request still gets the answer.
 pub async fn serve(
-    listener: TcpListener,
+    listener: Listener,
     state: Arc<HttpState>,
     shutdown: CancellationToken,
     drain: Duration,
 ) {
     let graceful = GracefulShutdown::new();
+    let mut builder = http1::Builder::new();
+    builder
+        .keep_alive(true)
+        .half_close(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(listener.config().header_timeout)
+        .max_buf_size(MAX_BUF)
+        .max_headers(MAX_HEADERS);
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            c = listener.accept() => c,
         };
-        let _ = stream.set_nodelay(true);
         let st = Arc::clone(&state);
+        let cache = state.cache.for_connection();
         let svc = service_fn(move |req| {
             let st = Arc::clone(&st);
-            async move { Ok::<_, Infallible>(handle(&st, req, peer).await) }
+            let cache = cache.clone();
+            async move { Ok::<_, Infallible>(handle(&st, &cache, req, peer).await) }
         });
-        let conn = http1::Builder::new()
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), svc);
+        let conn = builder.serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -126,11 +136,16 @@ fn error_response(e: &CacheError) -> Response<Body> {
     text(status, e.message.clone())
 }
 
-async fn handle(st: &HttpState, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+async fn handle(
+    st: &HttpState,
+    cache: &Cache,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
     let start = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let (resp, handler) = route(st, req).await;
+    let (resp, handler) = route(st, cache, req).await;
     let code = resp.status().as_u16();
     st.cache
         .metrics()
@@ -146,12 +161,28 @@ async fn handle(st: &HttpState, req: Request<Incoming>, peer: SocketAddr) -> Res
     resp
 }
 
-async fn route(st: &HttpState, req: Request<Incoming>) -> (Response<Body>, &'static str) {
+async fn route(
+    st: &HttpState,
+    cache: &Cache,
+    req: Request<Incoming>,
+) -> (Response<Body>, &'static str) {
     match req.uri().path() {
         "/status" => return (status_page(st), "status"),
         "/metrics" => {
             let m = st.cache.metrics();
             m.inflight_bytes.set(st.cache.inflight_bytes() as i64);
+            let c = &st.connections;
+            m.open_connections
+                .set(c.open.load(Ordering::Relaxed) as i64);
+            // The listener counts; the counters catch up to it here.
+            let catch_up = |ctr: &prometheus::IntCounter, now: u64| {
+                ctr.inc_by(now.saturating_sub(ctr.get()));
+            };
+            catch_up(&m.refused_connections, c.refused.load(Ordering::Relaxed));
+            catch_up(
+                &m.idle_closed_connections,
+                c.timed_out.load(Ordering::Relaxed),
+            );
             if let Some(b) = st.cache.backend() {
                 b.refresh_gauges();
             }
@@ -202,7 +233,7 @@ async fn route(st: &HttpState, req: Request<Incoming>) -> (Response<Body>, &'sta
         Ok(x) => x,
         Err(msg) => return (text(StatusCode::BAD_REQUEST, msg), handler),
     };
-    let resp = match cache_request(st, req, &instance, kind, hash).await {
+    let resp = match cache_request(cache, req, &instance, kind, hash).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
     };
@@ -239,46 +270,54 @@ pub fn parse_cache_path(path: &str) -> Result<(String, Kind, Hash), String> {
 }
 
 async fn cache_request(
-    st: &HttpState,
+    cache: &Cache,
     req: Request<Incoming>,
     instance: &str,
     kind: Kind,
     hash: Hash,
 ) -> Result<Response<Body>, CacheError> {
-    let ns = st.cache.namespace(instance)?;
     let kind = match kind {
-        Kind::Ac => st.cache.http_ac_kind(),
+        Kind::Ac => cache.http_ac_kind(),
         other => other,
     };
-    match (req.method().clone(), kind) {
-        (Method::PUT, _) => {
-            let r = put(st, req, ns, kind, hash).await;
-            if let Err(e) = &r {
-                st.cache.count_rejected(ns, kind, e);
-                tracing::info!(%kind, %hash, error = %e.message, "upload refused");
-            }
-            r
+    if req.method() == Method::PUT {
+        let ns = cache.namespace(instance)?;
+        let r = put(cache, req, ns, kind, hash).await;
+        if let Err(e) = &r {
+            cache.count_rejected(ns, kind, e);
+            tracing::info!(%kind, %hash, error = %e.message, "upload refused");
         }
-        (Method::HEAD, Kind::Cas) => Ok(match st.cache.cas_get(ns, &hash).await? {
+        return r;
+    }
+    // A read of a namespace never written here is a miss, and creates it
+    // only when the bucket has the blob.
+    let Some(ns) = cache
+        .namespace_for_read(instance, Some((kind, &hash)))
+        .await?
+    else {
+        return Ok(text(StatusCode::NOT_FOUND, "Not found"));
+    };
+    match (req.method().clone(), kind) {
+        (Method::HEAD, Kind::Cas) => Ok(match cache.cas_get(ns, &hash).await? {
             Some(Found::Empty) => with_length(full(StatusCode::OK, Bytes::new()), 0),
             Some(Found::Blob(b)) => {
                 with_length(full(StatusCode::OK, Bytes::new()), b.logical_size())
             }
             None => text(StatusCode::NOT_FOUND, "Not found"),
         }),
-        (_, Kind::Cas) => get_cas(st, req.headers(), ns, hash).await,
+        (_, Kind::Cas) => get_cas(cache, req.headers(), ns, hash).await,
         (m, Kind::Raw) => {
-            let Some(blob) = st.cache.raw_get(ns, &hash).await? else {
+            let Some(blob) = cache.raw_get(ns, &hash).await? else {
                 return Ok(text(StatusCode::NOT_FOUND, "Not found"));
             };
             if m == Method::HEAD {
                 let len = blob.logical_size();
                 return Ok(with_length(full(StatusCode::OK, Bytes::new()), len));
             }
-            serve_blob(st, req.headers(), blob).await
+            serve_blob(cache, req.headers(), blob).await
         }
         (m, Kind::Ac) => {
-            let Some((bytes, ar)) = st.cache.ac_get(ns, &hash).await? else {
+            let Some((bytes, ar)) = cache.ac_get(ns, &hash).await? else {
                 return Ok(text(StatusCode::NOT_FOUND, "Not found"));
             };
             if m == Method::HEAD {
@@ -337,69 +376,46 @@ fn accepts_zstd(h: &HeaderMap) -> bool {
 }
 
 async fn get_cas(
-    st: &HttpState,
+    cache: &Cache,
     headers: &HeaderMap,
     ns: hoard_disk::NamespaceId,
     hash: Hash,
 ) -> Result<Response<Body>, CacheError> {
-    let blob = match st.cache.cas_get(ns, &hash).await? {
+    let blob = match cache.cas_get(ns, &hash).await? {
         None => return Ok(text(StatusCode::NOT_FOUND, "Not found")),
         Some(Found::Empty) => return Ok(with_length(full(StatusCode::OK, Bytes::new()), 0)),
         Some(Found::Blob(b)) => *b,
     };
-    serve_blob(st, headers, blob).await
+    serve_blob(cache, headers, blob).await
 }
 
 /// Sends a stored blob's content: whole when small, else streamed; the
 /// stored zstd stream as is to a client accepting zstd.
 async fn serve_blob(
-    st: &HttpState,
+    cache: &Cache,
     headers: &HeaderMap,
     blob: hoard_disk::Blob,
 ) -> Result<Response<Body>, CacheError> {
     if accepts_zstd(headers) && blob.is_zstd_stream() {
         let len = blob.stored_len();
-        let mut r = with_length(stream_blob(st.cache.clone(), blob, true), len);
+        let mut r = with_length(stream_blob(cache.clone(), blob, true), len);
         r.headers_mut()
             .insert(header::CONTENT_ENCODING, HeaderValue::from_static("zstd"));
         return Ok(r);
     }
     let size = blob.logical_size();
     if size <= INLINE_LIMIT {
-        let permit = st.cache.reserve_inflight(size as usize).await?;
+        let permit = cache.reserve_inflight(size as usize).await?;
         let mut blob = blob;
         // A small file was already read whole when it was opened; this only
         // decompresses it.
         return match blob.read_to_vec() {
-            Ok(data) => Ok(with_length(full(StatusCode::OK, held(data, permit)), size)),
+            Ok(data) => Ok(with_length(full(StatusCode::OK, permit.hold(data)), size)),
             Err(hoard_disk::Error::Corrupt { .. }) => Ok(text(StatusCode::NOT_FOUND, "Not found")),
             Err(e) => Err(e.into()),
         };
     }
-    Ok(with_length(
-        stream_blob(st.cache.clone(), blob, false),
-        size,
-    ))
-}
-
-/// Bytes that hold their share of the in-flight budget until hyper has
-/// written them out and drops them.
-struct Held {
-    data: Vec<u8>,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl AsRef<[u8]> for Held {
-    fn as_ref(&self) -> &[u8] {
-        &self.data
-    }
-}
-
-fn held(data: Vec<u8>, permit: OwnedSemaphorePermit) -> Bytes {
-    Bytes::from_owner(Held {
-        data,
-        _permit: permit,
-    })
+    Ok(with_length(stream_blob(cache.clone(), blob, false), size))
 }
 
 /// Streams a blob from the blocking pool: at most one chunk waits in the
@@ -418,7 +434,7 @@ fn stream_blob(cache: Cache, blob: hoard_disk::Blob, stored: bool) -> Response<B
         loop {
             // Decoding (and, for stored frames, verifying) needs a stored
             // chunk and a decoded one at once.
-            let permit = match cache.reserve_inflight(2 * STREAM_CHUNK).await {
+            let mut permit = match cache.reserve_inflight(2 * STREAM_CHUNK).await {
                 Ok(p) => p,
                 Err(e) => {
                     let _ = tx.send(Err(e.into())).await;
@@ -446,7 +462,9 @@ fn stream_blob(cache: Cache, blob: hoard_disk::Blob, stored: bool) -> Response<B
             match r {
                 Ok(true) => {
                     blob = Some(b);
-                    if tx.send(Ok(Frame::data(held(buf, permit)))).await.is_err() {
+                    // Only the chunk itself waits for the client.
+                    permit.shrink_to(buf.len());
+                    if tx.send(Ok(Frame::data(permit.hold(buf)))).await.is_err() {
                         return; // client went away
                     }
                 }
@@ -479,7 +497,7 @@ fn header_u64(h: &HeaderMap, name: &str) -> Result<Option<u64>, CacheError> {
 }
 
 async fn put(
-    st: &HttpState,
+    cache: &Cache,
     req: Request<Incoming>,
     ns: hoard_disk::NamespaceId,
     kind: Kind,
@@ -517,6 +535,15 @@ async fn put(
             return Err(CacheError::invalid("PUT without Content-Length"));
         }
     };
+    if encoding == Encoding::Zstd
+        && let Some(c) = content_length
+        && c > zstd::zstd_safe::compress_bound(size.min(usize::MAX as u64) as usize) as u64 + 64
+    {
+        return Err(CacheError::invalid(format!(
+            "size mismatch: Content-Length {c} is larger than any zstd encoding of {size} bytes"
+        )));
+    }
+    cache.check_blob_size(size)?;
     let json = kind == Kind::Ac
         && h.get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
@@ -533,27 +560,44 @@ async fn put(
     if kind != Kind::Ac {
         // CAS bytes are checked against their digest; raw entries are
         // stored as they come.
-        st.cache
-            .put(ns, kind, hash, size, encoding, &mut body)
-            .await?;
+        cache.put(ns, kind, hash, size, encoding, &mut body).await?;
         return Ok(full(StatusCode::OK, Bytes::new()));
     }
     // Action results are small: collect, decode, validate, then store.
-    let limit = st.cache.limits().max_action_result_size;
+    let limit = cache.limits().max_action_result_size;
     if size > limit {
         return Err(CacheError::new(
             crate::error::ErrorKind::TooLarge,
             format!("action result of {size} bytes exceeds the limit of {limit}"),
         ));
     }
-    let _permit = st.cache.reserve_inflight(size as usize).await?;
-    let mut buf = BytesMut::with_capacity(size.min(limit) as usize);
-    while let Some(chunk) = body.next().await {
+    // The body may be no longer than the declared size allows (its
+    // compressed bound for zstd), checked chunk by chunk: a declared size
+    // of 1 never buffers more.
+    let wire_limit = match encoding {
+        Encoding::Identity => size,
+        Encoding::Zstd => zstd::zstd_safe::compress_bound(size as usize) as u64 + 64,
+    };
+    if let Some(c) = content_length
+        && c > wire_limit
+    {
+        return Err(CacheError::invalid(format!(
+            "Content-Length {c} is larger than an action result of {size} bytes can be"
+        )));
+    }
+    let _permit = cache
+        .reserve_inflight((wire_limit + if encoding == Encoding::Zstd { size } else { 0 }) as usize)
+        .await?;
+    let mut buf = BytesMut::with_capacity(wire_limit.min(1 << 20) as usize);
+    loop {
+        let Some(chunk) = cache.from_client(body.next()).await? else {
+            break;
+        };
         let chunk = chunk?;
-        if (buf.len() + chunk.len()) as u64 > limit {
-            return Err(CacheError::invalid(
-                "action result body is larger than declared",
-            ));
+        if (buf.len() + chunk.len()) as u64 > wire_limit {
+            return Err(CacheError::invalid(format!(
+                "action result body is larger than the declared {size} bytes"
+            )));
         }
         buf.extend_from_slice(&chunk);
     }
@@ -574,7 +618,7 @@ async fn put(
             .map_err(|e| CacheError::invalid(format!("invalid ActionResult JSON: {e}")))?;
         bytes = ar.encode_to_vec().into();
     }
-    st.cache.ac_put(ns, hash, bytes).await?;
+    cache.ac_put(ns, hash, bytes).await?;
     Ok(full(StatusCode::OK, Bytes::new()))
 }
 

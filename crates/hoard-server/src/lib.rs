@@ -10,10 +10,12 @@
 //! This crate does no disk I/O of its own; it calls `hoard-disk`.
 
 pub mod access_log;
+pub mod budget;
 pub mod cache;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod listener;
 pub mod log_sink;
 pub mod metrics;
 pub mod validate;

@@ -25,6 +25,9 @@ pub struct Metrics {
     index_progress: Gauge,
     corrupt_dropped: IntCounter,
     pub inflight_bytes: IntGauge,
+    pub open_connections: IntGauge,
+    pub refused_connections: IntCounter,
+    pub idle_closed_connections: IntCounter,
     pub grpc_handled: IntCounterVec,
     pub grpc_seconds: HistogramVec,
 }
@@ -142,6 +145,27 @@ impl Metrics {
                 IntGauge::new(
                     "hoard_inflight_bytes",
                     "Request body bytes held in memory right now.",
+                )?,
+            ),
+            open_connections: reg(
+                &r,
+                IntGauge::new(
+                    "hoard_open_connections",
+                    "Client connections open now (HTTP and gRPC), lingering ones included.",
+                )?,
+            ),
+            refused_connections: reg(
+                &r,
+                IntCounter::new(
+                    "hoard_refused_connections_total",
+                    "Connections closed at accept because max_connections was reached.",
+                )?,
+            ),
+            idle_closed_connections: reg(
+                &r,
+                IntCounter::new(
+                    "hoard_idle_closed_connections_total",
+                    "Connections closed because their client left hoard waiting past client_idle_timeout.",
                 )?,
             ),
             grpc_handled: reg(

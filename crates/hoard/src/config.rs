@@ -26,7 +26,13 @@ pub struct Config {
     pub grpc_address: Option<SocketAddr>,
     pub max_blob_size: u64,
     pub max_inflight_bytes: u64,
+    pub max_inflight_wait: Duration,
     pub max_action_result_size: u64,
+    pub max_connections: usize,
+    /// None: the kernel's maximum.
+    pub listen_backlog: Option<u32>,
+    pub request_header_timeout: Duration,
+    pub client_idle_timeout: Duration,
     pub fsync: bool,
     /// HTTP `/ac/` entries go unvalidated to the raw keyspace.
     pub disable_http_ac_validation: bool,
@@ -660,7 +666,21 @@ fn build(m: &BTreeMap<String, Raw>) -> Result<Config, ConfigError> {
         grpc_address,
         max_blob_size: v.int("max_blob_size")?,
         max_inflight_bytes: inflight,
+        max_inflight_wait: v.duration("max_inflight_wait")?,
         max_action_result_size: v.int("max_action_result_size")?,
+        max_connections: match v.int("max_connections")? {
+            0 => return err("max_connections: must be at least 1"),
+            n => n.min(1 << 20) as usize,
+        },
+        listen_backlog: match v.int("listen_backlog")? {
+            0 => None,
+            n => Some(n.min(u32::MAX as u64) as u32),
+        },
+        request_header_timeout: match v.duration("request_header_timeout")? {
+            d if d.is_zero() => return err("request_header_timeout: must be above 0s"),
+            d => d,
+        },
+        client_idle_timeout: v.duration("client_idle_timeout")?,
         fsync: v.bool("fsync")?,
         disable_http_ac_validation: v.bool("disable_http_ac_validation")?,
         access_log,

@@ -12,8 +12,8 @@ use hoard_disk::{DiskCache, StorageMode};
 use hoard_server::access_log::AccessLog;
 use hoard_server::grpc::{self, GrpcConfig};
 use hoard_server::http::{self, HttpState};
+use hoard_server::listener::{self, Connections, ListenConfig};
 use hoard_server::{Cache, Limits, Metrics};
-use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
@@ -74,15 +74,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             "shutdown_timeout + upload_drain_timeout and the fixed stop steps exceed systemd's default 90 s stop timeout; raise TimeoutStopSec or lower them"
         );
     }
-    let listener = TcpListener::bind(cfg.http_address)
-        .await
+    let connections = Connections::new(connection_cap(cfg.max_connections));
+    let listen = ListenConfig {
+        backlog: cfg.listen_backlog,
+        idle_timeout: cfg.client_idle_timeout,
+        header_timeout: cfg.request_header_timeout,
+    };
+    let listener = listener::bind(cfg.http_address, listen.clone(), Arc::clone(&connections))
         .with_context(|| format!("http_address: cannot listen on {}", cfg.http_address))?;
     let local = listener.local_addr()?;
-    tracing::info!(address = %local, dir = %disk.dir().display(), "serving HTTP");
+    tracing::info!(
+        address = %local,
+        dir = %disk.dir().display(),
+        backlog = cfg.listen_backlog.unwrap_or_else(listener::system_backlog),
+        "serving HTTP"
+    );
     let grpc_listener = match cfg.grpc_address {
         Some(addr) => {
-            let l = TcpListener::bind(addr)
-                .await
+            let l = listener::bind(addr, listen.clone(), Arc::clone(&connections))
                 .with_context(|| format!("grpc_address: cannot listen on {addr}"))?;
             tracing::info!(address = %l.local_addr()?, "serving gRPC");
             Some(l)
@@ -154,6 +163,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             max_blob_size: cfg.max_blob_size,
             max_action_result_size: cfg.max_action_result_size,
             max_inflight_bytes: cfg.max_inflight_bytes,
+            max_inflight_wait: cfg.max_inflight_wait,
+            client_idle_timeout: if cfg.client_idle_timeout.is_zero() {
+                Duration::from_secs(u32::MAX as u64)
+            } else {
+                cfg.client_idle_timeout
+            },
             raw_http_ac: cfg.disable_http_ac_validation,
         },
         metrics,
@@ -179,6 +194,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         version: env!("CARGO_PKG_VERSION"),
         shutting_down: AtomicBool::new(false),
         cache_requests: AtomicU64::new(0),
+        connections,
     });
 
     if let (Some(every), Some((s3, _)), Some(acc)) = (cfg.drift_interval, &cfg.s3, &cfg.accounting)
@@ -229,6 +245,33 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = tokio::task::spawn_blocking(move || d.shutdown(EVICTOR_WAIT)).await;
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// File descriptors kept for the cache itself (journal, spool, blobs being
+/// read and written, the bucket's connections).
+const RESERVED_FDS: u64 = 1024;
+
+/// Raises the open-file limit to its hard maximum and fits `wanted`
+/// connections into it.
+fn connection_cap(wanted: usize) -> usize {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the open-file limit");
+            return wanted;
+        }
+    };
+    let fit = limit.saturating_sub(RESERVED_FDS).max(64) as usize;
+    if fit < wanted {
+        tracing::warn!(
+            max_connections = wanted,
+            open_file_limit = limit,
+            using = fit,
+            "max_connections lowered to fit the open-file limit; raise LimitNOFILE"
+        );
+        return fit;
+    }
+    wanted
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {

@@ -107,6 +107,46 @@ pub const SETTINGS: &[Setting] = &[
         "request and response body bytes held in memory at once; requests wait beyond it"
     ),
     s!(
+        "max_inflight_wait",
+        "max_inflight_wait",
+        ["HOARD_MAX_INFLIGHT_WAIT"],
+        Duration,
+        "10s",
+        "how long a request waits for in-flight memory before it fails as busy (HTTP 503, gRPC UNAVAILABLE)"
+    ),
+    s!(
+        "max_connections",
+        "max_connections",
+        ["HOARD_MAX_CONNECTIONS"],
+        Int,
+        "4096",
+        "open client connections, HTTP and gRPC together (lowered to fit the file descriptor limit); more are closed at accept"
+    ),
+    s!(
+        "listen_backlog",
+        "listen_backlog",
+        ["HOARD_LISTEN_BACKLOG"],
+        Int,
+        "0",
+        "listen queue length of both listeners (0: the kernel's maximum, net.core.somaxconn)"
+    ),
+    s!(
+        "request_header_timeout",
+        "request_header_timeout",
+        ["HOARD_REQUEST_HEADER_TIMEOUT"],
+        Duration,
+        "10s",
+        "how long an HTTP client may take to send a request head"
+    ),
+    s!(
+        "client_idle_timeout",
+        "client_idle_timeout",
+        ["HOARD_CLIENT_IDLE_TIMEOUT"],
+        Duration,
+        "60s",
+        "a client that sends or reads nothing for this long while hoard waits on it loses its request and connection, and what they hold (0s: never)"
+    ),
+    s!(
         "max_action_result_size",
         "max_action_result_size",
         ["HOARD_MAX_ACTION_RESULT_SIZE"],

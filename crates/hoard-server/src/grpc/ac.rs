@@ -41,9 +41,22 @@ impl ActionCacheService {
     }
 
     async fn get(&self, req: GetActionResultRequest) -> Result<Response<ActionResult>, Status> {
-        let ns = self.0.namespace(&req.instance_name)?;
         let d = required_digest("action_digest", req.action_digest.as_ref())?;
-        let Some((_, mut ar)) = self.0.cache.ac_get(ns, &d.hash).await.map_err(to_status)? else {
+        let ns = self
+            .0
+            .namespace_for_read(&req.instance_name, Some((Kind::Ac, &d.hash)))
+            .await?;
+        let found = match ns {
+            Some(ns) => self
+                .0
+                .cache
+                .ac_get(ns, &d.hash)
+                .await
+                .map_err(to_status)?
+                .map(|f| (ns, f)),
+            None => None,
+        };
+        let Some((ns, (_, mut ar))) = found else {
             return Err(Status::not_found(format!(
                 "action result {}/{} not found",
                 d.hash, d.size
@@ -178,9 +191,10 @@ impl ActionCache for ActionCacheService {
         req: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
         let start = Instant::now();
+        let this = Self(self.0.for_request(&req));
         let req = req.into_inner();
         let hash = digest_hash(req.action_digest.as_ref());
-        let r = self.get(req).await;
+        let r = this.get(req).await;
         self.0
             .observe("unary", SERVICE, "GetActionResult", start, &r);
         self.0.log(|| format!("GRPC AC GET {hash} {}", outcome(&r)));
@@ -192,9 +206,10 @@ impl ActionCache for ActionCacheService {
         req: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
         let start = Instant::now();
+        let this = Self(self.0.for_request(&req));
         let req = req.into_inner();
         let hash = digest_hash(req.action_digest.as_ref());
-        let r = self.update(req).await;
+        let r = this.update(req).await;
         self.0
             .observe("unary", SERVICE, "UpdateActionResult", start, &r);
         self.0.log(|| format!("GRPC AC PUT {hash} {}", outcome(&r)));

@@ -28,6 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::resource::{BlobResource, parse_read, parse_write};
 use super::{BoxStream, Shared, to_status};
+use crate::budget::Permit;
 use crate::cache::{Encoding, Found, Upload};
 
 pub(crate) struct ByteStreamService(pub Shared);
@@ -128,7 +129,7 @@ impl ByteStreamService {
         mut stream: Streaming<WriteRequest>,
         resource: &mut String,
     ) -> Result<Response<WriteResponse>, Status> {
-        let Some(first) = stream.message().await? else {
+        let Some(first) = self.next_message(&mut stream).await? else {
             return Err(Status::invalid_argument(
                 "empty Write stream: no WriteRequest received",
             ));
@@ -169,16 +170,15 @@ impl ByteStreamService {
                 .0
                 .cache
                 .begin_upload(ns, Kind::Cas, res.hash, res.size, encoding)
+                .await
                 .map_err(to_status)?;
             slot.upload = Some(up);
             slot.committed = 0;
         }
-        let _permit = self
-            .0
-            .cache
-            .reserve_inflight(WRITE_BATCH)
-            .await
-            .map_err(to_status)?;
+        // What is gathered for the disk writer is held under the budget,
+        // message by message; a client that stops sending loses it at the
+        // idle timeout (the bytes go to the paused upload first).
+        let mut held: Vec<Permit> = Vec::new();
         let mut buf = BytesMut::new();
         let mut msg = first;
         let name = msg.resource_name.clone();
@@ -202,6 +202,15 @@ impl ByteStreamService {
                     msg.write_offset, expected
                 )));
             }
+            if !msg.data.is_empty() {
+                held.push(
+                    self.0
+                        .cache
+                        .reserve_inflight(msg.data.len())
+                        .await
+                        .map_err(to_status)?,
+                );
+            }
             buf.extend_from_slice(&msg.data);
             if buf.len() >= WRITE_BATCH || msg.finish_write {
                 let data = buf.split().freeze();
@@ -211,6 +220,7 @@ impl ByteStreamService {
                     return Err(e);
                 }
                 slot.committed += n;
+                held.clear();
             }
             if msg.finish_write {
                 let Some(up) = slot.upload.take() else {
@@ -226,7 +236,7 @@ impl ByteStreamService {
                     committed_size: committed as i64,
                 }));
             }
-            let next = stream.message().await;
+            let next = self.next_message(&mut stream).await;
             if !matches!(next, Ok(Some(_))) && !buf.is_empty() {
                 // The stream ended or broke: keep what arrived, for resumption.
                 let data = buf.split().freeze();
@@ -236,6 +246,7 @@ impl ByteStreamService {
                     return Err(e);
                 }
                 slot.committed += n;
+                held.clear();
             }
             slot.touched = Instant::now();
             msg = match next {
@@ -252,13 +263,32 @@ impl ByteStreamService {
         }
     }
 
+    /// The next message of a Write stream: a client that sends nothing for
+    /// `client_idle_timeout` fails it (DEADLINE_EXCEEDED); a message that
+    /// does not decode or is too large gets the client-error code.
+    async fn next_message(
+        &self,
+        stream: &mut Streaming<WriteRequest>,
+    ) -> Result<Option<WriteRequest>, Status> {
+        match self.0.cache.from_client(stream.message()).await {
+            Ok(Ok(m)) => Ok(m),
+            Ok(Err(s)) => Err(super::codes::from_request_stream(s)),
+            Err(e) => Err(to_status(e)),
+        }
+    }
+
     async fn query(
         &self,
         req: QueryWriteStatusRequest,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
         let res = parse_write(&req.resource_name)?;
-        let ns = self.0.namespace(&res.instance)?;
-        if self.0.cache.cas_has(ns, &res.hash, res.size).await {
+        let ns = self
+            .0
+            .namespace_for_read(&res.instance, Some((Kind::Cas, &res.hash)))
+            .await?;
+        if let Some(ns) = ns
+            && self.0.cache.cas_has(ns, &res.hash, res.size).await
+        {
             return Ok(Response::new(QueryWriteStatusResponse {
                 committed_size: res.size as i64,
                 complete: true,
@@ -276,7 +306,16 @@ impl ByteStreamService {
 
     async fn read(&self, req: ReadRequest) -> Result<BoxStream<ReadResponse>, Status> {
         let res = parse_read(&req.resource_name)?;
-        let ns = self.0.namespace(&res.instance)?;
+        let Some(ns) = self
+            .0
+            .namespace_for_read(&res.instance, Some((Kind::Cas, &res.hash)))
+            .await?
+        else {
+            return Err(Status::not_found(format!(
+                "blob {}/{} not found",
+                res.hash, res.size
+            )));
+        };
         if req.read_offset < 0 || req.read_limit < 0 {
             return Err(Status::out_of_range(format!(
                 "read_offset {} and read_limit {} must not be negative",
@@ -311,19 +350,28 @@ impl ByteStreamService {
             0 => res.size - offset,
             n => (n as u64).min(res.size - offset),
         };
-        let (tx, mut rx) = mpsc::channel::<Result<ReadResponse, Status>>(2);
+        let (tx, mut rx) = mpsc::channel::<Result<ReadResponse, Status>>(1);
         let cache = self.0.cache.clone();
         let log = self.0.access_log.clone();
         let name = crate::access_log::printable(&req.resource_name);
+        // The stream ends as a success only when the producer says it
+        // finished: a producer that failed (or was cut off) without handing
+        // over its error still ends the stream with one, so a partial read
+        // never looks complete.
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let finished_tx = Arc::clone(&finished);
         tokio::spawn(async move {
             let r = match blob {
                 None if res.compressed => {
                     let frame = zstd::bulk::compress(&[], 1).unwrap_or_default();
-                    send(&tx, frame.into()).await
+                    send(&cache, &tx, frame.into()).await
                 }
                 None => Ok(()),
-                Some(b) => produce(cache, b, res.compressed, offset, limit, &tx).await,
+                Some(b) => produce(cache.clone(), b, res.compressed, offset, limit, &tx).await,
             };
+            if r.is_ok() {
+                finished_tx.store(true, std::sync::atomic::Ordering::Release);
+            }
             if let Some(log) = &log {
                 log.grpc(&match &r {
                     Ok(()) => format!("GRPC BYTESTREAM READ COMPLETED {name}"),
@@ -334,19 +382,45 @@ impl ByteStreamService {
                 });
             }
             if let Err(status) = r {
-                let _ = tx.send(Err(status)).await;
+                // Wait for a reader that stopped reading no longer than
+                // the idle timeout; the end-of-stream check covers the rest.
+                let _ = cache.from_client(tx.send(Err(status))).await;
             }
         });
+        let mut ended = false;
         Ok(Box::pin(futures_util::stream::poll_fn(move |cx| {
-            rx.poll_recv(cx)
+            if ended {
+                return std::task::Poll::Ready(None);
+            }
+            match std::task::ready!(rx.poll_recv(cx)) {
+                Some(item) => std::task::Poll::Ready(Some(item)),
+                None => {
+                    ended = true;
+                    if finished.load(std::sync::atomic::Ordering::Acquire) {
+                        std::task::Poll::Ready(None)
+                    } else {
+                        std::task::Poll::Ready(Some(Err(Status::aborted(
+                            "the read ended before the blob did",
+                        ))))
+                    }
+                }
+            }
         })))
     }
 }
 
-async fn send(tx: &mpsc::Sender<Result<ReadResponse, Status>>, data: Bytes) -> Result<(), Status> {
-    tx.send(Ok(ReadResponse { data }))
-        .await
-        .map_err(|_| Status::cancelled("reader went away"))
+/// Hands one response to tonic; a reader that takes nothing for
+/// `client_idle_timeout` ends the read.
+async fn send(
+    cache: &crate::Cache,
+    tx: &mpsc::Sender<Result<ReadResponse, Status>>,
+    data: Bytes,
+) -> Result<(), Status> {
+    match cache.from_client(tx.send(Ok(ReadResponse { data }))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Status::cancelled("reader went away")),
+        Err(e) => Err(to_status(e)),
+    }
 }
 
 /// Streams a blob's content. `compressed` reads send zstd frames: the stored
@@ -384,14 +458,14 @@ async fn produce(
             let tail = r.map_err(data_loss)?;
             let frame =
                 zstd::bulk::compress(&tail, 1).map_err(|e| Status::internal(e.to_string()))?;
-            send(tx, frame.into()).await?;
+            send(&cache, tx, frame.into()).await?;
             first_stored += 1;
         }
         // From offset 0 the stored file is sent whole (its header is a
         // skippable frame); each stored frame is verified before it goes.
         blob.seek_stored(first_stored);
         loop {
-            let permit = cache
+            let mut permit = cache
                 .reserve_inflight(2 * READ_CHUNK)
                 .await
                 .map_err(to_status)?;
@@ -407,14 +481,15 @@ async fn produce(
             if !more {
                 break;
             }
-            send(tx, held(data, permit)).await?;
+            permit.shrink_to(data.len());
+            send(&cache, tx, permit.hold(data)).await?;
         }
         return Ok(());
     }
     blob.seek(offset);
     let mut remaining = limit;
     while remaining > 0 {
-        let permit = cache
+        let mut permit = cache
             .reserve_inflight(2 * READ_CHUNK)
             .await
             .map_err(to_status)?;
@@ -449,23 +524,10 @@ async fn produce(
         } else {
             data
         };
-        send(tx, held(data, permit)).await?;
+        permit.shrink_to(data.len());
+        send(&cache, tx, permit.hold(data)).await?;
     }
     Ok(())
-}
-
-/// Bytes holding their share of the in-flight budget until sent.
-fn held(data: Vec<u8>, permit: tokio::sync::OwnedSemaphorePermit) -> Bytes {
-    struct Held(
-        Vec<u8>,
-        #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit,
-    );
-    impl AsRef<[u8]> for Held {
-        fn as_ref(&self) -> &[u8] {
-            &self.0
-        }
-    }
-    Bytes::from_owner(Held(data, permit))
 }
 
 #[tonic::async_trait]
@@ -474,9 +536,10 @@ impl ByteStream for ByteStreamService {
 
     async fn read(&self, req: Request<ReadRequest>) -> Result<Response<Self::ReadStream>, Status> {
         let start = Instant::now();
+        let this = Self(self.0.for_request(&req));
         let req = req.into_inner();
         let name = crate::access_log::printable(&req.resource_name);
-        let r = ByteStreamService::read(self, req).await;
+        let r = ByteStreamService::read(&this, req).await;
         self.0.observe("server_stream", SERVICE, "Read", start, &r);
         if let Err(s) = &r {
             self.0.log(|| match s.code() {
@@ -496,7 +559,8 @@ impl ByteStream for ByteStreamService {
     ) -> Result<Response<WriteResponse>, Status> {
         let start = Instant::now();
         let mut resource = String::new();
-        let r = ByteStreamService::write(self, req.into_inner(), &mut resource).await;
+        let this = Self(self.0.for_request(&req));
+        let r = ByteStreamService::write(&this, req.into_inner(), &mut resource).await;
         self.0.observe("client_stream", SERVICE, "Write", start, &r);
         self.0.log(|| match &r {
             Ok(_) => format!("GRPC BYTESTREAM WRITE COMPLETED: {resource}"),
@@ -513,7 +577,8 @@ impl ByteStream for ByteStreamService {
         req: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
         let start = Instant::now();
-        let r = self.query(req.into_inner()).await;
+        let this = Self(self.0.for_request(&req));
+        let r = this.query(req.into_inner()).await;
         self.0
             .observe("unary", SERVICE, "QueryWriteStatus", start, &r);
         r

@@ -23,39 +23,44 @@ impl Capabilities for CapabilitiesService {
         req: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<ServerCapabilities>, Status> {
         let start = Instant::now();
-        let r = self.0.namespace(&req.get_ref().instance_name).map(|_| {
-            let zstd = vec![compressor::Value::Zstd as i32];
-            Response::new(ServerCapabilities {
-                cache_capabilities: Some(CacheCapabilities {
-                    digest_functions: vec![digest_function::Value::Sha256 as i32],
-                    action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities {
-                        update_enabled: true,
+        let r = self
+            .0
+            .namespace_for_read(&req.get_ref().instance_name, None)
+            .await
+            .map(|_| {
+                let zstd = vec![compressor::Value::Zstd as i32];
+                Response::new(ServerCapabilities {
+                    cache_capabilities: Some(CacheCapabilities {
+                        digest_functions: vec![digest_function::Value::Sha256 as i32],
+                        action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities {
+                            update_enabled: true,
+                        }),
+                        cache_priority_capabilities: Some(PriorityCapabilities {
+                            priorities: vec![PriorityRange {
+                                min_priority: 0,
+                                max_priority: 0,
+                            }],
+                        }),
+                        max_batch_total_size_bytes: self.0.max_batch as i64,
+                        symlink_absolute_path_strategy:
+                            symlink_absolute_path_strategy::Value::Allowed as i32,
+                        supported_compressors: zstd.clone(),
+                        supported_batch_update_compressors: zstd,
+                        max_cas_blob_size_bytes: self
+                            .0
+                            .cache
+                            .limits()
+                            .max_blob_size
+                            .min(i64::MAX as u64)
+                            as i64,
+                        split_blob_support: false,
+                        splice_blob_support: false,
                     }),
-                    cache_priority_capabilities: Some(PriorityCapabilities {
-                        priorities: vec![PriorityRange {
-                            min_priority: 0,
-                            max_priority: 0,
-                        }],
-                    }),
-                    max_batch_total_size_bytes: self.0.max_batch as i64,
-                    symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed
-                        as i32,
-                    supported_compressors: zstd.clone(),
-                    supported_batch_update_compressors: zstd,
-                    max_cas_blob_size_bytes: self
-                        .0
-                        .cache
-                        .limits()
-                        .max_blob_size
-                        .min(i64::MAX as u64) as i64,
-                    split_blob_support: false,
-                    splice_blob_support: false,
-                }),
-                deprecated_api_version: Some(semver(2, 0)),
-                low_api_version: Some(semver(2, 0)),
-                high_api_version: Some(semver(2, 3)),
-            })
-        });
+                    deprecated_api_version: Some(semver(2, 0)),
+                    low_api_version: Some(semver(2, 0)),
+                    high_api_version: Some(semver(2, 3)),
+                })
+            });
         self.0
             .observe("unary", SERVICE, "GetCapabilities", start, &r);
         r

@@ -47,12 +47,18 @@ impl CasService {
         &self,
         req: FindMissingBlobsRequest,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
-        let ns = self.0.namespace(&req.instance_name)?;
         // Validate everything first: one malformed digest fails the call.
         let mut parsed = Vec::with_capacity(req.blob_digests.len());
         for d in &req.blob_digests {
             parsed.push(parse_digest(d).map_err(|e| Status::invalid_argument(e.message))?);
         }
+        let probe = parsed.first().map(|p| (Kind::Cas, &p.hash));
+        let Some(ns) = self.0.namespace_for_read(&req.instance_name, probe).await? else {
+            // A namespace never written here: everything is missing.
+            return Ok(Response::new(FindMissingBlobsResponse {
+                missing_blob_digests: req.blob_digests,
+            }));
+        };
         // Local answers are immediate; bucket checks (for local misses) run
         // a few at a time, in order.
         let cache = &self.0.cache;
@@ -167,7 +173,14 @@ impl CasService {
         &self,
         req: BatchReadBlobsRequest,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
-        let ns = self.0.namespace(&req.instance_name)?;
+        let probe = req.digests.first().and_then(|d| parse_digest(d).ok());
+        let ns = self
+            .0
+            .namespace_for_read(
+                &req.instance_name,
+                probe.as_ref().map(|p| (Kind::Cas, &p.hash)),
+            )
+            .await?;
         let total: u64 = req.digests.iter().map(|d| d.size_bytes.max(0) as u64).sum();
         if total > self.0.max_batch {
             return Err(Status::invalid_argument(format!(
@@ -178,9 +191,33 @@ impl CasService {
         let zstd_ok = req
             .acceptable_compressors
             .contains(&(compressor::Value::Zstd as i32));
+        // The blobs read count under the budget until tonic has encoded
+        // the response (the permit rides on the first blob's bytes).
+        let mut permit = Some(
+            self.0
+                .cache
+                .reserve_inflight(total as usize)
+                .await
+                .map_err(to_status)?,
+        );
         let mut responses = Vec::with_capacity(req.digests.len());
         for d in req.digests {
-            let one = self.read_one(ns, d, zstd_ok).await;
+            let one = match ns {
+                Some(ns) => self.read_one(ns, d, zstd_ok, &mut permit).await,
+                None => batch_read_blobs_response::Response {
+                    status: rpc_status(
+                        Code::NotFound,
+                        format!(
+                            "blob {}/{} not found",
+                            super::ac::digest_hash(Some(&d)),
+                            d.size_bytes
+                        ),
+                    ),
+                    digest: Some(d),
+                    data: Bytes::new(),
+                    compressor: compressor::Value::Identity as i32,
+                },
+            };
             self.0.log(|| {
                 let hash = super::ac::digest_hash(one.digest.as_ref());
                 match one.status.as_ref().map(|s| s.code) {
@@ -201,6 +238,7 @@ impl CasService {
         ns: NamespaceId,
         d: Digest,
         zstd_ok: bool,
+        permit: &mut Option<crate::budget::Permit>,
     ) -> batch_read_blobs_response::Response {
         let mut r = batch_read_blobs_response::Response {
             digest: Some(d.clone()),
@@ -232,7 +270,13 @@ impl CasService {
                 };
                 match data {
                     Ok(v) => {
-                        r.data = v.into();
+                        r.data = match permit.take() {
+                            Some(p) if !v.is_empty() => p.hold(v),
+                            p => {
+                                *permit = p;
+                                v.into()
+                            }
+                        };
                         r.status = ok_status();
                     }
                     Err(hoard_disk::Error::Corrupt { .. }) => r.status = not_found(),
@@ -248,11 +292,26 @@ impl CasService {
         r
     }
 
+    /// Reads one Directory under the budget (its bytes count while it is
+    /// parsed). `Ok(None)` when it is missing or does not parse, except
+    /// that a Directory too large for any page is an error.
     async fn read_directory(
         &self,
         ns: NamespaceId,
         d: &BlobDigest,
     ) -> Result<Option<Directory>, Status> {
+        if d.size > self.0.max_batch {
+            return Err(Status::failed_precondition(format!(
+                "directory {}/{} is larger than a GetTree page may be ({} bytes); read it with ByteStream",
+                d.hash, d.size, self.0.max_batch
+            )));
+        }
+        let _permit = self
+            .0
+            .cache
+            .reserve_inflight(2 * d.size as usize)
+            .await
+            .map_err(to_status)?;
         let bytes = match self.0.cache.cas_get(ns, &d.hash).await.map_err(to_status)? {
             Some(Found::Empty) => Vec::new(),
             Some(Found::Blob(mut b)) if b.logical_size() == d.size => match b.read_to_vec() {
@@ -262,73 +321,164 @@ impl CasService {
             },
             _ => return Ok(None),
         };
-        Directory::decode(bytes.as_slice()).map(Some).map_err(|e| {
-            Status::data_loss(format!(
-                "directory {}/{} does not parse: {e}",
-                d.hash, d.size
-            ))
-        })
+        Ok(Directory::decode(bytes.as_slice()).ok())
     }
 
-    /// Walks the tree breadth first, each distinct directory once. The page
-    /// token is the number of directories already returned: the walk is
-    /// deterministic for a given tree, so a later page replays it to there.
-    async fn get_tree(&self, req: GetTreeRequest) -> Result<Vec<GetTreeResponse>, Status> {
-        let ns = self.0.namespace(&req.instance_name)?;
+    /// Starts a GetTree walk: the root is read and checked here, so a
+    /// missing or malformed root fails the call itself; the pages follow
+    /// lazily, each built only when the client takes the previous one.
+    async fn get_tree(&self, req: GetTreeRequest) -> Result<TreeWalk, Status> {
         let root = super::ac::required_digest("root_digest", req.root_digest.as_ref())?;
+        let not_found =
+            || Status::not_found(format!("tree root {}/{} not found", root.hash, root.size));
+        let Some(ns) = self
+            .0
+            .namespace_for_read(&req.instance_name, Some((Kind::Cas, &root.hash)))
+            .await?
+        else {
+            return Err(not_found());
+        };
         let skip: usize = if req.page_token.is_empty() {
             0
         } else {
             req.page_token.parse().map_err(|_| {
-                Status::invalid_argument(format!("invalid page_token {:?}", req.page_token))
+                Status::invalid_argument(format!(
+                    "invalid page_token {:?}",
+                    super::codes::clip_to(&req.page_token, 100)
+                ))
             })?
         };
         let page_size = match req.page_size {
             n if n <= 0 => MAX_TREE_PAGE,
             n => (n as usize).min(MAX_TREE_PAGE),
         };
+        if self
+            .0
+            .cache
+            .cas_get(ns, &root.hash)
+            .await
+            .map_err(to_status)?
+            .is_none()
+        {
+            return Err(not_found());
+        }
         let Some(root_dir) = self.read_directory(ns, &root).await? else {
-            return Err(Status::not_found(format!(
-                "tree root {}/{} not found",
+            return Err(Status::invalid_argument(format!(
+                "root_digest {}/{} is not a Directory (or not of that size)",
                 root.hash, root.size
             )));
         };
-        let byte_budget = self.0.max_batch as usize;
-        let mut pages = Vec::new();
+        Ok(TreeWalk {
+            svc: CasService(self.0.clone()),
+            ns,
+            next: Some(root_dir),
+            queue: VecDeque::new(),
+            seen: HashSet::from([root]),
+            index: 0,
+            skip,
+            page_size,
+            page_bytes: self.0.max_batch as usize,
+            done: false,
+        })
+    }
+}
+
+/// Most distinct directories one GetTree call walks: what the walk
+/// remembers (digests queued and seen) stays bounded.
+const MAX_TREE_DIRECTORIES: usize = 100_000;
+
+/// A breadth-first walk over a tree, each distinct directory once. The page
+/// token is the number of directories already returned: the walk is
+/// deterministic for a given tree, so a later page replays it to there.
+/// A missing or malformed child is left out: the spec returns the part of
+/// the tree that is present.
+pub(crate) struct TreeWalk {
+    svc: CasService,
+    ns: NamespaceId,
+    /// The directory read last, not yet placed in a page.
+    next: Option<Directory>,
+    queue: VecDeque<BlobDigest>,
+    seen: HashSet<BlobDigest>,
+    index: usize,
+    skip: usize,
+    page_size: usize,
+    page_bytes: usize,
+    done: bool,
+}
+
+impl TreeWalk {
+    async fn next_page(&mut self) -> Option<Result<GetTreeResponse, Status>> {
+        if self.done {
+            return None;
+        }
         let mut page = GetTreeResponse::default();
-        let mut page_bytes = 0usize;
-        let mut seen: HashSet<BlobDigest> = HashSet::from([root]);
-        let mut queue: VecDeque<Directory> = VecDeque::from([root_dir]);
-        let mut index = 0usize;
-        while let Some(dir) = queue.pop_front() {
+        let mut bytes = 0usize;
+        loop {
+            let dir = match self.next.take() {
+                Some(d) => d,
+                None => match self.pop().await {
+                    Ok(Some(d)) => d,
+                    Ok(None) => {
+                        self.done = true;
+                        return Some(Ok(page));
+                    }
+                    Err(e) => {
+                        self.done = true;
+                        return Some(Err(e));
+                    }
+                },
+            };
             for child in &dir.directories {
-                // A malformed or missing child is left out: the spec returns
-                // the part of the tree that is present.
                 let Some(d) = child.digest.as_ref().and_then(|d| parse_digest(d).ok()) else {
                     continue;
                 };
-                if seen.insert(d)
-                    && let Some(c) = self.read_directory(ns, &d).await?
-                {
-                    queue.push_back(c);
+                if self.seen.contains(&d) {
+                    continue;
                 }
-            }
-            if index >= skip {
-                let len = dir.encoded_len();
-                if !page.directories.is_empty()
-                    && (page.directories.len() >= page_size || page_bytes + len > byte_budget)
-                {
-                    page.next_page_token = index.to_string();
-                    pages.push(std::mem::take(&mut page));
-                    page_bytes = 0;
+                if self.seen.len() >= MAX_TREE_DIRECTORIES {
+                    self.done = true;
+                    return Some(Err(Status::resource_exhausted(format!(
+                        "tree has more than {MAX_TREE_DIRECTORIES} directories"
+                    ))));
                 }
-                page_bytes += len;
-                page.directories.push(dir);
+                self.seen.insert(d);
+                self.queue.push_back(d);
             }
-            index += 1;
+            if self.index < self.skip {
+                self.index += 1;
+                continue;
+            }
+            let len = dir.encoded_len();
+            if !page.directories.is_empty()
+                && (page.directories.len() >= self.page_size || bytes + len > self.page_bytes)
+            {
+                // Full: this directory opens the next page. Its children
+                // are already queued, so it must not be walked again.
+                page.next_page_token = self.index.to_string();
+                self.next = Some(dir);
+                return Some(Ok(page));
+            }
+            bytes += len;
+            page.directories.push(dir);
+            self.index += 1;
         }
-        pages.push(page);
-        Ok(pages)
+    }
+
+    /// The next present directory of the walk.
+    async fn pop(&mut self) -> Result<Option<Directory>, Status> {
+        while let Some(d) = self.queue.pop_front() {
+            if let Some(dir) = self.svc.read_directory(self.ns, &d).await? {
+                return Ok(Some(dir));
+            }
+        }
+        Ok(None)
+    }
+
+    pub(crate) fn into_stream(self) -> BoxStream<GetTreeResponse> {
+        Box::pin(futures_util::stream::unfold(self, |mut w| async move {
+            let page = w.next_page().await?;
+            Some((page, w))
+        }))
     }
 }
 
@@ -339,7 +489,8 @@ impl ContentAddressableStorage for CasService {
         req: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
         let start = Instant::now();
-        let r = self.find_missing(req.into_inner()).await;
+        let this = Self(self.0.for_request(&req));
+        let r = this.find_missing(req.into_inner()).await;
         self.0
             .observe("unary", SERVICE, "FindMissingBlobs", start, &r);
         r
@@ -350,7 +501,8 @@ impl ContentAddressableStorage for CasService {
         req: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
         let start = Instant::now();
-        let r = self.batch_update(req.into_inner()).await;
+        let this = Self(self.0.for_request(&req));
+        let r = this.batch_update(req.into_inner()).await;
         self.0
             .observe("unary", SERVICE, "BatchUpdateBlobs", start, &r);
         r
@@ -361,7 +513,8 @@ impl ContentAddressableStorage for CasService {
         req: Request<BatchReadBlobsRequest>,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
         let start = Instant::now();
-        let r = self.batch_read(req.into_inner()).await;
+        let this = Self(self.0.for_request(&req));
+        let r = this.batch_read(req.into_inner()).await;
         self.0
             .observe("unary", SERVICE, "BatchReadBlobs", start, &r);
         r
@@ -374,17 +527,15 @@ impl ContentAddressableStorage for CasService {
         req: Request<GetTreeRequest>,
     ) -> Result<Response<Self::GetTreeStream>, Status> {
         let start = Instant::now();
+        let this = Self(self.0.for_request(&req));
         let req = req.into_inner();
         let hash = super::ac::digest_hash(req.root_digest.as_ref());
-        let r = CasService::get_tree(self, req).await;
+        let r = CasService::get_tree(&this, req).await;
         self.0
             .observe("server_stream", SERVICE, "GetTree", start, &r);
         self.0
             .log(|| format!("GRPC GETTREEREQUEST {hash} {}", super::ac::outcome(&r)));
-        let pages = r?;
-        let stream: Self::GetTreeStream =
-            Box::pin(futures_util::stream::iter(pages.into_iter().map(Ok)));
-        Ok(Response::new(stream))
+        Ok(Response::new(r?.into_stream()))
     }
 }
 

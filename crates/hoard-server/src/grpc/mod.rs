@@ -11,6 +11,7 @@ mod ac;
 mod bytestream;
 mod capabilities;
 mod cas;
+pub mod codes;
 mod resource;
 
 use std::pin::Pin;
@@ -23,13 +24,13 @@ use hoard_proto::google::bytestream::byte_stream_server::ByteStreamServer;
 use hoard_proto::reapi::action_cache_server::ActionCacheServer;
 use hoard_proto::reapi::capabilities_server::CapabilitiesServer;
 use hoard_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
 use crate::access_log::AccessLog;
 use crate::cache::Cache;
 use crate::error::{CacheError, ErrorKind};
+use crate::listener::{ConnectInfo, GrpcConn, Listener};
 
 pub use bytestream::Uploads;
 
@@ -38,6 +39,8 @@ pub use bytestream::Uploads;
 /// [`MESSAGE_OVERHEAD`] (digests, field tags).
 pub const DEFAULT_MAX_BATCH_BYTES: u64 = 4 << 20;
 const MESSAGE_OVERHEAD: usize = 1 << 20;
+/// Concurrent calls on one HTTP/2 connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -56,6 +59,36 @@ impl Shared {
         if let Some(log) = &self.access_log {
             log.grpc(&line());
         }
+    }
+
+    /// The services' state for one request: the cache handle of the
+    /// request's connection, so that what the call holds in memory counts
+    /// against that connection's share of the budget.
+    pub fn for_request<T>(&self, req: &tonic::Request<T>) -> Shared {
+        match req
+            .extensions()
+            .get::<ConnectInfo>()
+            .and_then(|i| i.cache.clone())
+        {
+            Some(cache) => Shared {
+                cache,
+                ..self.clone()
+            },
+            None => self.clone(),
+        }
+    }
+
+    /// See [`Cache::namespace_for_read`]: None for a namespace never
+    /// written here (nothing is created for it).
+    pub async fn namespace_for_read(
+        &self,
+        instance: &str,
+        probe: Option<(hoard_disk::Kind, &hoard_disk::Hash)>,
+    ) -> Result<Option<hoard_disk::NamespaceId>, Status> {
+        self.cache
+            .namespace_for_read(instance, probe)
+            .await
+            .map_err(to_status)
     }
 
     pub fn namespace(&self, instance: &str) -> Result<hoard_disk::NamespaceId, Status> {
@@ -92,10 +125,11 @@ pub fn to_status(e: CacheError) -> Status {
             Code::InvalidArgument
         }
         ErrorKind::NoSpace => Code::ResourceExhausted,
-        ErrorKind::Unavailable => Code::Unavailable,
+        ErrorKind::Unavailable | ErrorKind::Busy => Code::Unavailable,
+        ErrorKind::Timeout => Code::DeadlineExceeded,
         ErrorKind::Internal => Code::Internal,
     };
-    Status::new(code, e.message)
+    Status::new(code, codes::clip(&e.message))
 }
 
 pub(crate) fn code_name(c: Code) -> &'static str {
@@ -152,7 +186,7 @@ impl Default for GrpcConfig {
 /// Serves gRPC on `listener` until `shutdown` fires, then lets in-flight
 /// calls finish (up to `drain`).
 pub async fn serve(
-    listener: TcpListener,
+    listener: Listener,
     cache: Cache,
     cfg: GrpcConfig,
     access_log: Option<AccessLog>,
@@ -175,7 +209,7 @@ pub async fn serve(
         }
     });
     let shared = Shared {
-        cache,
+        cache: cache.clone(),
         max_batch: cfg.max_batch_bytes,
         uploads,
         access_log,
@@ -185,9 +219,11 @@ pub async fn serve(
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let incoming = tokio_stream_from(listener);
+    let incoming = accepted(listener, cache);
     let stop = shutdown.clone();
     let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .layer(codes::StatusFixLayer)
         .add_service(health)
         .add_service(
             CapabilitiesServer::new(capabilities::CapabilitiesService(shared.clone()))
@@ -225,22 +261,18 @@ pub async fn serve(
     }
 }
 
-/// Accepted connections as the stream tonic wants, with TCP_NODELAY.
-fn tokio_stream_from(
-    listener: TcpListener,
-) -> impl Stream<Item = Result<tokio::net::TcpStream, std::io::Error>> {
-    futures_util::stream::unfold(listener, |listener| async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    return Some((Ok(stream), listener));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "gRPC accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+/// Accepted connections as the stream tonic wants, each with its own
+/// handle on the cache.
+fn accepted(
+    listener: Listener,
+    cache: Cache,
+) -> impl Stream<Item = Result<GrpcConn, std::io::Error>> {
+    futures_util::stream::unfold((listener, cache), |(listener, cache)| async move {
+        let (io, peer) = listener.accept().await;
+        let info = ConnectInfo {
+            peer,
+            cache: Some(cache.for_connection()),
+        };
+        Some((Ok(GrpcConn { io, info }), (listener, cache)))
     })
 }

@@ -45,7 +45,12 @@ impl BlobResource {
 }
 
 fn bad(name: &str, why: &str) -> Status {
-    Status::invalid_argument(format!("invalid resource name {name:?}: {why}"))
+    // The name is the client's and may be any length: only its start is
+    // echoed.
+    let name = super::codes::clip_to(name, 200);
+    Status::invalid_argument(super::codes::clip(&format!(
+        "invalid resource name {name:?}: {why}"
+    )))
 }
 
 /// The error for a name whose instance part holds a reserved word.
