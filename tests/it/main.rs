@@ -11,6 +11,7 @@ mod clickhouse;
 mod convergence;
 mod deploy;
 mod grpc;
+mod hostile;
 mod http;
 mod lifecycle;
 mod s3;

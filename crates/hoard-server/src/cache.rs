@@ -646,12 +646,32 @@ impl Cache {
         self.put_upload(upload, body).await
     }
 
-    /// Streams `body` into `upload` (see [`Cache::put`]).
-    pub async fn put_upload<S>(
+    /// Streams `body` into `upload` and commits it (see [`Cache::put`]).
+    pub async fn put_upload<S>(&self, upload: Upload, body: S) -> Result<WriteOutcome, CacheError>
+    where
+        S: Stream<Item = Result<Bytes, CacheError>> + Unpin,
+    {
+        let (upload, r) = self.pump(upload, body).await?;
+        r?;
+        tokio::task::spawn_blocking(move || upload.finish())
+            .await
+            .map_err(|e| CacheError::internal(format!("write task failed: {e}")))?
+    }
+
+    /// Feeds `body` to `upload` on the blocking pool while it arrives, and
+    /// hands the upload back (for a commit, or for a resumable write to
+    /// continue later) with the first error met, if any. The outer error
+    /// means the writer itself failed and the upload is lost.
+    ///
+    /// Each chunk holds its bytes under the budget only until the writer
+    /// has taken it: while hoard waits for the client's next chunk it
+    /// holds nothing, so a client that stops sending costs no memory, and
+    /// it loses the request after `client_idle_timeout`.
+    pub async fn pump<S>(
         &self,
         upload: Upload,
         mut body: S,
-    ) -> Result<WriteOutcome, CacheError>
+    ) -> Result<(Upload, Result<(), CacheError>), CacheError>
     where
         S: Stream<Item = Result<Bytes, CacheError>> + Unpin,
     {
@@ -659,11 +679,13 @@ impl Cache {
         let task = tokio::task::spawn_blocking(move || {
             let mut upload = upload;
             while let Some((b, _permit)) = rx.blocking_recv() {
-                upload.write(&b)?;
+                if let Err(e) = upload.write(&b) {
+                    return (upload, Err(e));
+                }
             }
-            upload.finish()
+            (upload, Ok(()))
         });
-        let mut body_err = None;
+        let mut first_err = None;
         loop {
             let chunk = match self.from_client(body.next()).await {
                 Ok(Some(c)) => c,
@@ -673,24 +695,32 @@ impl Cache {
             match chunk {
                 Ok(b) if b.is_empty() => {}
                 Ok(b) => {
-                    let permit = self.reserve_inflight(b.len()).await?;
+                    let permit = match self.reserve_inflight(b.len()).await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            first_err = Some(e);
+                            break;
+                        }
+                    };
                     if tx.send((b, permit)).await.is_err() {
                         break; // the writer already failed; its error wins
                     }
                 }
                 Err(e) => {
-                    body_err = Some(e);
+                    first_err = Some(e);
                     break;
                 }
             }
         }
         drop(tx);
-        if let Some(e) = body_err {
-            task.abort();
-            return Err(e);
-        }
-        task.await
-            .map_err(|e| CacheError::internal(format!("write task failed: {e}")))?
+        let (upload, r) = task
+            .await
+            .map_err(|e| CacheError::internal(format!("write task failed: {e}")))?;
+        let r = match (r, first_err) {
+            (Err(e), _) | (Ok(()), Some(e)) => Err(e),
+            (Ok(()), None) => Ok(()),
+        };
+        Ok((upload, r))
     }
 }
 

@@ -88,7 +88,9 @@ pub async fn serve(
         let svc = service_fn(move |req| {
             let st = Arc::clone(&st);
             let cache = cache.clone();
-            async move { Ok::<_, Infallible>(handle(&st, &cache, req, peer).await) }
+            // Boxed: a request's state machine is large, and an idle
+            // connection should not carry its room.
+            Box::pin(async move { Ok::<_, Infallible>(handle(&st, &cache, req, peer).await) })
         });
         let conn = builder.serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn);

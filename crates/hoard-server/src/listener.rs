@@ -309,7 +309,7 @@ impl Drop for Watched {
 async fn linger(mut io: TcpStream) {
     let _ = io.shutdown().await;
     let deadline = Instant::now() + LINGER_TIME;
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = [0u8; 4096];
     let mut read = 0u64;
     while read < LINGER_BYTES {
         match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {

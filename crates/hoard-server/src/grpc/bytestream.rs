@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use hoard_disk::Kind;
 use hoard_proto::google::bytestream::byte_stream_server::ByteStream;
 use hoard_proto::google::bytestream::{
@@ -28,7 +28,6 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::resource::{BlobResource, parse_read, parse_write};
 use super::{BoxStream, Shared, to_status};
-use crate::budget::Permit;
 use crate::cache::{Encoding, Found, Upload};
 
 pub(crate) struct ByteStreamService(pub Shared);
@@ -36,8 +35,6 @@ pub(crate) struct ByteStreamService(pub Shared);
 const SERVICE: &str = "google.bytestream.ByteStream";
 /// Largest data field in one ReadResponse.
 const READ_CHUNK: usize = 1 << 20;
-/// Bytes of a write gathered before they go to the disk writer.
-const WRITE_BATCH: usize = 1 << 20;
 
 /// One upload's state, kept between Write calls while it is paused.
 struct Slot {
@@ -106,19 +103,47 @@ impl Uploads {
     }
 }
 
-/// Feeds bytes to the upload on the blocking pool.
-async fn feed(slot: &mut Slot, data: Bytes) -> Result<(), Status> {
-    let Some(mut up) = slot.upload.take() else {
-        return Err(Status::internal("upload state lost"));
-    };
-    let (up, r) = tokio::task::spawn_blocking(move || {
-        let r = up.write(&data);
-        (up, r)
-    })
-    .await
-    .map_err(|e| Status::internal(format!("write task failed: {e}")))?;
-    slot.upload = Some(up);
-    r.map_err(to_status)
+/// The next message of a Write stream: a client that sends nothing for
+/// `client_idle_timeout` fails it (DEADLINE_EXCEEDED); a message that does
+/// not decode or is too large gets the client-error code.
+async fn next_message(
+    cache: &crate::Cache,
+    stream: &mut Streaming<WriteRequest>,
+) -> Result<Option<WriteRequest>, Status> {
+    match cache.from_client(stream.message()).await {
+        Ok(Ok(m)) => Ok(m),
+        Ok(Err(s)) => Err(super::codes::from_request_stream(s)),
+        Err(e) => Err(to_status(e)),
+    }
+}
+
+/// Where one Write call's stream of messages stands.
+struct Feed {
+    name: String,
+    /// The write_offset the next message must have.
+    expected: u64,
+    finished: bool,
+    /// Why the stream ended early, for the client.
+    end: Option<Status>,
+}
+
+impl Feed {
+    fn check(&self, msg: &WriteRequest) -> Result<(), Status> {
+        if !msg.resource_name.is_empty() && msg.resource_name != self.name {
+            return Err(Status::invalid_argument(super::codes::clip(&format!(
+                "resource name changed within one Write: {:?} then {:?}",
+                super::codes::clip_to(&self.name, 200),
+                super::codes::clip_to(&msg.resource_name, 200)
+            ))));
+        }
+        if msg.write_offset < 0 || msg.write_offset as u64 != self.expected {
+            return Err(Status::invalid_argument(format!(
+                "write_offset {} is not contiguous: {} bytes are committed",
+                msg.write_offset, self.expected
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl ByteStreamService {
@@ -129,7 +154,7 @@ impl ByteStreamService {
         mut stream: Streaming<WriteRequest>,
         resource: &mut String,
     ) -> Result<Response<WriteResponse>, Status> {
-        let Some(first) = self.next_message(&mut stream).await? else {
+        let Some(first) = next_message(&self.0.cache, &mut stream).await? else {
             return Err(Status::invalid_argument(
                 "empty Write stream: no WriteRequest received",
             ));
@@ -175,105 +200,88 @@ impl ByteStreamService {
             slot.upload = Some(up);
             slot.committed = 0;
         }
-        // What is gathered for the disk writer is held under the budget,
-        // message by message; a client that stops sending loses it at the
-        // idle timeout (the bytes go to the paused upload first).
-        let mut held: Vec<Permit> = Vec::new();
-        let mut buf = BytesMut::new();
-        let mut msg = first;
-        let name = msg.resource_name.clone();
-        loop {
-            if !msg.resource_name.is_empty() && msg.resource_name != name {
-                return Err(Status::invalid_argument(format!(
-                    "resource name changed within one Write: {:?} then {:?}",
-                    name, msg.resource_name
-                )));
-            }
-            let expected = slot.committed + buf.len() as u64;
-            if msg.write_offset < 0 || msg.write_offset as u64 != expected {
-                if !buf.is_empty() {
-                    let data = buf.split().freeze();
-                    let n = data.len() as u64;
-                    feed(&mut slot, data).await?;
-                    slot.committed += n;
-                }
-                return Err(Status::invalid_argument(format!(
-                    "write_offset {} is not contiguous: {} bytes are committed",
-                    msg.write_offset, expected
-                )));
-            }
-            if !msg.data.is_empty() {
-                held.push(
-                    self.0
-                        .cache
-                        .reserve_inflight(msg.data.len())
-                        .await
-                        .map_err(to_status)?,
-                );
-            }
-            buf.extend_from_slice(&msg.data);
-            if buf.len() >= WRITE_BATCH || msg.finish_write {
-                let data = buf.split().freeze();
-                let n = data.len() as u64;
-                if let Err(e) = feed(&mut slot, data).await {
-                    self.0.uploads.remove(&key);
-                    return Err(e);
-                }
-                slot.committed += n;
-                held.clear();
-            }
-            if msg.finish_write {
-                let Some(up) = slot.upload.take() else {
-                    return Err(Status::internal("upload state lost"));
+        let Some(up) = slot.upload.take() else {
+            return Err(Status::internal("upload state lost"));
+        };
+        // The messages go to the disk writer as they come (the facade's
+        // pump holds each only until the writer has it). The stream of
+        // them ends at finish_write, at the client's end, or at the first
+        // bad message, whose error is kept for after the pump.
+        let feed = Arc::new(parking_lot::Mutex::new(Feed {
+            name: first.resource_name.clone(),
+            expected: slot.committed,
+            finished: false,
+            end: None,
+        }));
+        let messages = futures_util::stream::unfold(
+            (Some(first), stream, Arc::clone(&feed), self.0.cache.clone()),
+            |(first, mut stream, feed, cache)| async move {
+                let msg = match first {
+                    Some(m) => m,
+                    None => {
+                        {
+                            let f = feed.lock();
+                            if f.finished || f.end.is_some() {
+                                return None;
+                            }
+                        }
+                        match next_message(&cache, &mut stream).await {
+                            Ok(Some(m)) => m,
+                            Ok(None) => return None,
+                            Err(status) => {
+                                feed.lock().end = Some(status);
+                                return None;
+                            }
+                        }
+                    }
                 };
+                {
+                    let mut f = feed.lock();
+                    if let Err(status) = f.check(&msg) {
+                        f.end = Some(status);
+                        return None;
+                    }
+                    f.expected += msg.data.len() as u64;
+                    f.finished = msg.finish_write;
+                }
+                Some((Ok(msg.data), (None, stream, feed, cache)))
+            },
+        );
+        let pumped = self.0.cache.pump(up, Box::pin(messages)).await;
+        let up = match pumped {
+            Ok((up, Ok(()))) => up,
+            Ok((_, Err(e))) | Err(e) => {
+                // The writer failed, or the client stalled or could not be
+                // given memory: what it sent is dropped with the upload.
                 self.0.uploads.remove(&key);
-                let committed = slot.committed;
-                tokio::task::spawn_blocking(move || up.finish())
-                    .await
-                    .map_err(|e| Status::internal(format!("write task failed: {e}")))?
-                    .map_err(to_status)?;
-                return Ok(Response::new(WriteResponse {
-                    committed_size: committed as i64,
-                }));
+                return Err(to_status(e));
             }
-            let next = self.next_message(&mut stream).await;
-            if !matches!(next, Ok(Some(_))) && !buf.is_empty() {
-                // The stream ended or broke: keep what arrived, for resumption.
-                let data = buf.split().freeze();
-                let n = data.len() as u64;
-                if let Err(e) = feed(&mut slot, data).await {
-                    self.0.uploads.remove(&key);
-                    return Err(e);
-                }
-                slot.committed += n;
-                held.clear();
-            }
-            slot.touched = Instant::now();
-            msg = match next {
-                Ok(Some(m)) => m,
-                Ok(None) => {
-                    // Ended without finish_write: nothing is stored; the
-                    // upload waits, paused, to be resumed.
-                    return Ok(Response::new(WriteResponse {
-                        committed_size: slot.committed as i64,
-                    }));
-                }
-                Err(status) => return Err(status),
-            };
+        };
+        let (expected, finished, end) = {
+            let mut f = feed.lock();
+            (f.expected, f.finished, f.end.take())
+        };
+        slot.committed = expected;
+        slot.touched = Instant::now();
+        if finished {
+            self.0.uploads.remove(&key);
+            let committed = slot.committed;
+            tokio::task::spawn_blocking(move || up.finish())
+                .await
+                .map_err(|e| Status::internal(format!("write task failed: {e}")))?
+                .map_err(to_status)?;
+            return Ok(Response::new(WriteResponse {
+                committed_size: committed as i64,
+            }));
         }
-    }
-
-    /// The next message of a Write stream: a client that sends nothing for
-    /// `client_idle_timeout` fails it (DEADLINE_EXCEEDED); a message that
-    /// does not decode or is too large gets the client-error code.
-    async fn next_message(
-        &self,
-        stream: &mut Streaming<WriteRequest>,
-    ) -> Result<Option<WriteRequest>, Status> {
-        match self.0.cache.from_client(stream.message()).await {
-            Ok(Ok(m)) => Ok(m),
-            Ok(Err(s)) => Err(super::codes::from_request_stream(s)),
-            Err(e) => Err(to_status(e)),
+        // Ended or broken without finish_write: nothing is stored; the
+        // upload waits, paused, to be resumed from `committed`.
+        slot.upload = Some(up);
+        match end {
+            Some(status) => Err(status),
+            None => Ok(Response::new(WriteResponse {
+                committed_size: slot.committed as i64,
+            })),
         }
     }
 

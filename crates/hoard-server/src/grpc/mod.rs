@@ -219,10 +219,18 @@ pub async fn serve(
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
+    // A live client answers pings, so its connection never looks idle to
+    // the listener's idle timeout, and a call it stalls is ended by the
+    // call's own timeout with a status the client can read. A dead or
+    // unreading client fails to answer and loses the connection.
+    let idle = listener.config().idle_timeout;
+    let ping = (!idle.is_zero()).then(|| (idle / 3).max(Duration::from_secs(1)));
     let incoming = accepted(listener, cache);
     let stop = shutdown.clone();
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(ping)
+        .http2_keepalive_timeout(ping)
         .layer(codes::StatusFixLayer)
         .add_service(health)
         .add_service(
