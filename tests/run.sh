@@ -66,3 +66,5 @@ if grep -q '^test result: FAILED' /tmp/hoard-test.log || ! grep -q '^test result
 fi
 passed=$(grep -oE '^test result: ok\. [0-9]+ passed' /tmp/hoard-test.log | awk '{s+=$4} END {print s}')
 echo "$passed passed, 0 failed"
+echo "== fuzz (short, deterministic)"
+benches/fuzz.sh --runs 1000000

@@ -486,6 +486,7 @@ fn stream_blob(cache: Cache, blob: hoard_disk::Blob, stored: bool) -> Response<B
     r
 }
 
+/// A header holding a decimal number, if present.
 fn header_u64(h: &HeaderMap, name: &str) -> Result<Option<u64>, CacheError> {
     match h.get(name) {
         None => Ok(None),
@@ -494,18 +495,36 @@ fn header_u64(h: &HeaderMap, name: &str) -> Result<Option<u64>, CacheError> {
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())
             .map(Some)
-            .ok_or_else(|| CacheError::invalid(format!("invalid {name} header: {v:?}"))),
+            .ok_or_else(|| {
+                let shown = String::from_utf8_lossy(v.as_bytes());
+                CacheError::invalid(format!(
+                    "invalid {name} header: {:?}",
+                    crate::grpc::codes::clip_to(&shown, 100)
+                ))
+            }),
     }
 }
 
-async fn put(
-    cache: &Cache,
-    req: Request<Incoming>,
-    ns: hoard_disk::NamespaceId,
-    kind: Kind,
-    hash: Hash,
-) -> Result<Response<Body>, CacheError> {
-    let h = req.headers();
+/// What a PUT's headers declare.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PutHead {
+    pub encoding: Encoding,
+    /// Logical size of the blob.
+    pub size: u64,
+    pub content_length: Option<u64>,
+    /// An action result sent as JSON.
+    pub json: bool,
+}
+
+/// The most bytes a zstd encoding of `size` bytes can take (zstd's own
+/// bound is below it).
+pub fn zstd_bound(size: u64) -> u64 {
+    size.saturating_add(size / 128).saturating_add(1024)
+}
+
+/// Reads and cross-checks a PUT's headers, before anything is allocated
+/// or reserved for its body.
+pub fn put_head(h: &HeaderMap, kind: Kind) -> Result<PutHead, CacheError> {
     let encoding = match h
         .get(header::CONTENT_ENCODING)
         .map(|v| v.to_str().unwrap_or("?"))
@@ -514,7 +533,8 @@ async fn put(
         Some("zstd") => Encoding::Zstd,
         Some(other) => {
             return Err(CacheError::invalid(format!(
-                "Unsupported content-encoding: {other:?} (use identity or zstd)"
+                "Unsupported content-encoding: {:?} (use identity or zstd)",
+                crate::grpc::codes::clip_to(other, 100)
             )));
         }
     };
@@ -539,17 +559,38 @@ async fn put(
     };
     if encoding == Encoding::Zstd
         && let Some(c) = content_length
-        && c > zstd::zstd_safe::compress_bound(size.min(usize::MAX as u64) as usize) as u64 + 64
+        && c > zstd_bound(size)
     {
         return Err(CacheError::invalid(format!(
             "size mismatch: Content-Length {c} is larger than any zstd encoding of {size} bytes"
         )));
     }
-    cache.check_blob_size(size)?;
     let json = kind == Kind::Ac
         && h.get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/json"));
+    Ok(PutHead {
+        encoding,
+        size,
+        content_length,
+        json,
+    })
+}
+
+async fn put(
+    cache: &Cache,
+    req: Request<Incoming>,
+    ns: hoard_disk::NamespaceId,
+    kind: Kind,
+    hash: Hash,
+) -> Result<Response<Body>, CacheError> {
+    let PutHead {
+        encoding,
+        size,
+        content_length,
+        json,
+    } = put_head(req.headers(), kind)?;
+    cache.check_blob_size(size)?;
     let body = BodyStream::new(req.into_body()).filter_map(|frame| async move {
         match frame {
             Ok(f) => f.into_data().ok().map(Ok),
@@ -578,7 +619,7 @@ async fn put(
     // of 1 never buffers more.
     let wire_limit = match encoding {
         Encoding::Identity => size,
-        Encoding::Zstd => zstd::zstd_safe::compress_bound(size as usize) as u64 + 64,
+        Encoding::Zstd => zstd_bound(size),
     };
     if let Some(c) = content_length
         && c > wire_limit

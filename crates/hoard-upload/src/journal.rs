@@ -405,6 +405,17 @@ struct Replayed {
     unresolved: HashMap<JobKey, Vec<u64>>,
 }
 
+/// Replays any text as a journal and checks what the replay promises: it
+/// never panics, and what it finds pending or recorded is the same when the
+/// text is replayed again. For the fuzz targets.
+pub fn check_replay(text: &str) -> (usize, usize) {
+    let a = replay(text);
+    let b = replay(text);
+    assert_eq!(a.pending, b.pending, "replay is not deterministic");
+    assert_eq!(a.outcomes.len(), b.outcomes.len());
+    (a.pending.len(), a.outcomes.len())
+}
+
 fn replay(text: &str) -> Replayed {
     let mut r = Replayed {
         next_seq: 1,

@@ -37,6 +37,8 @@
 mod config;
 mod existence;
 mod journal;
+#[doc(hidden)]
+pub use journal::check_replay as fuzz_journal;
 mod keys;
 mod metrics;
 mod s3;

@@ -12,7 +12,7 @@ mod bytestream;
 mod capabilities;
 mod cas;
 pub mod codes;
-mod resource;
+pub mod resource;
 
 use std::pin::Pin;
 use std::sync::Arc;
