@@ -28,7 +28,9 @@ fuzz_target!(|data: &[u8]| {
         // Decoding any stored bytes as a chunk fails cleanly or yields
         // exactly the chunk's length.
         if h.num_chunks() > 0 {
-            let Ok(mut d) = zstd::bulk::Decompressor::new() else { return };
+            let Ok(mut d) = zstd::bulk::Decompressor::new() else {
+                return;
+            };
             let mut out = Vec::new();
             if h.chunk_len(0) <= 1 << 20 && h.decode_chunk(0, buf, &mut d, &mut out).is_ok() {
                 assert_eq!(out.len(), h.chunk_len(0));

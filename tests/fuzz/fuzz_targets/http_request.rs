@@ -17,14 +17,20 @@ fuzz_target!(|data: &[u8]| {
         if !instance.is_empty() {
             assert!(hoard_disk::validate_namespace(&instance).is_ok());
         }
-        let prefix = if instance.is_empty() { String::new() } else { format!("/{instance}") };
+        let prefix = if instance.is_empty() {
+            String::new()
+        } else {
+            format!("/{instance}")
+        };
         let again = format!("{prefix}/{}/{hash}", kind.as_str());
         let reparsed = parse_cache_path(&again).map(|(i, k, h)| (i, k.as_str(), h));
         assert_eq!(reparsed.ok(), Some((instance, kind.as_str(), hash)));
     }
     let mut h = http::HeaderMap::new();
     for line in lines {
-        let Some((name, value)) = line.split_once(':') else { continue };
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
         if let (Ok(n), Ok(v)) = (
             http::HeaderName::from_bytes(name.trim().as_bytes()),
             http::HeaderValue::from_bytes(value.trim().as_bytes()),
@@ -33,7 +39,9 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     for kind in [Kind::Ac, Kind::Cas, Kind::Raw] {
-        let Ok(head) = put_head(&h, kind) else { continue };
+        let Ok(head) = put_head(&h, kind) else {
+            continue;
+        };
         match head.encoding {
             // An identity body is exactly its declared size.
             Encoding::Identity => {
