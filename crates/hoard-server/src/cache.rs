@@ -524,6 +524,8 @@ impl Cache {
             self.count("get", Kind::Ac, false);
             return Ok(None);
         };
+        // The entry and its parsed form are body memory while checked.
+        let _permit = self.reserve_inflight(blob.logical_size() as usize).await?;
         let bytes = match blob.read_to_vec() {
             Ok(b) => b,
             Err(hoard_disk::Error::Corrupt { .. }) => {

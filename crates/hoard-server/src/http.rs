@@ -135,7 +135,8 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
 
 fn error_response(e: &CacheError) -> Response<Body> {
     let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    text(status, e.message.clone())
+    // Bounded: a message may quote what the client sent.
+    text(status, crate::grpc::codes::clip(&e.message))
 }
 
 async fn handle(
@@ -246,9 +247,11 @@ async fn route(
 /// namespace name, so `..`, empty segments and percent-escapes never reach
 /// the filesystem.
 pub fn parse_cache_path(path: &str) -> Result<(String, Kind, Hash), String> {
+    // Only the start of a long path is echoed back.
+    let shown = crate::grpc::codes::clip_to(path, 200);
     let expected = || {
         format!(
-            "resource name must be /[<instance>/](ac|cas)/<sha256 as 64 lower-case hex>, got {path:?}"
+            "resource name must be /[<instance>/](ac|cas)/<sha256 as 64 lower-case hex>, got {shown:?}"
         )
     };
     let trimmed = path.strip_prefix('/').unwrap_or(path);
@@ -265,8 +268,9 @@ pub fn parse_cache_path(path: &str) -> Result<(String, Kind, Hash), String> {
     }
     let instance = segs.join("/");
     if !instance.is_empty() {
-        hoard_disk::validate_namespace(&instance)
-            .map_err(|e| format!("bad instance prefix in {path:?}: {e}"))?;
+        hoard_disk::validate_namespace(&instance).map_err(|e| {
+            crate::grpc::codes::clip(&format!("bad instance prefix in {shown:?}: {e}"))
+        })?;
     }
     Ok((instance, kind, hash))
 }

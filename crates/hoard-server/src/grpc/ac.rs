@@ -102,11 +102,19 @@ impl ActionCacheService {
         if d.size > *budget {
             return Ok(None);
         }
+        // Inlined bytes count under the in-flight budget until the
+        // response holding them is encoded.
+        let permit = self
+            .0
+            .cache
+            .reserve_inflight(d.size as usize)
+            .await
+            .map_err(to_status)?;
         let Some(bytes) = self.read_blob(ns, &d).await? else {
             return Ok(None);
         };
         *budget -= d.size;
-        Ok(Some(bytes.into()))
+        Ok(Some(permit.hold(bytes)))
     }
 
     /// Stores inlined bytes in the CAS and returns the digest naming them.

@@ -225,12 +225,15 @@ pub async fn serve(
     // unreading client fails to answer and loses the connection.
     let idle = listener.config().idle_timeout;
     let ping = (!idle.is_zero()).then(|| (idle / 3).max(Duration::from_secs(1)));
+    // The answer may take the whole idle timeout: a busy client is not a
+    // dead one.
+    let ping_answer = (!idle.is_zero()).then_some(idle.max(Duration::from_secs(1)));
     let incoming = accepted(listener, cache);
     let stop = shutdown.clone();
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .http2_keepalive_interval(ping)
-        .http2_keepalive_timeout(ping)
+        .http2_keepalive_timeout(ping_answer)
         .layer(codes::StatusFixLayer)
         .add_service(health)
         .add_service(
