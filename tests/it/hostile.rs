@@ -225,6 +225,37 @@ async fn trickler(addr: std::net::SocketAddr, stop: Arc<AtomicBool>, closed: Arc
     }
 }
 
+/// A normal client for `time`: a 4 KiB GET and a fresh 64 KiB PUT in turn,
+/// each on a new connection; every one must succeed. Their latencies.
+async fn normal_client(
+    addr: std::net::SocketAddr,
+    small_path: &str,
+    small: &[u8],
+    time: Duration,
+    seed: u64,
+) -> (Vec<Duration>, Vec<Duration>) {
+    let mut gets = Vec::new();
+    let mut puts = Vec::new();
+    let started = Instant::now();
+    let mut n = seed;
+    while started.elapsed() < time {
+        let t = Instant::now();
+        let (status, body) = fetch(addr, "GET", small_path, b"").await.unwrap();
+        assert_eq!(status, 200, "normal GET");
+        assert_eq!(body, small);
+        gets.push(t.elapsed());
+        let blob = noise(64 * 1024, n);
+        n += 1;
+        let t = Instant::now();
+        let (status, _) = fetch(addr, "PUT", &format!("/cas/{}", sha256_hex(&blob)), &blob)
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "normal PUT");
+        puts.push(t.elapsed());
+    }
+    (gets, puts)
+}
+
 #[test]
 fn trickling_slow_and_stalled_clients_cost_a_normal_client_nothing() {
     let budget = BUDGET.to_string();
@@ -245,6 +276,20 @@ fn trickling_slow_and_stalled_clients_cost_a_normal_client_nothing() {
     let runtime = rt();
     let stop = Arc::new(AtomicBool::new(false));
     let closed = Arc::new(AtomicUsize::new(0));
+    let (idle_gets, idle_puts) = runtime.block_on(normal_client(
+        addr,
+        &small_path,
+        &small,
+        Duration::from_secs(4),
+        500_000,
+    ));
+    println!(
+        "without attack: {} GETs p99 {:?}, {} PUTs p99 {:?}",
+        idle_gets.len(),
+        p99(idle_gets),
+        idle_puts.len(),
+        p99(idle_puts)
+    );
     let base = reset_peak(h.pid());
     let (gets, puts) = runtime.block_on(async {
         let mut attackers = Vec::new();
@@ -295,30 +340,12 @@ fn trickling_slow_and_stalled_clients_cost_a_normal_client_nothing() {
         }
         // Let the attack build up.
         tokio::time::sleep(Duration::from_secs(4)).await;
-        let mut gets = Vec::new();
-        let mut puts = Vec::new();
-        let started = Instant::now();
-        let mut n = 0u64;
-        while started.elapsed() < Duration::from_secs(12) {
-            let t = Instant::now();
-            let (status, body) = fetch(addr, "GET", &small_path, b"").await.unwrap();
-            assert_eq!(status, 200, "normal GET during the attack");
-            assert_eq!(body, small);
-            gets.push(t.elapsed());
-            let blob = noise(64 * 1024, 1000 + n);
-            n += 1;
-            let t = Instant::now();
-            let (status, _) = fetch(addr, "PUT", &format!("/cas/{}", sha256_hex(&blob)), &blob)
-                .await
-                .unwrap();
-            assert_eq!(status, 200, "normal PUT during the attack");
-            puts.push(t.elapsed());
-        }
+        let during = normal_client(addr, &small_path, &small, Duration::from_secs(12), 1000).await;
         stop.store(true, Ordering::Relaxed);
         for a in attackers {
             a.abort();
         }
-        (gets, puts)
+        during
     });
     let peak_growth = peak(h.pid()).saturating_sub(base);
     println!(
