@@ -23,13 +23,14 @@ command -v mount >/dev/null 2>&1 || missing+=(mount)
 command -v ccache >/dev/null 2>&1 || missing+=(ccache gcc)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   apt_install "${missing[@]}"
 fi
 bazel --version >/dev/null 2>&1 || { echo "tests/run.sh: bazel is still not usable after installing bazel-bootstrap" >&2; exit 1; }
 [ -x /usr/sbin/clickhouse-server ] || { echo "tests/run.sh: clickhouse-server is missing after installing it" >&2; exit 1; }
-for tool in ccache prometheus promtool systemd-analyze; do
+for tool in ccache prometheus promtool systemd-analyze htpasswd; do
   command -v "$tool" >/dev/null 2>&1 || { echo "tests/run.sh: $tool is missing after installing its package" >&2; exit 1; }
 done
 

@@ -33,6 +33,13 @@ impl Bazel {
     }
 
     fn run(&self, args: &[&str]) -> String {
+        let (ok, text) = self.try_run(args);
+        assert!(ok, "bazel {args:?} failed:\n{text}");
+        text
+    }
+
+    /// Runs Bazel; whether it succeeded, and its output.
+    fn try_run(&self, args: &[&str]) -> (bool, String) {
         let out = Command::new("bazel")
             .arg(format!("--output_user_root={}", self.user_root.display()))
             .arg("--max_idle_secs=60")
@@ -45,15 +52,32 @@ impl Bazel {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(out.status.success(), "bazel {args:?} failed:\n{text}");
-        text
+        (out.status.success(), text)
     }
 
     /// Builds everything against `cache` and returns the process summary,
     /// e.g. {"remote cache hit": 11, "internal": 6}.
     fn build(&self, cache: &str) -> BTreeMap<String, u64> {
+        let (summary, out) = self.build_with(cache, &[]);
+        assert!(
+            !out.contains("WARNING: Remote Cache"),
+            "Bazel reported cache trouble:\n{out}"
+        );
+        summary
+    }
+
+    /// Like `build`, with more flags, returning Bazel's output too (cache
+    /// trouble is for the caller to judge).
+    fn build_with(&self, cache: &str, extra: &[&str]) -> (BTreeMap<String, u64>, String) {
+        let (ok, out) = self.try_build_with(cache, extra);
+        assert!(ok, "bazel build failed:\n{out}");
+        (process_summary(&out), out)
+    }
+
+    /// A build that may fail: whether it succeeded, and Bazel's output.
+    fn try_build_with(&self, cache: &str, extra: &[&str]) -> (bool, String) {
         let flag = format!("--remote_cache={cache}");
-        let out = self.run(&[
+        let mut args = vec![
             "build",
             &flag,
             "--nosandbox_debug",
@@ -61,13 +85,10 @@ impl Bazel {
             "--symlink_prefix=/",
             "--color=no",
             "--curses=no",
-            "//...",
-        ]);
-        assert!(
-            !out.contains("WARNING: Remote Cache"),
-            "Bazel reported cache trouble:\n{out}"
-        );
-        process_summary(&out)
+        ];
+        args.extend_from_slice(extra);
+        args.push("//...");
+        self.try_run(&args)
     }
 
     fn clean(&self) {
@@ -221,4 +242,77 @@ fn bazel_gets_remote_cache_hits_over_grpc_and_across_protocols() {
         cacheable,
         "gRPC after an HTTP build",
     );
+}
+
+/// An htpasswd file with `user:password` entries, made by Apache's
+/// `htpasswd -B` (installed by the README's test command).
+pub(crate) fn htpasswd_file(path: &Path, users: &[(&str, &str)]) {
+    let mut text = String::new();
+    for (u, p) in users {
+        let out = Command::new("htpasswd")
+            .args(["-nbB", "-C", "5", u, p])
+            .output()
+            .expect("htpasswd (apache2-utils) is not installed; run the README's test command");
+        assert!(out.status.success(), "htpasswd failed");
+        text.push_str(String::from_utf8_lossy(&out.stdout).trim());
+        text.push('\n');
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn bazel_with_credentials_gets_hits_and_a_wrong_password_gets_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bazel = Bazel::new(tmp.path());
+    let pw = tmp.path().join("htpasswd");
+    htpasswd_file(&pw, &[("ci", "s3cret")]);
+    let hoard = Hoard::start(
+        &tmp.path().join("cache"),
+        &[&format!("--htpasswd_file={}", pw.display())],
+    );
+    hoard.wait_ready();
+    let url = format!("http://ci:s3cret@{}", hoard.addr);
+    bazel.build(&url);
+    bazel.clean();
+    assert_all_cached(&bazel.build(&url), 11, "HTTP with credentials");
+    // gRPC with the authorization header.
+    let header = "--remote_header=authorization=Basic Y2k6czNjcmV0"; // ci:s3cret
+    bazel.clean();
+    let (warm, _) = bazel.build_with(&hoard.grpc_url(), &[header]);
+    assert_all_cached(&warm, 11, "gRPC with the authorization header");
+    // A wrong password, and gRPC without credentials: Bazel is refused
+    // and says so; the build fails or gets no hits.
+    for (what, cache, extra) in [
+        (
+            "HTTP, wrong password",
+            format!("http://ci:wrong@{}", hoard.addr),
+            None,
+        ),
+        ("gRPC, no credentials", hoard.grpc_url(), None),
+        (
+            "gRPC, wrong password",
+            hoard.grpc_url(),
+            Some("--remote_header=authorization=Basic Y2k6d3Jvbmc="),
+        ),
+    ] {
+        bazel.clean();
+        let (ok, out) = bazel.try_build_with(&cache, extra.as_slice());
+        let hits = if ok {
+            process_summary(&out)
+                .get("remote cache hit")
+                .copied()
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        assert_eq!(hits, 0, "{what}: got remote cache hits");
+        assert!(
+            out.contains("401") || out.contains("Unauthorized") || out.contains("UNAUTHENTICATED"),
+            "{what}: Bazel did not report the refusal:\n{out}"
+        );
+        eprintln!(
+            "{what}: build {}, 0 remote cache hits, Bazel reported the refusal",
+            if ok { "succeeded locally" } else { "failed" }
+        );
+    }
 }

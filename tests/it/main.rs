@@ -4,6 +4,7 @@
 //! everything.
 
 mod accounting;
+mod auth;
 mod bazel;
 mod campaign;
 mod ccache;

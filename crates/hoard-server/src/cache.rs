@@ -103,6 +103,7 @@ struct Inner {
     limits: Limits,
     metrics: Arc<Metrics>,
     budget: Budget,
+    auth: crate::auth::Auth,
     /// The bucket behind the disk, if configured.
     backend: std::sync::OnceLock<hoard_upload::Backend>,
     rejections: std::sync::OnceLock<RejectionSink>,
@@ -115,6 +116,7 @@ impl Cache {
         disk: DiskCache,
         policy: NamespacePolicy,
         limits: Limits,
+        auth: crate::auth::Auth,
         metrics: Arc<Metrics>,
     ) -> Cache {
         let budget = Budget::new(limits.max_inflight_bytes, limits.max_inflight_wait);
@@ -127,6 +129,7 @@ impl Cache {
                 limits,
                 metrics,
                 budget,
+                auth,
                 backend: std::sync::OnceLock::new(),
                 rejections: std::sync::OnceLock::new(),
                 flights: parking_lot::Mutex::new(std::collections::HashMap::new()),
@@ -154,6 +157,20 @@ impl Cache {
 
     pub fn limits(&self) -> &Limits {
         &self.inner.limits
+    }
+
+    /// Decides whether a request with `creds` may have `access` (see
+    /// [`crate::auth`]): the one place both front ends ask.
+    pub async fn authorize(
+        &self,
+        creds: Option<crate::auth::Credentials>,
+        access: crate::auth::Access,
+    ) -> Result<crate::auth::Identity, CacheError> {
+        let r = self.inner.auth.check(creds, access).await;
+        if r.is_err() {
+            self.inner.metrics.auth_failures.inc();
+        }
+        r
     }
 
     /// A handle for one new connection: what its requests hold in memory

@@ -20,6 +20,8 @@ pub enum ErrorKind {
     Busy,
     /// The client stopped sending (or reading) for longer than allowed.
     Timeout,
+    /// No credentials, or wrong ones, where they are required.
+    Unauthenticated,
     /// Something on this side failed (disk I/O).
     Internal,
 }
@@ -56,6 +58,7 @@ impl CacheError {
             ErrorKind::NoSpace => 507,
             ErrorKind::Unavailable | ErrorKind::Busy => 503,
             ErrorKind::Timeout => 408,
+            ErrorKind::Unauthenticated => 401,
             ErrorKind::Internal => 500,
         }
     }
@@ -70,6 +73,7 @@ impl CacheError {
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Busy => "busy",
             ErrorKind::Timeout => "client_timeout",
+            ErrorKind::Unauthenticated => "unauthenticated",
             ErrorKind::Internal => "internal",
         }
     }

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::AccessLog;
+use crate::auth::{Access, parse_basic};
 use crate::cache::{Cache, Encoding, Found};
 use crate::error::CacheError;
 use crate::listener::Listener;
@@ -169,6 +170,33 @@ async fn route(
     cache: &Cache,
     req: Request<Incoming>,
 ) -> (Response<Body>, &'static str) {
+    // Probes are always open; everything else follows the facade's rule:
+    // reads (GET, HEAD, /status, /metrics) and writes (PUT).
+    let path = req.uri().path();
+    if path != "/healthz" && path != "/readyz" {
+        let access = if req.method() == Method::PUT {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        let creds = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| parse_basic(v.as_bytes()));
+        if let Err(e) = cache.authorize(creds, access).await {
+            let mut r = error_response(&e);
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"hoard\""),
+            );
+            let handler = match path {
+                "/status" => "status",
+                "/metrics" => "metrics",
+                _ => "auth",
+            };
+            return (r, handler);
+        }
+    }
     match req.uri().path() {
         "/status" => return (status_page(st), "status"),
         "/metrics" => {

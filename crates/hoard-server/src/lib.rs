@@ -10,6 +10,7 @@
 //! This crate does no disk I/O of its own; it calls `hoard-disk`.
 
 pub mod access_log;
+pub mod auth;
 pub mod budget;
 pub mod cache;
 pub mod error;

@@ -16,6 +16,7 @@ pub struct Metrics {
     pub http_duration: HistogramVec,
     pub rejected_uploads: IntCounterVec,
     pub ac_completeness_misses: IntCounter,
+    pub auth_failures: IntCounter,
     disk_size: IntGauge,
     disk_logical: IntGauge,
     disk_evicted: IntCounter,
@@ -138,6 +139,13 @@ impl Metrics {
                 IntCounter::new(
                     "hoard_corrupt_blobs_dropped_total",
                     "Stored files that failed format checks and were dropped.",
+                )?,
+            ),
+            auth_failures: reg(
+                &r,
+                IntCounter::new(
+                    "hoard_auth_failures_total",
+                    "Requests refused for missing or wrong credentials (HTTP and gRPC).",
                 )?,
             ),
             inflight_bytes: reg(

@@ -33,6 +33,9 @@ pub struct Config {
     pub listen_backlog: Option<u32>,
     pub request_header_timeout: Duration,
     pub client_idle_timeout: Duration,
+    /// The users of `htpasswd_file`; None: no authentication.
+    pub htpasswd: Option<hoard_server::auth::Htpasswd>,
+    pub allow_unauthenticated_reads: bool,
     pub fsync: bool,
     /// HTTP `/ac/` entries go unvalidated to the raw keyspace.
     pub disable_http_ac_validation: bool,
@@ -681,6 +684,8 @@ fn build(m: &BTreeMap<String, Raw>) -> Result<Config, ConfigError> {
             d => d,
         },
         client_idle_timeout: v.duration("client_idle_timeout")?,
+        htpasswd: htpasswd(&v)?,
+        allow_unauthenticated_reads: v.bool("allow_unauthenticated_reads")?,
         fsync: v.bool("fsync")?,
         disable_http_ac_validation: v.bool("disable_http_ac_validation")?,
         access_log,
@@ -692,6 +697,29 @@ fn build(m: &BTreeMap<String, Raw>) -> Result<Config, ConfigError> {
         },
         max_namespaces: max_ns as usize,
     })
+}
+
+/// Reads and checks `htpasswd_file`, if set.
+fn htpasswd(v: &Values<'_>) -> Result<Option<hoard_server::auth::Htpasswd>, ConfigError> {
+    let path = v.string("htpasswd_file");
+    if path.is_empty() {
+        if v.bool("allow_unauthenticated_reads")? {
+            return err(format!(
+                "allow_unauthenticated_reads is set ({}) but htpasswd_file is not: there is nothing to allow reads without",
+                v.source("allow_unauthenticated_reads")
+            ));
+        }
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).or_else(|e| {
+        err(format!(
+            "htpasswd_file: cannot read {path} ({}): {e}",
+            v.source("htpasswd_file")
+        ))
+    })?;
+    hoard_server::auth::Htpasswd::parse(&text)
+        .map(Some)
+        .or_else(|e| err(format!("htpasswd_file {path}: {e}")))
 }
 
 #[cfg(test)]
@@ -745,11 +773,22 @@ mod tests {
             e.contains("storage_mode") && e.contains("BAZEL_REMOTE_STORAGE_MODE"),
             "{e}"
         );
-        let e = load(&["--htpasswd_file=/x"], &[]).unwrap_err().to_string();
+        let e = load(&["--tls_cert_file=/x"], &[]).unwrap_err().to_string();
         assert!(
-            e.contains("htpasswd_file") && e.contains("not supported"),
+            e.contains("tls_cert_file") && e.contains("not supported"),
             "{e}"
         );
+        let e = load(&["--htpasswd_file=/nonexistent/x"], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("htpasswd_file") && e.contains("cannot read"),
+            "{e}"
+        );
+        let e = load(&["--allow_unauthenticated_reads=true"], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("htpasswd_file is not"), "{e}");
         // From the environment as from a flag.
         for (name, key) in [
             ("BAZEL_REMOTE_HTPASSWD_FILE", "htpasswd_file"),

@@ -171,8 +171,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             },
             raw_http_ac: cfg.disable_http_ac_validation,
         },
+        hoard_server::auth::Auth::new(cfg.htpasswd.clone(), cfg.allow_unauthenticated_reads),
         metrics,
     );
+    if let Some(h) = &cfg.htpasswd {
+        tracing::info!(
+            users = h.len(),
+            unauthenticated_reads = cfg.allow_unauthenticated_reads,
+            "authentication on (htpasswd)"
+        );
+    }
     if let Some(b) = &backend {
         cache.set_backend(b.clone());
     }

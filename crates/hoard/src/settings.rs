@@ -107,6 +107,25 @@ pub const SETTINGS: &[Setting] = &[
         "request and response body bytes held in memory at once; requests wait beyond it"
     ),
     s!(
+        "htpasswd_file",
+        "htpasswd_file",
+        ["BAZEL_REMOTE_HTPASSWD_FILE", "HOARD_HTPASSWD_FILE"],
+        Str,
+        "",
+        "htpasswd file of bcrypt entries (htpasswd -B); when set, HTTP and gRPC requests need HTTP Basic credentials"
+    ),
+    s!(
+        "allow_unauthenticated_reads",
+        "allow_unauthenticated_reads",
+        [
+            "BAZEL_REMOTE_UNAUTHENTICATED_READS",
+            "HOARD_ALLOW_UNAUTHENTICATED_READS"
+        ],
+        Bool,
+        "false",
+        "with htpasswd_file: reads need no credentials, writes still do"
+    ),
+    s!(
         "max_inflight_wait",
         "max_inflight_wait",
         ["HOARD_MAX_INFLIGHT_WAIT"],
@@ -508,11 +527,9 @@ pub const SETTINGS: &[Setting] = &[
 /// error rather than being silently ignored, because ignoring, say, an
 /// htpasswd file would leave a cache open that its operator thinks is closed.
 pub const UNSUPPORTED: &[&str] = &[
-    "htpasswd_file",
     "tls_ca_file",
     "tls_cert_file",
     "tls_key_file",
-    "allow_unauthenticated_reads",
     "ldap",
     "gcs_proxy",
     "http_proxy",

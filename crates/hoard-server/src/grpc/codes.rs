@@ -141,3 +141,83 @@ mod tests {
         assert_eq!(s.code(), Code::InvalidArgument);
     }
 }
+
+/// Tower layer asking the facade, once per call and before any message is
+/// decoded, whether the call's credentials (the `authorization` metadata,
+/// HTTP Basic) allow it: writes are UpdateActionResult, BatchUpdateBlobs
+/// and ByteStream Write; health checks are open; everything else reads.
+/// The identity found goes into the request's extensions.
+#[derive(Clone)]
+pub struct AuthLayer(pub crate::Cache);
+
+impl<S> tower_layer::Layer<S> for AuthLayer {
+    type Service = AuthCheck<S>;
+
+    fn layer(&self, inner: S) -> AuthCheck<S> {
+        AuthCheck {
+            inner,
+            cache: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthCheck<S> {
+    inner: S,
+    cache: crate::Cache,
+}
+
+/// What a gRPC method does, by its path; None for the open ones.
+pub fn access_of(path: &str) -> Option<crate::auth::Access> {
+    use crate::auth::Access;
+    if path.starts_with("/grpc.health.v1.Health/") {
+        return None;
+    }
+    Some(match path {
+        "/build.bazel.remote.execution.v2.ActionCache/UpdateActionResult"
+        | "/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchUpdateBlobs"
+        | "/google.bytestream.ByteStream/Write" => Access::Write,
+        _ => Access::Read,
+    })
+}
+
+impl<S, B, R> tower_service::Service<http::Request<B>> for AuthCheck<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<R>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+    R: Default + Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<http::Response<R>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        // The clone that was polled ready serves this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let cache = self.cache.clone();
+        Box::pin(async move {
+            if let Some(access) = access_of(req.uri().path()) {
+                let creds = req
+                    .headers()
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| crate::auth::parse_basic(v.as_bytes()));
+                match cache.authorize(creds, access).await {
+                    Ok(identity) => {
+                        req.extensions_mut().insert(identity);
+                    }
+                    Err(e) => return Ok(super::to_status(e).into_http()),
+                }
+            }
+            inner.call(req).await
+        })
+    }
+}

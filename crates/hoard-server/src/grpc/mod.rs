@@ -127,6 +127,7 @@ pub fn to_status(e: CacheError) -> Status {
         ErrorKind::NoSpace => Code::ResourceExhausted,
         ErrorKind::Unavailable | ErrorKind::Busy => Code::Unavailable,
         ErrorKind::Timeout => Code::DeadlineExceeded,
+        ErrorKind::Unauthenticated => Code::Unauthenticated,
         ErrorKind::Internal => Code::Internal,
     };
     Status::new(code, codes::clip(&e.message))
@@ -228,13 +229,14 @@ pub async fn serve(
     // The answer may take the whole idle timeout: a busy client is not a
     // dead one.
     let ping_answer = (!idle.is_zero()).then_some(idle.max(Duration::from_secs(1)));
-    let incoming = accepted(listener, cache);
+    let incoming = accepted(listener, cache.clone());
     let stop = shutdown.clone();
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .http2_keepalive_interval(ping)
         .http2_keepalive_timeout(ping_answer)
         .layer(codes::StatusFixLayer)
+        .layer(codes::AuthLayer(cache.clone()))
         .add_service(health)
         .add_service(
             CapabilitiesServer::new(capabilities::CapabilitiesService(shared.clone()))
