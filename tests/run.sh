@@ -23,6 +23,9 @@ command -v mount >/dev/null 2>&1 || missing+=(mount)
 command -v ccache >/dev/null 2>&1 || missing+=(ccache gcc)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v keytool >/dev/null 2>&1 || missing+=(default-jre-headless)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
@@ -30,7 +33,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 bazel --version >/dev/null 2>&1 || { echo "tests/run.sh: bazel is still not usable after installing bazel-bootstrap" >&2; exit 1; }
 [ -x /usr/sbin/clickhouse-server ] || { echo "tests/run.sh: clickhouse-server is missing after installing it" >&2; exit 1; }
-for tool in ccache prometheus promtool systemd-analyze htpasswd; do
+for tool in ccache prometheus promtool systemd-analyze htpasswd keytool openssl curl; do
   command -v "$tool" >/dev/null 2>&1 || { echo "tests/run.sh: $tool is missing after installing its package" >&2; exit 1; }
 done
 
@@ -50,6 +53,13 @@ if ! "$venv/bin/python" -c 'import chdb' >/dev/null 2>&1; then
 fi
 "$venv/bin/python" -c 'import chdb' >/dev/null 2>&1 || { echo "tests/run.sh: chdb does not import in $venv" >&2; exit 1; }
 export CHDB_PYTHON="$venv/bin/python"
+# A stock gRPC client for gRPC over TLS.
+if ! "$venv/bin/python" -c 'import grpc' >/dev/null 2>&1; then
+  echo "installing grpcio into $venv"
+  "$venv/bin/pip" install -q grpcio
+fi
+"$venv/bin/python" -c 'import grpc' >/dev/null 2>&1 || { echo "tests/run.sh: grpcio does not import in $venv" >&2; exit 1; }
+export E2E_PYTHON="$venv/bin/python"
 
 echo "== cargo fmt"
 cargo fmt --all -- --check

@@ -18,4 +18,5 @@ mod lifecycle;
 mod s3;
 mod support;
 mod switching;
+mod tls;
 mod upload;

@@ -55,6 +55,8 @@ pub struct HttpState {
     pub cache_requests: AtomicU64,
     /// Both front ends' connections.
     pub connections: Arc<crate::listener::Connections>,
+    /// TLS for both listeners, when configured.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 /// Serves HTTP on `listener` until `shutdown` fires, then stops accepting,
@@ -79,6 +81,7 @@ pub async fn serve(
         .header_read_timeout(listener.config().header_timeout)
         .max_buf_size(MAX_BUF)
         .max_headers(MAX_HEADERS);
+    let header_timeout = listener.config().header_timeout;
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -86,16 +89,33 @@ pub async fn serve(
         };
         let st = Arc::clone(&state);
         let cache = state.cache.for_connection();
-        let svc = service_fn(move |req| {
-            let st = Arc::clone(&st);
-            let cache = cache.clone();
-            // Boxed: a request's state machine is large, and an idle
-            // connection should not carry its room.
-            Box::pin(async move { Ok::<_, Infallible>(handle(&st, &cache, req, peer).await) })
-        });
-        let conn = builder.serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        // The handshake (if any) and the connection run in their own task:
+        // a slow client never holds up the next accept.
         tokio::spawn(async move {
+            let io = match crate::listener::handshake(
+                stream,
+                st.tls.as_deref(),
+                crate::tls::Protocol::Http,
+                header_timeout,
+            )
+            .await
+            {
+                Ok(io) => io,
+                Err(e) => {
+                    tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                    return;
+                }
+            };
+            let svc = service_fn(move |req| {
+                let st = Arc::clone(&st);
+                let cache = cache.clone();
+                // Boxed: a request's state machine is large, and an idle
+                // connection should not carry its room.
+                Box::pin(async move { Ok::<_, Infallible>(handle(&st, &cache, req, peer).await) })
+            });
+            let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc));
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }

@@ -19,6 +19,7 @@ pub mod http;
 pub mod listener;
 pub mod log_sink;
 pub mod metrics;
+pub mod tls;
 pub mod validate;
 
 pub use cache::{Cache, Encoding, Found, Limits, NamespacePolicy, Upload};

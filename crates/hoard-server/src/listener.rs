@@ -319,6 +319,94 @@ async fn linger(mut io: TcpStream) {
     }
 }
 
+/// A connection as the protocol sees it: plain, or TLS over the watched
+/// stream (the idle timeout applies under TLS as well).
+pub enum ClientIo {
+    Plain(Watched),
+    Tls(Box<tokio_rustls::server::TlsStream<Watched>>),
+}
+
+/// Makes `io` what `tls` asks for: a TLS handshake, bounded by `timeout`
+/// (a client that opens a connection and sends nothing holds it no
+/// longer), or the plain stream.
+pub async fn handshake(
+    io: Watched,
+    tls: Option<&crate::tls::Tls>,
+    protocol: crate::tls::Protocol,
+    timeout: Duration,
+) -> io::Result<ClientIo> {
+    let Some(tls) = tls else {
+        return Ok(ClientIo::Plain(io));
+    };
+    let accept = tls.acceptor(protocol).accept(io);
+    match tokio::time::timeout(timeout, accept).await {
+        Ok(Ok(s)) => Ok(ClientIo::Tls(Box::new(s))),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "TLS handshake timed out",
+        )),
+    }
+}
+
+macro_rules! both {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            ClientIo::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            ClientIo::Tls($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        both!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        both!(self, s => s.poll_write(cx, data))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        both!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ClientIo::Plain(s) => s.is_write_vectored(),
+            ClientIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        both!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        both!(self, s => s.poll_shutdown(cx))
+    }
+}
+
 /// What gRPC handlers find in a request's extensions: the peer, and the
 /// connection's handle on the cache (its share of the budget).
 #[derive(Clone)]
@@ -327,9 +415,9 @@ pub struct ConnectInfo {
     pub cache: Option<crate::Cache>,
 }
 
-/// A [`Watched`] stream carrying what its requests need to know.
+/// A connection carrying what its requests need to know.
 pub struct GrpcConn {
-    pub io: Watched,
+    pub io: ClientIo,
     pub info: ConnectInfo,
 }
 

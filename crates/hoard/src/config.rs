@@ -36,6 +36,8 @@ pub struct Config {
     /// The users of `htpasswd_file`; None: no authentication.
     pub htpasswd: Option<hoard_server::auth::Htpasswd>,
     pub allow_unauthenticated_reads: bool,
+    /// TLS files, when `tls_cert_file` is set.
+    pub tls: Option<hoard_server::tls::TlsFiles>,
     pub fsync: bool,
     /// HTTP `/ac/` entries go unvalidated to the raw keyspace.
     pub disable_http_ac_validation: bool,
@@ -686,6 +688,7 @@ fn build(m: &BTreeMap<String, Raw>) -> Result<Config, ConfigError> {
         client_idle_timeout: v.duration("client_idle_timeout")?,
         htpasswd: htpasswd(&v)?,
         allow_unauthenticated_reads: v.bool("allow_unauthenticated_reads")?,
+        tls: tls_files(&v)?,
         fsync: v.bool("fsync")?,
         disable_http_ac_validation: v.bool("disable_http_ac_validation")?,
         access_log,
@@ -697,6 +700,31 @@ fn build(m: &BTreeMap<String, Raw>) -> Result<Config, ConfigError> {
         },
         max_namespaces: max_ns as usize,
     })
+}
+
+/// The TLS settings, checked for consistency (the files are read at
+/// start).
+fn tls_files(v: &Values<'_>) -> Result<Option<hoard_server::tls::TlsFiles>, ConfigError> {
+    let (cert, key, ca) = (
+        v.string("tls_cert_file"),
+        v.string("tls_key_file"),
+        v.string("tls_ca_file"),
+    );
+    match (cert.is_empty(), key.is_empty()) {
+        (true, true) if ca.is_empty() => Ok(None),
+        (true, true) => err(format!(
+            "tls_ca_file is set ({}) but tls_cert_file and tls_key_file are not: client certificates need TLS",
+            v.source("tls_ca_file")
+        )),
+        (false, true) | (true, false) => {
+            err("tls_cert_file and tls_key_file go together: set both, or neither".to_string())
+        }
+        (false, false) => Ok(Some(hoard_server::tls::TlsFiles {
+            cert: PathBuf::from(cert),
+            key: PathBuf::from(key),
+            ca: (!ca.is_empty()).then(|| PathBuf::from(ca)),
+        })),
+    }
 }
 
 /// Reads and checks `htpasswd_file`, if set.
@@ -774,10 +802,9 @@ mod tests {
             "{e}"
         );
         let e = load(&["--tls_cert_file=/x"], &[]).unwrap_err().to_string();
-        assert!(
-            e.contains("tls_cert_file") && e.contains("not supported"),
-            "{e}"
-        );
+        assert!(e.contains("go together"), "{e}");
+        let e = load(&["--ldap.url=x"], &[]).unwrap_err().to_string();
+        assert!(e.contains("ldap") && e.contains("not supported"), "{e}");
         let e = load(&["--htpasswd_file=/nonexistent/x"], &[])
             .unwrap_err()
             .to_string();
@@ -792,7 +819,6 @@ mod tests {
         // From the environment as from a flag.
         for (name, key) in [
             ("BAZEL_REMOTE_HTPASSWD_FILE", "htpasswd_file"),
-            ("BAZEL_REMOTE_TLS_CERT_FILE", "tls_cert_file"),
             (
                 "BAZEL_REMOTE_UNAUTHENTICATED_READS",
                 "allow_unauthenticated_reads",

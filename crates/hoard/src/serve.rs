@@ -74,6 +74,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             "shutdown_timeout + upload_drain_timeout and the fixed stop steps exceed systemd's default 90 s stop timeout; raise TimeoutStopSec or lower them"
         );
     }
+    let tls = match cfg.tls.clone() {
+        Some(files) => {
+            let t = hoard_server::tls::Tls::load(files).map_err(|e| anyhow::anyhow!(e))?;
+            tracing::info!(mutual = t.mutual(), "TLS on (both listeners)");
+            Some(Arc::new(t))
+        }
+        None => None,
+    };
     let connections = Connections::new(connection_cap(cfg.max_connections));
     let listen = ListenConfig {
         backlog: cfg.listen_backlog,
@@ -203,7 +211,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         shutting_down: AtomicBool::new(false),
         cache_requests: AtomicU64::new(0),
         connections,
+        tls: tls.clone(),
     });
+    if let Some(t) = &tls {
+        spawn_reload_on_hangup(Arc::clone(t))?;
+    }
 
     if let (Some(every), Some((s3, _)), Some(acc)) = (cfg.drift_interval, &cfg.s3, &cfg.accounting)
     {
@@ -220,6 +232,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tokio::spawn(grpc::serve(
             l,
             state.cache.clone(),
+            tls.clone(),
             GrpcConfig::default(),
             state.access_log.clone(),
             shutdown.clone(),
@@ -280,6 +293,23 @@ fn connection_cap(wanted: usize) -> usize {
         return fit;
     }
     wanted
+}
+
+/// SIGHUP reads the TLS files again; new connections get the new
+/// certificate, open ones keep theirs, a failed reload keeps the old one.
+fn spawn_reload_on_hangup(tls: Arc<hoard_server::tls::Tls>) -> anyhow::Result<()> {
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the certificate in use")
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {

@@ -126,6 +126,30 @@ pub const SETTINGS: &[Setting] = &[
         "with htpasswd_file: reads need no credentials, writes still do"
     ),
     s!(
+        "tls_cert_file",
+        "tls_cert_file",
+        ["BAZEL_REMOTE_TLS_CERT_FILE", "HOARD_TLS_CERT_FILE"],
+        Str,
+        "",
+        "PEM certificate chain; with tls_key_file, both listeners serve TLS only (HTTPS, gRPC over TLS); reloaded on SIGHUP"
+    ),
+    s!(
+        "tls_key_file",
+        "tls_key_file",
+        ["BAZEL_REMOTE_TLS_KEY_FILE", "HOARD_TLS_KEY_FILE"],
+        Str,
+        "",
+        "PEM private key of tls_cert_file"
+    ),
+    s!(
+        "tls_ca_file",
+        "tls_ca_file",
+        ["BAZEL_REMOTE_TLS_CA_FILE", "HOARD_TLS_CA_FILE"],
+        Str,
+        "",
+        "PEM CA certificates; when set, clients must present a certificate signed by one of them (mTLS)"
+    ),
+    s!(
         "max_inflight_wait",
         "max_inflight_wait",
         ["HOARD_MAX_INFLIGHT_WAIT"],
@@ -527,9 +551,6 @@ pub const SETTINGS: &[Setting] = &[
 /// error rather than being silently ignored, because ignoring, say, an
 /// htpasswd file would leave a cache open that its operator thinks is closed.
 pub const UNSUPPORTED: &[&str] = &[
-    "tls_ca_file",
-    "tls_cert_file",
-    "tls_key_file",
     "ldap",
     "gcs_proxy",
     "http_proxy",

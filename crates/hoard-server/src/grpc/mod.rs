@@ -189,6 +189,7 @@ impl Default for GrpcConfig {
 pub async fn serve(
     listener: Listener,
     cache: Cache,
+    tls: Option<Arc<crate::tls::Tls>>,
     cfg: GrpcConfig,
     access_log: Option<AccessLog>,
     shutdown: CancellationToken,
@@ -229,7 +230,7 @@ pub async fn serve(
     // The answer may take the whole idle timeout: a busy client is not a
     // dead one.
     let ping_answer = (!idle.is_zero()).then_some(idle.max(Duration::from_secs(1)));
-    let incoming = accepted(listener, cache.clone());
+    let incoming = accepted(listener, cache.clone(), tls, shutdown.clone());
     let stop = shutdown.clone();
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
@@ -275,17 +276,48 @@ pub async fn serve(
 }
 
 /// Accepted connections as the stream tonic wants, each with its own
-/// handle on the cache.
+/// handle on the cache. TLS handshakes run in their own tasks (bounded by
+/// the header timeout), so a slow one never holds up the next accept.
 fn accepted(
     listener: Listener,
     cache: Cache,
+    tls: Option<Arc<crate::tls::Tls>>,
+    shutdown: CancellationToken,
 ) -> impl Stream<Item = Result<GrpcConn, std::io::Error>> {
-    futures_util::stream::unfold((listener, cache), |(listener, cache)| async move {
-        let (io, peer) = listener.accept().await;
-        let info = ConnectInfo {
-            peer,
-            cache: Some(cache.for_connection()),
-        };
-        Some((Ok(GrpcConn { io, info }), (listener, cache)))
-    })
+    let (tx, rx) = tokio::sync::mpsc::channel::<GrpcConn>(64);
+    let timeout = listener.config().header_timeout;
+    tokio::spawn(async move {
+        loop {
+            let (io, peer) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                c = listener.accept() => c,
+            };
+            let tx = tx.clone();
+            let cache = cache.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let io = match crate::listener::handshake(
+                    io,
+                    tls.as_deref(),
+                    crate::tls::Protocol::Grpc,
+                    timeout,
+                )
+                .await
+                {
+                    Ok(io) => io,
+                    Err(e) => {
+                        tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                        return;
+                    }
+                };
+                let info = ConnectInfo {
+                    peer,
+                    cache: Some(cache.for_connection()),
+                };
+                let _ = tx.send(GrpcConn { io, info }).await;
+            });
+        }
+    });
+    let mut rx = rx;
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|c| c.map(Ok)))
 }
