@@ -364,3 +364,118 @@ fn an_htpasswd_file_with_a_non_bcrypt_entry_is_refused_at_start_naming_the_line(
     assert!(e.contains("line 2") && e.contains("bcrypt"), "{e}");
     assert!(!e.contains("W6ph5"), "the error shows the hash: {e}");
 }
+
+#[test]
+fn bound_identities_use_only_their_own_namespace() {
+    use base64::Engine as _;
+    let basic = |u: &str, p: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+        )
+    };
+    let (ann, bob) = (basic("ann", "pw-ann"), basic("bob", "pw-bob"));
+    let tmp = tempfile::tempdir().unwrap();
+    let pw = tmp.path().join("htpasswd");
+    htpasswd_file(&pw, &[("ann", "pw-ann"), ("bob", "pw-bob")]);
+    let h = Hoard::start(
+        &tmp.path().join("cache"),
+        &[
+            &format!("--htpasswd_file={}", pw.display()),
+            "--allow_unauthenticated_reads=true",
+            "--namespaces.bind_to_identity=true",
+        ],
+    );
+    h.wait_ready();
+    let blob = b"ann's output".to_vec();
+    let hx = sha256_hex(&blob);
+    let len = blob.len().to_string();
+    let put = |path: &str, auth: &str| {
+        h.request("PUT", path, &[("Authorization", auth), ("Content-Length", &len)], &blob)
+            .status
+    };
+    let get = |path: &str, auth: Option<&str>| {
+        let hs: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+        h.request("GET", path, &hs, b"").status
+    };
+    let mut table = Vec::new();
+    let mut check = |what: &str, got: u16, want: u16| {
+        table.push(format!("{what}: {got}"));
+        assert_eq!(got, want, "{what}");
+    };
+    check("ann PUT /cas (her namespace)", put(&format!("/cas/{hx}"), &ann), 200);
+    check("ann PUT /ann/cas (named, hers)", put(&format!("/ann/cas/{hx}"), &ann), 200);
+    check("ann GET /cas", get(&format!("/cas/{hx}"), Some(&ann)), 200);
+    check("bob GET /cas (his own: empty)", get(&format!("/cas/{hx}"), Some(&bob)), 404);
+    check("bob GET /ann/cas", get(&format!("/ann/cas/{hx}"), Some(&bob)), 403);
+    check("bob PUT /ann/cas", put(&format!("/ann/cas/{hx}"), &bob), 403);
+    check("anonymous GET /cas (default namespace)", get(&format!("/cas/{hx}"), None), 404);
+    check("anonymous GET /ann/cas", get(&format!("/ann/cas/{hx}"), None), 403);
+    // bob's refused PUT into ann's namespace stored nothing of bob's; ann's
+    // entry is untouched.
+    check("ann GET /ann/cas after bob's attempt", get(&format!("/ann/cas/{hx}"), Some(&ann)), 200);
+    // /status shows bob only his own namespace.
+    let r = h.request("GET", "/status", &[("Authorization", &bob)], b"");
+    let status: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let names = status["Namespaces"].as_array().unwrap().clone();
+    assert!(names.iter().all(|n| n == "bob"), "bob sees {names:?}");
+    // gRPC: the instance name and the resource name are checked the same way.
+    let runtime = rt();
+    runtime.block_on(async {
+        let ch = h.channel().await;
+        let auth = |who: &str| {
+            if who == "ann" {
+                Some(ann.clone())
+            } else {
+                Some(bob.clone())
+            }
+        };
+        let d = digest(&blob);
+        let r = ContentAddressableStorageClient::new(ch.clone())
+            .find_missing_blobs(with(
+                FindMissingBlobsRequest {
+                    instance_name: "ann".into(),
+                    blob_digests: vec![d.clone()],
+                    ..Default::default()
+                },
+                &auth("bob"),
+            ))
+            .await;
+        assert_eq!(r.err().map(|s| s.code()), Some(Code::PermissionDenied));
+        let r = ContentAddressableStorageClient::new(ch.clone())
+            .find_missing_blobs(with(
+                FindMissingBlobsRequest {
+                    instance_name: String::new(),
+                    blob_digests: vec![d.clone()],
+                    ..Default::default()
+                },
+                &auth("ann"),
+            ))
+            .await
+            .unwrap();
+        assert!(r.get_ref().missing_blob_digests.is_empty(), "ann's blob is in her namespace");
+        let r = ByteStreamClient::new(ch.clone())
+            .read(with(
+                ReadRequest {
+                    resource_name: format!("ann/blobs/{}/{}", d.hash, d.size_bytes),
+                    ..Default::default()
+                },
+                &auth("bob"),
+            ))
+            .await;
+        assert_eq!(r.err().map(|s| s.code()), Some(Code::PermissionDenied));
+        let r = ActionCacheClient::new(ch.clone())
+            .update_action_result(with(
+                UpdateActionResultRequest {
+                    instance_name: "ann".into(),
+                    action_digest: Some(digest(b"poison")),
+                    action_result: Some(ActionResult::default()),
+                    ..Default::default()
+                },
+                &auth("bob"),
+            ))
+            .await;
+        assert_eq!(r.err().map(|s| s.code()), Some(Code::PermissionDenied));
+    });
+    println!("bound identities: {}; gRPC: another's instance and resource names PERMISSION_DENIED", table.join("; "));
+}

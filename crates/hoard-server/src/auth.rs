@@ -125,6 +125,11 @@ impl Htpasswd {
         self.users.len()
     }
 
+    /// The user names.
+    pub fn users(&self) -> impl Iterator<Item = &str> {
+        self.users.keys().map(String::as_str)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()
     }

@@ -50,6 +50,9 @@ pub struct NamespacePolicy {
     pub default: String,
     /// When set, only these instance names (and the default) are served.
     pub allowed: Option<HashSet<String>>,
+    /// An authenticated identity's namespace is its name, and it may use
+    /// no other; unauthenticated reads see the default namespace only.
+    pub bind_to_identity: bool,
 }
 
 /// Limits the facade enforces.
@@ -95,6 +98,8 @@ pub enum Found {
 pub struct Cache {
     inner: Arc<Inner>,
     share: Share,
+    /// Who the requests made through this handle come from.
+    identity: crate::auth::Identity,
 }
 
 struct Inner {
@@ -123,6 +128,7 @@ impl Cache {
         let share = budget.share();
         Cache {
             share,
+            identity: crate::auth::Identity::default(),
             inner: Arc::new(Inner {
                 disk,
                 policy,
@@ -173,12 +179,38 @@ impl Cache {
         r
     }
 
+    /// This handle, acting for `identity` (what [`Cache::authorize`]
+    /// found); namespaces are resolved for it.
+    pub fn with_identity(&self, identity: crate::auth::Identity) -> Cache {
+        Cache {
+            inner: Arc::clone(&self.inner),
+            share: self.share.clone(),
+            identity,
+        }
+    }
+
+    /// The namespaces this handle's identity may see, for `/status`:
+    /// with identities bound, only its own.
+    pub fn visible_namespaces(&self) -> Vec<String> {
+        let all = self.inner.disk.namespaces();
+        if !self.inner.policy.bind_to_identity {
+            return all;
+        }
+        let own = self
+            .identity
+            .user
+            .clone()
+            .unwrap_or_else(|| self.inner.policy.default.clone());
+        all.into_iter().filter(|n| *n == own).collect()
+    }
+
     /// A handle for one new connection: what its requests hold in memory
     /// is drawn from its own share of the budget.
     pub fn for_connection(&self) -> Cache {
         Cache {
             inner: Arc::clone(&self.inner),
             share: self.inner.budget.share(),
+            identity: self.identity.clone(),
         }
     }
 
@@ -214,6 +246,29 @@ impl Cache {
     /// server serves it.
     fn namespace_name<'a>(&'a self, instance: &'a str) -> Result<&'a str, CacheError> {
         let policy = &self.inner.policy;
+        if policy.bind_to_identity {
+            let own = self
+                .identity
+                .user
+                .as_deref()
+                .unwrap_or(policy.default.as_str());
+            if !instance.is_empty() && instance != own {
+                return Err(CacheError::new(
+                    ErrorKind::PermissionDenied,
+                    match &self.identity.user {
+                        Some(u) => format!(
+                            "namespace {:?} is not {u:?}'s: with namespaces.bind_to_identity each user uses only its own",
+                            crate::grpc::codes::clip_to(instance, 100)
+                        ),
+                        None => format!(
+                            "namespace {:?} needs credentials: unauthenticated reads see the default namespace only",
+                            crate::grpc::codes::clip_to(instance, 100)
+                        ),
+                    },
+                ));
+            }
+            return Ok(own);
+        }
         let name = if instance.is_empty() {
             policy.default.as_str()
         } else {

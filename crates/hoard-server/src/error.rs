@@ -22,6 +22,8 @@ pub enum ErrorKind {
     Timeout,
     /// No credentials, or wrong ones, where they are required.
     Unauthenticated,
+    /// The identity may not use what the request names.
+    PermissionDenied,
     /// Something on this side failed (disk I/O).
     Internal,
 }
@@ -59,6 +61,7 @@ impl CacheError {
             ErrorKind::Unavailable | ErrorKind::Busy => 503,
             ErrorKind::Timeout => 408,
             ErrorKind::Unauthenticated => 401,
+            ErrorKind::PermissionDenied => 403,
             ErrorKind::Internal => 500,
         }
     }
@@ -74,6 +77,7 @@ impl CacheError {
             ErrorKind::Busy => "busy",
             ErrorKind::Timeout => "client_timeout",
             ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::Internal => "internal",
         }
     }

@@ -94,19 +94,15 @@ pub async fn serve(
         // The handshake (if any) and the connection run in their own task:
         // a slow client never holds up the next accept.
         tokio::spawn(async move {
-            let io = match crate::listener::handshake(
+            let Some(io) = crate::listener::handshake(
                 stream,
                 st.tls.as_deref(),
                 crate::tls::Protocol::Http,
                 header_timeout,
             )
             .await
-            {
-                Ok(io) => io,
-                Err(e) => {
-                    tracing::debug!(error = %e, %peer, "TLS handshake failed");
-                    return;
-                }
+            else {
+                return;
             };
             let svc = service_fn(move |req| {
                 let st = Arc::clone(&st);
@@ -203,22 +199,35 @@ async fn route(
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| parse_basic(v.as_bytes()));
-        if let Err(e) = cache.authorize(creds, access).await {
-            let mut r = error_response(&e);
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"hoard\""),
-            );
-            let handler = match path {
-                "/status" => "status",
-                "/metrics" => "metrics",
-                _ => "auth",
-            };
-            return (r, handler);
-        }
+        let identity = match cache.authorize(creds, access).await {
+            Ok(id) => id,
+            Err(e) => {
+                let mut r = error_response(&e);
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"hoard\""),
+                );
+                let handler = match path {
+                    "/status" => "status",
+                    "/metrics" => "metrics",
+                    _ => "auth",
+                };
+                return (r, handler);
+            }
+        };
+        let cache = cache.with_identity(identity);
+        return serve_route(st, &cache, req).await;
     }
+    serve_route(st, cache, req).await
+}
+
+async fn serve_route(
+    st: &HttpState,
+    cache: &Cache,
+    req: Request<Incoming>,
+) -> (Response<Body>, &'static str) {
     match req.uri().path() {
-        "/status" => return (status_page(st), "status"),
+        "/status" => return (status_page(st, cache), "status"),
         "/metrics" => {
             let m = st.cache.metrics();
             m.inflight_bytes.set(st.cache.inflight_bytes() as i64);
@@ -756,7 +765,7 @@ struct BackendStatus {
     upload_queue_length: usize,
 }
 
-fn status_page(st: &HttpState) -> Response<Body> {
+fn status_page(st: &HttpState, cache: &Cache) -> Response<Body> {
     let s = st.cache.disk().stats();
     let now = SystemTime::now();
     let status = Status {
@@ -783,7 +792,7 @@ fn status_page(st: &HttpState) -> Response<Body> {
         pending_deletion_bytes: s.pending_deletion,
         hard_limit: s.hard_limit,
         in_flight_bytes: st.cache.inflight_bytes(),
-        namespaces: st.cache.disk().namespaces(),
+        namespaces: cache.visible_namespaces(),
         uptime_seconds: now
             .duration_since(st.started)
             .map(|d| d.as_secs())

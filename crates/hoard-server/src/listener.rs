@@ -328,24 +328,29 @@ pub enum ClientIo {
 
 /// Makes `io` what `tls` asks for: a TLS handshake, bounded by `timeout`
 /// (a client that opens a connection and sends nothing holds it no
-/// longer), or the plain stream.
+/// longer), or the plain stream. A failed handshake is logged (debug: a
+/// port scanner is not news) and ends the connection: None.
 pub async fn handshake(
     io: Watched,
     tls: Option<&crate::tls::Tls>,
     protocol: crate::tls::Protocol,
     timeout: Duration,
-) -> io::Result<ClientIo> {
+) -> Option<ClientIo> {
     let Some(tls) = tls else {
-        return Ok(ClientIo::Plain(io));
+        return Some(ClientIo::Plain(io));
     };
+    let peer = io.peer();
     let accept = tls.acceptor(protocol).accept(io);
     match tokio::time::timeout(timeout, accept).await {
-        Ok(Ok(s)) => Ok(ClientIo::Tls(Box::new(s))),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "TLS handshake timed out",
-        )),
+        Ok(Ok(s)) => Some(ClientIo::Tls(Box::new(s))),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
     }
 }
 

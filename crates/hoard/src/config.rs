@@ -697,6 +697,7 @@ fn build(m: &BTreeMap<String, Raw>) -> Result<Config, ConfigError> {
         namespaces: NamespacePolicy {
             default: default_ns,
             allowed: (!allowed.is_empty()).then_some(allowed),
+            bind_to_identity: bind_to_identity(&v)?,
         },
         max_namespaces: max_ns as usize,
     })
@@ -725,6 +726,28 @@ fn tls_files(v: &Values<'_>) -> Result<Option<hoard_server::tls::TlsFiles>, Conf
             ca: (!ca.is_empty()).then(|| PathBuf::from(ca)),
         })),
     }
+}
+
+/// `namespaces.bind_to_identity`: needs identities, each a valid
+/// namespace name.
+fn bind_to_identity(v: &Values<'_>) -> Result<bool, ConfigError> {
+    if !v.bool("namespaces.bind_to_identity")? {
+        return Ok(false);
+    }
+    let Some(h) = htpasswd(v)? else {
+        return err(format!(
+            "namespaces.bind_to_identity is set ({}) but htpasswd_file is not: there are no identities to bind",
+            v.source("namespaces.bind_to_identity")
+        ));
+    };
+    for user in h.users() {
+        if let Err(e) = hoard_disk::validate_namespace(user) {
+            return err(format!(
+                "namespaces.bind_to_identity: htpasswd user {user:?} cannot name a namespace: {e}"
+            ));
+        }
+    }
+    Ok(true)
 }
 
 /// Reads and checks `htpasswd_file`, if set.

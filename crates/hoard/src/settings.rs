@@ -545,6 +545,14 @@ pub const SETTINGS: &[Setting] = &[
         "1024",
         "most namespaces the cache will create (at most 2048)"
     ),
+    s!(
+        "namespaces.bind_to_identity",
+        "namespaces.bind_to_identity",
+        ["HOARD_NAMESPACES_BIND_TO_IDENTITY"],
+        Bool,
+        "false",
+        "with htpasswd_file: an authenticated client's namespace is its user name, and naming another is refused (403, PERMISSION_DENIED); unauthenticated reads see the default namespace only"
+    ),
 ];
 
 /// bazel-remote settings hoard does not implement yet. Setting one is an

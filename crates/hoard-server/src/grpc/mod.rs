@@ -64,17 +64,20 @@ impl Shared {
     /// The services' state for one request: the cache handle of the
     /// request's connection, so that what the call holds in memory counts
     /// against that connection's share of the budget.
+    /// The identity the auth layer found goes with it.
     pub fn for_request<T>(&self, req: &tonic::Request<T>) -> Shared {
-        match req
+        let cache = req
             .extensions()
             .get::<ConnectInfo>()
             .and_then(|i| i.cache.clone())
-        {
-            Some(cache) => Shared {
-                cache,
-                ..self.clone()
-            },
-            None => self.clone(),
+            .unwrap_or_else(|| self.cache.clone());
+        let cache = match req.extensions().get::<crate::auth::Identity>() {
+            Some(id) => cache.with_identity(id.clone()),
+            None => cache,
+        };
+        Shared {
+            cache,
+            ..self.clone()
         }
     }
 
@@ -128,6 +131,7 @@ pub fn to_status(e: CacheError) -> Status {
         ErrorKind::Unavailable | ErrorKind::Busy => Code::Unavailable,
         ErrorKind::Timeout => Code::DeadlineExceeded,
         ErrorKind::Unauthenticated => Code::Unauthenticated,
+        ErrorKind::PermissionDenied => Code::PermissionDenied,
         ErrorKind::Internal => Code::Internal,
     };
     Status::new(code, codes::clip(&e.message))
@@ -296,19 +300,15 @@ fn accepted(
             let cache = cache.clone();
             let tls = tls.clone();
             tokio::spawn(async move {
-                let io = match crate::listener::handshake(
+                let Some(io) = crate::listener::handshake(
                     io,
                     tls.as_deref(),
                     crate::tls::Protocol::Grpc,
                     timeout,
                 )
                 .await
-                {
-                    Ok(io) => io,
-                    Err(e) => {
-                        tracing::debug!(error = %e, %peer, "TLS handshake failed");
-                        return;
-                    }
+                else {
+                    return;
                 };
                 let info = ConnectInfo {
                     peer,
