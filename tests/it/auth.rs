@@ -391,8 +391,13 @@ fn bound_identities_use_only_their_own_namespace() {
     let hx = sha256_hex(&blob);
     let len = blob.len().to_string();
     let put = |path: &str, auth: &str| {
-        h.request("PUT", path, &[("Authorization", auth), ("Content-Length", &len)], &blob)
-            .status
+        h.request(
+            "PUT",
+            path,
+            &[("Authorization", auth), ("Content-Length", &len)],
+            &blob,
+        )
+        .status
     };
     let get = |path: &str, auth: Option<&str>| {
         let hs: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
@@ -403,17 +408,49 @@ fn bound_identities_use_only_their_own_namespace() {
         table.push(format!("{what}: {got}"));
         assert_eq!(got, want, "{what}");
     };
-    check("ann PUT /cas (her namespace)", put(&format!("/cas/{hx}"), &ann), 200);
-    check("ann PUT /ann/cas (named, hers)", put(&format!("/ann/cas/{hx}"), &ann), 200);
+    check(
+        "ann PUT /cas (her namespace)",
+        put(&format!("/cas/{hx}"), &ann),
+        200,
+    );
+    check(
+        "ann PUT /ann/cas (named, hers)",
+        put(&format!("/ann/cas/{hx}"), &ann),
+        200,
+    );
     check("ann GET /cas", get(&format!("/cas/{hx}"), Some(&ann)), 200);
-    check("bob GET /cas (his own: empty)", get(&format!("/cas/{hx}"), Some(&bob)), 404);
-    check("bob GET /ann/cas", get(&format!("/ann/cas/{hx}"), Some(&bob)), 403);
-    check("bob PUT /ann/cas", put(&format!("/ann/cas/{hx}"), &bob), 403);
-    check("anonymous GET /cas (default namespace)", get(&format!("/cas/{hx}"), None), 404);
-    check("anonymous GET /ann/cas", get(&format!("/ann/cas/{hx}"), None), 403);
+    check(
+        "bob GET /cas (his own: empty)",
+        get(&format!("/cas/{hx}"), Some(&bob)),
+        404,
+    );
+    check(
+        "bob GET /ann/cas",
+        get(&format!("/ann/cas/{hx}"), Some(&bob)),
+        403,
+    );
+    check(
+        "bob PUT /ann/cas",
+        put(&format!("/ann/cas/{hx}"), &bob),
+        403,
+    );
+    check(
+        "anonymous GET /cas (default namespace)",
+        get(&format!("/cas/{hx}"), None),
+        404,
+    );
+    check(
+        "anonymous GET /ann/cas",
+        get(&format!("/ann/cas/{hx}"), None),
+        403,
+    );
     // bob's refused PUT into ann's namespace stored nothing of bob's; ann's
     // entry is untouched.
-    check("ann GET /ann/cas after bob's attempt", get(&format!("/ann/cas/{hx}"), Some(&ann)), 200);
+    check(
+        "ann GET /ann/cas after bob's attempt",
+        get(&format!("/ann/cas/{hx}"), Some(&ann)),
+        200,
+    );
     // /status shows bob only his own namespace.
     let r = h.request("GET", "/status", &[("Authorization", &bob)], b"");
     let status: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
@@ -453,7 +490,10 @@ fn bound_identities_use_only_their_own_namespace() {
             ))
             .await
             .unwrap();
-        assert!(r.get_ref().missing_blob_digests.is_empty(), "ann's blob is in her namespace");
+        assert!(
+            r.get_ref().missing_blob_digests.is_empty(),
+            "ann's blob is in her namespace"
+        );
         let r = ByteStreamClient::new(ch.clone())
             .read(with(
                 ReadRequest {
@@ -477,5 +517,8 @@ fn bound_identities_use_only_their_own_namespace() {
             .await;
         assert_eq!(r.err().map(|s| s.code()), Some(Code::PermissionDenied));
     });
-    println!("bound identities: {}; gRPC: another's instance and resource names PERMISSION_DENIED", table.join("; "));
+    println!(
+        "bound identities: {}; gRPC: another's instance and resource names PERMISSION_DENIED",
+        table.join("; ")
+    );
 }
