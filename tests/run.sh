@@ -21,6 +21,8 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 [ -x /usr/sbin/clickhouse-server ] || missing+=(clickhouse-server clickhouse-client)
 command -v mount >/dev/null 2>&1 || missing+=(mount)
 command -v ccache >/dev/null 2>&1 || missing+=(ccache gcc)
+# libFuzzer (the fuzz targets) is C++.
+command -v g++ >/dev/null 2>&1 || missing+=(g++)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v keytool >/dev/null 2>&1 || missing+=(default-jre-headless)
@@ -33,7 +35,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 bazel --version >/dev/null 2>&1 || { echo "tests/run.sh: bazel is still not usable after installing bazel-bootstrap" >&2; exit 1; }
 [ -x /usr/sbin/clickhouse-server ] || { echo "tests/run.sh: clickhouse-server is missing after installing it" >&2; exit 1; }
-for tool in ccache prometheus promtool systemd-analyze htpasswd keytool openssl curl; do
+for tool in ccache g++ prometheus promtool systemd-analyze htpasswd keytool openssl curl; do
   command -v "$tool" >/dev/null 2>&1 || { echo "tests/run.sh: $tool is missing after installing its package" >&2; exit 1; }
 done
 
