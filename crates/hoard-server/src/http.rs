@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::access_log::AccessLog;
 use crate::auth::{Access, parse_basic};
@@ -93,29 +94,34 @@ pub async fn serve(
         let watcher = graceful.watcher();
         // The handshake (if any) and the connection run in their own task:
         // a slow client never holds up the next accept.
-        tokio::spawn(async move {
-            let Some(io) = crate::listener::handshake(
-                stream,
-                st.tls.as_deref(),
-                crate::tls::Protocol::Http,
-                header_timeout,
-            )
-            .await
-            else {
-                return;
-            };
-            let svc = service_fn(move |req| {
-                let st = Arc::clone(&st);
-                let cache = cache.clone();
-                // Boxed: a request's state machine is large, and an idle
-                // connection should not carry its room.
-                Box::pin(async move { Ok::<_, Infallible>(handle(&st, &cache, req, peer).await) })
-            });
-            let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc));
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
+        tokio::spawn(
+            async move {
+                let Some(io) = crate::listener::handshake(
+                    stream,
+                    st.tls.as_deref(),
+                    crate::tls::Protocol::Http,
+                    header_timeout,
+                )
+                .await
+                else {
+                    return;
+                };
+                let svc = service_fn(move |req| {
+                    let st = Arc::clone(&st);
+                    let cache = cache.clone();
+                    // Boxed: a request's state machine is large, and an idle
+                    // connection should not carry its room.
+                    Box::pin(
+                        async move { Ok::<_, Infallible>(handle(&st, &cache, req, peer).await) },
+                    )
+                });
+                let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc));
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
             }
-        });
+            .instrument(tracing::debug_span!("http connection", %peer)),
+        );
     }
     state.shutting_down.store(true, Ordering::Relaxed);
     drop(listener);

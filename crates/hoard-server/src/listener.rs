@@ -29,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
+use tracing::Instrument as _;
 
 /// How long a closed connection keeps reading what its client still sends.
 const LINGER_TIME: Duration = Duration::from_secs(5);
@@ -212,6 +213,18 @@ impl Watched {
     fn moved(&mut self) {
         self.last = Instant::now();
     }
+
+    /// What a poll of the inner stream means for the idle clock: bytes
+    /// moved (or an error) restart it; not ready checks it.
+    fn track<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        match r {
+            Poll::Ready(r) => {
+                self.moved();
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.check_idle(cx).map(Err),
+        }
+    }
 }
 
 use std::future::Future as _;
@@ -223,13 +236,8 @@ impl AsyncRead for Watched {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let io = self.io()?;
-        match Pin::new(io).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                self.moved();
-                Poll::Ready(r)
-            }
-            Poll::Pending => self.check_idle(cx).map(Err),
-        }
+        let r = Pin::new(io).poll_read(cx, buf);
+        self.track(cx, r)
     }
 }
 
@@ -240,13 +248,8 @@ impl AsyncWrite for Watched {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let io = self.io()?;
-        match Pin::new(io).poll_write(cx, data) {
-            Poll::Ready(r) => {
-                self.moved();
-                Poll::Ready(r)
-            }
-            Poll::Pending => self.check_idle(cx).map(Err),
-        }
+        let r = Pin::new(io).poll_write(cx, data);
+        self.track(cx, r)
     }
 
     fn poll_write_vectored(
@@ -255,13 +258,8 @@ impl AsyncWrite for Watched {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let io = self.io()?;
-        match Pin::new(io).poll_write_vectored(cx, bufs) {
-            Poll::Ready(r) => {
-                self.moved();
-                Poll::Ready(r)
-            }
-            Poll::Pending => self.check_idle(cx).map(Err),
-        }
+        let r = Pin::new(io).poll_write_vectored(cx, bufs);
+        self.track(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -295,11 +293,15 @@ impl Drop for Watched {
         // descriptor is still open.
         let slot = self.slot.take();
         let stats = Arc::clone(&self.stats);
-        rt.spawn(async move {
-            linger(io).await;
-            drop(slot);
-            stats.open.fetch_sub(1, Ordering::Relaxed);
-        });
+        let peer = self.peer;
+        rt.spawn(
+            async move {
+                linger(io).await;
+                drop(slot);
+                stats.open.fetch_sub(1, Ordering::Relaxed);
+            }
+            .instrument(tracing::debug_span!("linger", %peer)),
+        );
     }
 }
 

@@ -26,6 +26,7 @@ use hoard_proto::reapi::capabilities_server::CapabilitiesServer;
 use hoard_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
+use tracing::Instrument as _;
 
 use crate::access_log::AccessLog;
 use crate::cache::Cache;
@@ -290,34 +291,40 @@ fn accepted(
 ) -> impl Stream<Item = Result<GrpcConn, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<GrpcConn>(64);
     let timeout = listener.config().header_timeout;
-    tokio::spawn(async move {
-        loop {
-            let (io, peer) = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                c = listener.accept() => c,
-            };
-            let tx = tx.clone();
-            let cache = cache.clone();
-            let tls = tls.clone();
-            tokio::spawn(async move {
-                let Some(io) = crate::listener::handshake(
-                    io,
-                    tls.as_deref(),
-                    crate::tls::Protocol::Grpc,
-                    timeout,
-                )
-                .await
-                else {
-                    return;
+    tokio::spawn(
+        async move {
+            loop {
+                let (io, peer) = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    c = listener.accept() => c,
                 };
-                let info = ConnectInfo {
-                    peer,
-                    cache: Some(cache.for_connection()),
-                };
-                let _ = tx.send(GrpcConn { io, info }).await;
-            });
+                let tx = tx.clone();
+                let cache = cache.clone();
+                let tls = tls.clone();
+                tokio::spawn(
+                    async move {
+                        let Some(io) = crate::listener::handshake(
+                            io,
+                            tls.as_deref(),
+                            crate::tls::Protocol::Grpc,
+                            timeout,
+                        )
+                        .await
+                        else {
+                            return;
+                        };
+                        let info = ConnectInfo {
+                            peer,
+                            cache: Some(cache.for_connection()),
+                        };
+                        let _ = tx.send(GrpcConn { io, info }).await;
+                    }
+                    .instrument(tracing::debug_span!("grpc handshake", %peer)),
+                );
+            }
         }
-    });
+        .instrument(tracing::debug_span!("grpc accept")),
+    );
     let mut rx = rx;
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|c| c.map(Ok)))
 }
