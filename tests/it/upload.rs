@@ -362,6 +362,72 @@ fn a_corrupted_object_is_refused_by_read_through_and_counted() {
     assert_eq!(b.get(&format!("/cas/{hx}")).status, 404);
 }
 
+#[test]
+fn an_action_result_from_the_bucket_is_validated_like_a_clients() {
+    let (moto, bucket) = moto_with_bucket("acbad");
+    let tmp = tempfile::tempdir().unwrap();
+    let a = start(
+        &tmp.path().join("a"),
+        &s3_args(&moto.endpoint(), "acbad", "host-a"),
+    );
+    let out = noise(3000, 31);
+    let key = action_with_output(&a, &out, b"poisoned action");
+    drained(&a);
+    let object = bucket
+        .objects()
+        .into_keys()
+        .find(|k| k.ends_with(&key))
+        .unwrap();
+    // Whoever can write to the bucket replaces the entry with one that
+    // names an absolute path (its output exists, so completeness alone
+    // would serve it), then one larger than the action-result limit.
+    let poisoned = ActionResult {
+        output_files: vec![OutputFile {
+            path: "/etc/cron.d/x".into(),
+            digest: Some(Digest {
+                hash: sha256_hex(&out),
+                size_bytes: out.len() as i64,
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    bucket.put(&object, &poisoned.encode_to_vec());
+    let mut args = s3_args(&moto.endpoint(), "acbad", "host-b");
+    args.push("--max_action_result_size=4096".into());
+    let b = start(&tmp.path().join("b"), &args);
+    assert_eq!(b.get(&format!("/ac/{key}")).status, 404);
+    let failures = || {
+        metric(&b, "hoard_readthrough_verify_failures_total")
+            .values()
+            .sum::<f64>()
+    };
+    assert_eq!(failures(), 1.0);
+    let mut large = poisoned.clone();
+    large.output_files[0].path = "out/x".into();
+    large.exit_code = 0;
+    large.stdout_digest = None;
+    while large.encoded_len() <= 4096 {
+        let mut f = large.output_files[0].clone();
+        f.path = format!("out/{}", large.output_files.len());
+        large.output_files.push(f);
+    }
+    bucket.put(&object, &large.encode_to_vec());
+    assert_eq!(b.get(&format!("/ac/{key}")).status, 404);
+    assert_eq!(failures(), 2.0);
+    assert!(
+        !crate::support::files_under(&b.dir)
+            .iter()
+            .any(|f| f.starts_with("ac.v2/")),
+        "a refused action result was stored"
+    );
+    // A valid one under the limit is served.
+    let mut fine = large.clone();
+    fine.output_files.truncate(3);
+    bucket.put(&object, &fine.encode_to_vec());
+    assert_eq!(b.get(&format!("/ac/{key}")).status, 200);
+}
+
 fn hoard_disk_header_len(size: usize) -> usize {
     29 + 8 * (size.div_ceil(1 << 20) + 1)
 }

@@ -365,16 +365,32 @@ impl Cache {
             .inc();
     }
 
-    /// Records a refused upload.
-    pub fn count_rejected(&self, ns: NamespaceId, kind: Kind, err: &CacheError) {
+    /// Counts a refused client upload, once, whichever front end it came
+    /// through (`hoard_rejected_uploads_total` and accounting's
+    /// `rejected`), and hands the error back. The facade's upload methods
+    /// call it for every refusal they make; front ends call it only for
+    /// what they refuse before reaching the facade (a bad header, a bad
+    /// encoding of the body).
+    pub fn refuse(&self, ns: NamespaceId, kind: Kind, err: CacheError) -> CacheError {
         self.inner
             .metrics
             .rejected_uploads
             .with_label_values(&[kind.as_str(), err.reason()])
             .inc();
+        tracing::info!(%kind, error = %err.message, "upload refused");
         if let Some(sink) = self.inner.rejections.get() {
             sink(&self.inner.disk.namespace_name(ns), kind);
         }
+        err
+    }
+
+    fn refused<T>(
+        &self,
+        ns: NamespaceId,
+        kind: Kind,
+        r: Result<T, CacheError>,
+    ) -> Result<T, CacheError> {
+        r.map_err(|e| self.refuse(ns, kind, e))
     }
 
     /// Receives every refused client upload (for accounting's `rejected`).
@@ -503,7 +519,18 @@ impl Cache {
             }
             hoard_upload::ObjectFormat::Raw => (fetched.stored_len, Encoding::Identity),
         };
-        let mut upload = self.begin_upload(ns, kind, *hash, size, encoding).await?;
+        if kind == Kind::Ac {
+            // Action results are stored in the bucket as they are (raw).
+            if encoding != Encoding::Identity {
+                return Err(CacheError::invalid("action result object is a casblob"));
+            }
+            return self
+                .store_fetched_action_result(ns, *hash, size, body, timeout)
+                .await;
+        }
+        let mut upload = self
+            .open_upload(ns, kind, *hash, size, encoding, false)
+            .await?;
         upload.set_from_backend();
         let first = head.freeze();
         let rest = futures_util::stream::unfold(body, move |mut body| async move {
@@ -515,6 +542,54 @@ impl Cache {
         });
         let stream = futures_util::stream::iter([Ok(first)]).chain(rest);
         self.put_upload(upload, Box::pin(stream)).await?;
+        Ok(Presence::Present)
+    }
+
+    /// An action result from the bucket is checked like one a client sent
+    /// (size limit, decodable, valid) before it is stored: another host,
+    /// or whoever can write to the bucket, is no more trusted than a
+    /// client. The object is at most `max_action_result_size`, so it is
+    /// read whole.
+    async fn store_fetched_action_result(
+        &self,
+        ns: NamespaceId,
+        hash: Hash,
+        size: u64,
+        mut body: hoard_upload::ByteStream,
+        timeout: std::time::Duration,
+    ) -> Result<Presence, CacheError> {
+        let limit = self.inner.limits.max_action_result_size;
+        if size > limit {
+            return Err(CacheError::invalid(format!(
+                "action result of {size} bytes exceeds the limit of {limit}"
+            )));
+        }
+        let _permit = self.reserve_inflight(size as usize).await?;
+        let mut buf = bytes::BytesMut::with_capacity(size as usize);
+        while let Some(c) = next_chunk(&mut body, timeout).await? {
+            if (buf.len() + c.len()) as u64 > size {
+                return Err(CacheError::invalid(format!(
+                    "action result object is longer than its listed {size} bytes"
+                )));
+            }
+            buf.extend_from_slice(&c);
+        }
+        let bytes = buf.freeze();
+        if bytes.len() as u64 != size {
+            return Err(CacheError::invalid(format!(
+                "action result object holds {} bytes, not {size}",
+                bytes.len()
+            )));
+        }
+        let ar = ActionResult::decode(bytes.as_ref())
+            .map_err(|e| CacheError::invalid(format!("invalid ActionResult: {e}")))?;
+        self.check_action_result(&ar, size)?;
+        let mut upload = self
+            .open_upload(ns, Kind::Ac, hash, size, Encoding::Identity, false)
+            .await?;
+        upload.set_from_backend();
+        self.put_upload(upload, futures_util::stream::iter([Ok(bytes)]))
+            .await?;
         Ok(Presence::Present)
     }
 
@@ -629,18 +704,113 @@ impl Cache {
         Ok(None)
     }
 
+    /// Checks an action result a client (or the bucket) offers: no larger
+    /// than `max_action_result_size` when encoded, and valid
+    /// ([`validate_action_result`]).
+    fn check_action_result(&self, ar: &ActionResult, encoded_len: u64) -> Result<(), CacheError> {
+        let limit = self.inner.limits.max_action_result_size;
+        if encoded_len > limit {
+            return Err(CacheError::new(
+                ErrorKind::TooLarge,
+                format!("action result of {encoded_len} bytes exceeds the limit of {limit}"),
+            ));
+        }
+        validate_action_result(ar)
+    }
+
+    /// Receives an action result's body as a client sends it (HTTP), of
+    /// `size` bytes once decoded: refused before anything is read if `size`
+    /// or the declared `content_length` is over what an action result may
+    /// be, read no further than that bound (a declared size of 1 never
+    /// buffers more), and decoded from zstd if so encoded. Refusals are
+    /// counted.
+    pub async fn receive_action_result<S>(
+        &self,
+        ns: NamespaceId,
+        size: u64,
+        encoding: Encoding,
+        content_length: Option<u64>,
+        body: S,
+    ) -> Result<Bytes, CacheError>
+    where
+        S: Stream<Item = Result<Bytes, CacheError>> + Unpin,
+    {
+        let r = self
+            .collect_action_result(size, encoding, content_length, body)
+            .await;
+        self.refused(ns, Kind::Ac, r)
+    }
+
+    async fn collect_action_result<S>(
+        &self,
+        size: u64,
+        encoding: Encoding,
+        content_length: Option<u64>,
+        mut body: S,
+    ) -> Result<Bytes, CacheError>
+    where
+        S: Stream<Item = Result<Bytes, CacheError>> + Unpin,
+    {
+        let limit = self.inner.limits.max_action_result_size;
+        if size > limit {
+            return Err(CacheError::new(
+                ErrorKind::TooLarge,
+                format!("action result of {size} bytes exceeds the limit of {limit}"),
+            ));
+        }
+        let wire_limit = match encoding {
+            Encoding::Identity => size,
+            Encoding::Zstd => crate::http::zstd_bound(size),
+        };
+        if let Some(c) = content_length
+            && c > wire_limit
+        {
+            return Err(CacheError::invalid(format!(
+                "Content-Length {c} is larger than an action result of {size} bytes can be"
+            )));
+        }
+        let decoded = if encoding == Encoding::Zstd { size } else { 0 };
+        let _permit = self
+            .reserve_inflight((wire_limit + decoded) as usize)
+            .await?;
+        let mut buf = bytes::BytesMut::with_capacity(wire_limit.min(1 << 20) as usize);
+        while let Some(chunk) = self.from_client(body.next()).await? {
+            let chunk = chunk?;
+            if (buf.len() + chunk.len()) as u64 > wire_limit {
+                return Err(CacheError::invalid(format!(
+                    "action result body is larger than the declared {size} bytes"
+                )));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        let mut bytes = buf.freeze();
+        if encoding == Encoding::Zstd {
+            bytes = zstd::bulk::decompress(&bytes, size as usize)
+                .map_err(|e| CacheError::invalid(format!("corrupt zstd body: {e}")))?
+                .into();
+        }
+        if bytes.len() as u64 != size {
+            return Err(CacheError::invalid(format!(
+                "size mismatch: expected {size} bytes, received {}",
+                bytes.len()
+            )));
+        }
+        Ok(bytes)
+    }
+
     /// Validates and stores an action result given in binary form. The
     /// bytes are stored as received, so fields this server does not know
-    /// survive the round trip.
+    /// survive the round trip. Refusals are counted.
     pub async fn ac_put(
         &self,
         ns: NamespaceId,
         hash: Hash,
         bytes: Bytes,
     ) -> Result<(), CacheError> {
-        let ar = ActionResult::decode(bytes.as_ref())
-            .map_err(|e| CacheError::invalid(format!("invalid ActionResult: {e}")))?;
-        validate_action_result(&ar)?;
+        let checked = ActionResult::decode(bytes.as_ref())
+            .map_err(|e| CacheError::invalid(format!("invalid ActionResult: {e}")))
+            .and_then(|ar| self.check_action_result(&ar, bytes.len() as u64));
+        self.refused(ns, Kind::Ac, checked)?;
         let size = bytes.len() as u64;
         let body = futures_util::stream::iter([Ok(bytes)]);
         self.put(ns, Kind::Ac, hash, size, Encoding::Identity, body)
@@ -648,9 +818,100 @@ impl Cache {
             .map(|_| ())
     }
 
-    /// Starts an upload of `size` logical bytes. Writing and finishing are
-    /// blocking (hashing, compressing, disk I/O): call them from the
-    /// blocking pool. Dropping an unfinished upload stores nothing.
+    /// Stores an action result given as a message (gRPC's
+    /// UpdateActionResult): inlined contents (output files, stdout,
+    /// stderr) are checked against the digests they come with and moved
+    /// into the CAS, then the result is checked once and stored. Returns
+    /// what was stored. Refusals are counted once, as the action result's.
+    pub async fn update_action_result(
+        &self,
+        ns: NamespaceId,
+        hash: Hash,
+        ar: ActionResult,
+    ) -> Result<ActionResult, CacheError> {
+        let r = self.store_action_result(ns, hash, ar).await;
+        self.refused(ns, Kind::Ac, r)
+    }
+
+    async fn store_action_result(
+        &self,
+        ns: NamespaceId,
+        hash: Hash,
+        mut ar: ActionResult,
+    ) -> Result<ActionResult, CacheError> {
+        for f in ar.output_files.iter_mut() {
+            if !f.contents.is_empty() {
+                let data = std::mem::take(&mut f.contents);
+                let what = format!("output file {:?}", f.path);
+                f.digest = Some(
+                    self.store_inlined(ns, &what, f.digest.as_ref(), data)
+                        .await?,
+                );
+            }
+        }
+        if !ar.stdout_raw.is_empty() {
+            let data = std::mem::take(&mut ar.stdout_raw);
+            ar.stdout_digest = Some(
+                self.store_inlined(ns, "stdout", ar.stdout_digest.as_ref(), data)
+                    .await?,
+            );
+        }
+        if !ar.stderr_raw.is_empty() {
+            let data = std::mem::take(&mut ar.stderr_raw);
+            ar.stderr_digest = Some(
+                self.store_inlined(ns, "stderr", ar.stderr_digest.as_ref(), data)
+                    .await?,
+            );
+        }
+        let bytes = Bytes::from(ar.encode_to_vec());
+        self.check_action_result(&ar, bytes.len() as u64)?;
+        let size = bytes.len() as u64;
+        let upload = self
+            .open_upload(ns, Kind::Ac, hash, size, Encoding::Identity, false)
+            .await?;
+        self.put_upload(upload, futures_util::stream::iter([Ok(bytes)]))
+            .await?;
+        Ok(ar)
+    }
+
+    /// Stores inlined bytes in the CAS and returns the digest naming them.
+    /// A digest sent with them must be theirs.
+    async fn store_inlined(
+        &self,
+        ns: NamespaceId,
+        what: &str,
+        digest: Option<&hoard_proto::reapi::Digest>,
+        data: Bytes,
+    ) -> Result<hoard_proto::reapi::Digest, CacheError> {
+        use sha2::Digest as _;
+        let actual = Hash(sha2::Sha256::digest(&data).into());
+        let size = data.len() as u64;
+        if let Some(d) = digest {
+            let d = parse_digest(d)
+                .map_err(|e| CacheError::invalid(format!("{what}: {}", e.message)))?;
+            if d.hash != actual || d.size != size {
+                return Err(CacheError::invalid(format!(
+                    "{what}: inlined contents hash to {actual}/{size}, not {}/{}",
+                    d.hash, d.size
+                )));
+            }
+        }
+        let upload = self
+            .open_upload(ns, Kind::Cas, actual, size, Encoding::Identity, false)
+            .await?;
+        self.put_upload(upload, futures_util::stream::iter([Ok(data)]))
+            .await?;
+        Ok(hoard_proto::reapi::Digest {
+            hash: actual.to_hex(),
+            size_bytes: size as i64,
+        })
+    }
+
+    /// Starts a client's upload of `size` logical bytes. Writing and
+    /// finishing are blocking (hashing, compressing, disk I/O): call them
+    /// from the blocking pool, or use [`Cache::pump`] and
+    /// [`Cache::commit`]. Dropping an unfinished upload stores nothing.
+    /// Refusals, here and in `pump` and `commit`, are counted.
     pub async fn begin_upload(
         &self,
         ns: NamespaceId,
@@ -658,6 +919,22 @@ impl Cache {
         hash: Hash,
         size: u64,
         encoding: Encoding,
+    ) -> Result<Upload, CacheError> {
+        let r = self.open_upload(ns, kind, hash, size, encoding, true).await;
+        self.refused(ns, kind, r)
+    }
+
+    /// Starts an upload; `counted`: its refusals count as a client's
+    /// rejected upload (not for read-throughs, nor for parts of a larger
+    /// upload that is counted as a whole).
+    async fn open_upload(
+        &self,
+        ns: NamespaceId,
+        kind: Kind,
+        hash: Hash,
+        size: u64,
+        encoding: Encoding,
+        counted: bool,
     ) -> Result<Upload, CacheError> {
         self.check_blob_size(size)?;
         let writer = if kind == Kind::Cas && size == 0 {
@@ -692,6 +969,9 @@ impl Cache {
             writer,
             decoder,
             _window: window,
+            ns,
+            kind,
+            counted,
             size,
             out: Vec::new(),
             wire_received: 0,
@@ -699,11 +979,12 @@ impl Cache {
         })
     }
 
-    /// Streams a blob into the cache. The bytes are hashed (CAS) and written
-    /// on the blocking pool while the body still arrives; memory use is
-    /// bounded by the in-flight budget. Nothing becomes visible unless the
-    /// whole body arrived and matched. Dropping the future (client gone)
-    /// aborts the write and removes its temp file.
+    /// A client's blob, streamed into the cache. The bytes are hashed (CAS)
+    /// and written on the blocking pool while the body still arrives;
+    /// memory use is bounded by the in-flight budget. Nothing becomes
+    /// visible unless the whole body arrived and matched. Dropping the
+    /// future (client gone) aborts the write and removes its temp file.
+    /// Refusals are counted.
     pub async fn put<S>(
         &self,
         ns: NamespaceId,
@@ -727,21 +1008,50 @@ impl Cache {
     {
         let (upload, r) = self.pump(upload, body).await?;
         r?;
-        tokio::task::spawn_blocking(move || upload.finish())
+        self.commit(upload).await
+    }
+
+    /// Verifies and commits a fully received upload, on the blocking pool.
+    pub async fn commit(&self, upload: Upload) -> Result<WriteOutcome, CacheError> {
+        let (ns, kind, counted) = (upload.ns, upload.kind, upload.counted);
+        let r = tokio::task::spawn_blocking(move || upload.finish())
             .await
-            .map_err(|e| CacheError::internal(format!("write task failed: {e}")))?
+            .map_err(|e| CacheError::internal(format!("write task failed: {e}")))
+            .and_then(|r| r);
+        if counted {
+            self.refused(ns, kind, r)
+        } else {
+            r
+        }
     }
 
     /// Feeds `body` to `upload` on the blocking pool while it arrives, and
     /// hands the upload back (for a commit, or for a resumable write to
     /// continue later) with the first error met, if any. The outer error
-    /// means the writer itself failed and the upload is lost.
+    /// means the writer itself failed and the upload is lost. Either error
+    /// is counted as a refusal.
     ///
     /// Each chunk holds its bytes under the budget only until the writer
     /// has taken it: while hoard waits for the client's next chunk it
     /// holds nothing, so a client that stops sending costs no memory, and
     /// it loses the request after `client_idle_timeout`.
     pub async fn pump<S>(
+        &self,
+        upload: Upload,
+        body: S,
+    ) -> Result<(Upload, Result<(), CacheError>), CacheError>
+    where
+        S: Stream<Item = Result<Bytes, CacheError>> + Unpin,
+    {
+        let (ns, kind, counted) = (upload.ns, upload.kind, upload.counted);
+        match self.pump_inner(upload, body).await {
+            Ok((upload, Err(e))) if counted => Ok((upload, Err(self.refuse(ns, kind, e)))),
+            Err(e) if counted => Err(self.refuse(ns, kind, e)),
+            other => other,
+        }
+    }
+
+    async fn pump_inner<S>(
         &self,
         upload: Upload,
         mut body: S,
@@ -820,6 +1130,10 @@ pub struct Upload {
     decoder: Option<zstd::stream::raw::Decoder<'static>>,
     /// The decoder's window and output buffer, under the budget.
     _window: Option<Permit>,
+    ns: NamespaceId,
+    kind: Kind,
+    /// Refusals count as a client's rejected upload.
+    counted: bool,
     size: u64,
     out: Vec<u8>,
     wire_received: u64,

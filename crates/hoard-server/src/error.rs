@@ -1,5 +1,5 @@
-//! One classification of failures, mapped once to HTTP status codes (and,
-//! later, gRPC codes), so both front ends answer the same way.
+//! One classification of failures, mapped here, once, to HTTP status codes
+//! and gRPC codes, so both front ends answer the same way.
 
 use hoard_disk::Error as DiskError;
 
@@ -63,6 +63,24 @@ impl CacheError {
             ErrorKind::Unauthenticated => 401,
             ErrorKind::PermissionDenied => 403,
             ErrorKind::Internal => 500,
+        }
+    }
+
+    /// The gRPC code for this failure. A blob too large is a bad request
+    /// in REAPI terms (INVALID_ARGUMENT, as bazel-remote answers); a full
+    /// cache is RESOURCE_EXHAUSTED.
+    pub fn grpc_code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self.kind {
+            ErrorKind::InvalidArgument | ErrorKind::TooLarge | ErrorKind::UnknownNamespace => {
+                Code::InvalidArgument
+            }
+            ErrorKind::NoSpace => Code::ResourceExhausted,
+            ErrorKind::Unavailable | ErrorKind::Busy => Code::Unavailable,
+            ErrorKind::Timeout => Code::DeadlineExceeded,
+            ErrorKind::Unauthenticated => Code::Unauthenticated,
+            ErrorKind::PermissionDenied => Code::PermissionDenied,
+            ErrorKind::Internal => Code::Internal,
         }
     }
 

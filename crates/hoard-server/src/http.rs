@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use hoard_disk::{Hash, Kind};
 use hoard_proto::prost::Message;
@@ -351,12 +351,7 @@ async fn cache_request(
     };
     if req.method() == Method::PUT {
         let ns = cache.namespace(instance)?;
-        let r = put(cache, req, ns, kind, hash).await;
-        if let Err(e) = &r {
-            cache.count_rejected(ns, kind, e);
-            tracing::info!(%kind, %hash, error = %e.message, "upload refused");
-        }
-        return r;
+        return put(cache, req, ns, kind, hash).await;
     }
     // A read of a namespace never written here is a miss, and creates it
     // only when the bucket has the blob.
@@ -651,13 +646,14 @@ async fn put(
     kind: Kind,
     hash: Hash,
 ) -> Result<Response<Body>, CacheError> {
+    // What the head says is refused here, before the facade sees the
+    // body; everything after is the facade's to refuse (and count).
     let PutHead {
         encoding,
         size,
         content_length,
         json,
-    } = put_head(req.headers(), kind)?;
-    cache.check_blob_size(size)?;
+    } = put_head(req.headers(), kind).map_err(|e| cache.refuse(ns, kind, e))?;
     let body = BodyStream::new(req.into_body()).filter_map(|frame| async move {
         match frame {
             Ok(f) => f.into_data().ok().map(Ok),
@@ -673,59 +669,17 @@ async fn put(
         cache.put(ns, kind, hash, size, encoding, &mut body).await?;
         return Ok(full(StatusCode::OK, Bytes::new()));
     }
-    // Action results are small: collect, decode, validate, then store.
-    let limit = cache.limits().max_action_result_size;
-    if size > limit {
-        return Err(CacheError::new(
-            crate::error::ErrorKind::TooLarge,
-            format!("action result of {size} bytes exceeds the limit of {limit}"),
-        ));
-    }
-    // The body may be no longer than the declared size allows (its
-    // compressed bound for zstd), checked chunk by chunk: a declared size
-    // of 1 never buffers more.
-    let wire_limit = match encoding {
-        Encoding::Identity => size,
-        Encoding::Zstd => zstd_bound(size),
-    };
-    if let Some(c) = content_length
-        && c > wire_limit
-    {
-        return Err(CacheError::invalid(format!(
-            "Content-Length {c} is larger than an action result of {size} bytes can be"
-        )));
-    }
-    let _permit = cache
-        .reserve_inflight((wire_limit + if encoding == Encoding::Zstd { size } else { 0 }) as usize)
+    let mut bytes = cache
+        .receive_action_result(ns, size, encoding, content_length, &mut body)
         .await?;
-    let mut buf = BytesMut::with_capacity(wire_limit.min(1 << 20) as usize);
-    loop {
-        let Some(chunk) = cache.from_client(body.next()).await? else {
-            break;
-        };
-        let chunk = chunk?;
-        if (buf.len() + chunk.len()) as u64 > wire_limit {
-            return Err(CacheError::invalid(format!(
-                "action result body is larger than the declared {size} bytes"
-            )));
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    let mut bytes = buf.freeze();
-    if encoding == Encoding::Zstd {
-        bytes = zstd::bulk::decompress(&bytes, size as usize)
-            .map_err(|e| CacheError::invalid(format!("corrupt zstd body: {e}")))?
-            .into();
-    }
-    if bytes.len() as u64 != size {
-        return Err(CacheError::invalid(format!(
-            "size mismatch: expected {size} bytes, received {}",
-            bytes.len()
-        )));
-    }
     if json {
-        let ar: ActionResult = serde_json::from_slice(&bytes)
-            .map_err(|e| CacheError::invalid(format!("invalid ActionResult JSON: {e}")))?;
+        let ar: ActionResult = serde_json::from_slice(&bytes).map_err(|e| {
+            cache.refuse(
+                ns,
+                kind,
+                CacheError::invalid(format!("invalid ActionResult JSON: {e}")),
+            )
+        })?;
         bytes = ar.encode_to_vec().into();
     }
     cache.ac_put(ns, hash, bytes).await?;

@@ -1,21 +1,20 @@
-//! ActionCache: results are served only while complete (the facade checks),
-//! inlined on request within the batch limit, and validated on update, with
-//! inlined contents moved into the CAS.
+//! ActionCache: results are served only while complete (the facade checks)
+//! and inlined on request within the batch limit; updates go to the facade,
+//! which checks them and moves inlined contents into the CAS.
 
 use std::collections::HashSet;
 use std::time::Instant;
 
 use bytes::Bytes;
-use hoard_disk::{Hash, Kind, NamespaceId};
-use hoard_proto::prost::Message;
+use hoard_disk::{Kind, NamespaceId};
 use hoard_proto::reapi::action_cache_server::ActionCache;
 use hoard_proto::reapi::{ActionResult, Digest, GetActionResultRequest, UpdateActionResultRequest};
-use sha2::{Digest as _, Sha256};
 use tonic::{Request, Response, Status};
 
 use super::{Shared, to_status};
-use crate::cache::{Encoding, Found};
-use crate::validate::{BlobDigest, parse_digest, validate_action_result};
+use crate::cache::Found;
+use crate::error::CacheError;
+use crate::validate::{BlobDigest, parse_digest};
 
 pub(crate) struct ActionCacheService(pub Shared);
 
@@ -117,78 +116,22 @@ impl ActionCacheService {
         Ok(Some(permit.hold(bytes)))
     }
 
-    /// Stores inlined bytes in the CAS and returns the digest naming them.
-    async fn store_inlined(
-        &self,
-        ns: NamespaceId,
-        what: &str,
-        digest: Option<&Digest>,
-        data: Bytes,
-    ) -> Result<Digest, Status> {
-        let actual = Hash(Sha256::digest(&data).into());
-        let size = data.len() as u64;
-        if let Some(d) = digest {
-            let d = parse_digest(d)
-                .map_err(|e| Status::invalid_argument(format!("{what}: {}", e.message)))?;
-            if d.hash != actual || d.size != size {
-                return Err(Status::invalid_argument(format!(
-                    "{what}: inlined contents hash to {actual}/{size}, not {}/{}",
-                    d.hash, d.size
-                )));
-            }
-        }
-        let body = futures_util::stream::iter([Ok(data)]);
-        self.0
-            .cache
-            .put(ns, Kind::Cas, actual, size, Encoding::Identity, body)
-            .await
-            .map_err(super::to_status)?;
-        Ok(Digest {
-            hash: actual.to_hex(),
-            size_bytes: size as i64,
-        })
-    }
-
     async fn update(
         &self,
         req: UpdateActionResultRequest,
     ) -> Result<Response<ActionResult>, Status> {
         let ns = self.0.namespace(&req.instance_name)?;
         let d = required_digest("action_digest", req.action_digest.as_ref())?;
-        let mut ar = req
-            .action_result
-            .ok_or_else(|| Status::invalid_argument("missing action_result"))?;
-        for f in ar.output_files.iter_mut() {
-            if !f.contents.is_empty() {
-                let data = std::mem::take(&mut f.contents);
-                let what = format!("output file {:?}", f.path);
-                f.digest = Some(
-                    self.store_inlined(ns, &what, f.digest.as_ref(), data)
-                        .await?,
-                );
-            }
-        }
-        if !ar.stdout_raw.is_empty() {
-            let data = std::mem::take(&mut ar.stdout_raw);
-            ar.stdout_digest = Some(
-                self.store_inlined(ns, "stdout", ar.stdout_digest.as_ref(), data)
-                    .await?,
-            );
-        }
-        if !ar.stderr_raw.is_empty() {
-            let data = std::mem::take(&mut ar.stderr_raw);
-            ar.stderr_digest = Some(
-                self.store_inlined(ns, "stderr", ar.stderr_digest.as_ref(), data)
-                    .await?,
-            );
-        }
-        validate_action_result(&ar).map_err(to_status)?;
-        self.0
-            .cache
-            .ac_put(ns, d.hash, ar.encode_to_vec().into())
+        let cache = &self.0.cache;
+        let Some(ar) = req.action_result else {
+            let e = CacheError::invalid("missing action_result");
+            return Err(to_status(cache.refuse(ns, Kind::Ac, e)));
+        };
+        let stored = cache
+            .update_action_result(ns, d.hash, ar)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(ar))
+        Ok(Response::new(stored))
     }
 }
 

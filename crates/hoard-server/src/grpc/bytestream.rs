@@ -29,6 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::resource::{BlobResource, parse_read, parse_write};
 use super::{BoxStream, Shared, to_status};
 use crate::cache::{Encoding, Found, Upload};
+use crate::error::CacheError;
 
 pub(crate) struct ByteStreamService(pub Shared);
 
@@ -162,7 +163,10 @@ impl ByteStreamService {
         *resource = crate::access_log::printable(&first.resource_name);
         let res = parse_write(&first.resource_name)?;
         let ns = self.0.namespace(&res.instance)?;
-        self.0.cache.check_blob_size(res.size).map_err(to_status)?;
+        let cache = &self.0.cache;
+        cache
+            .check_blob_size(res.size)
+            .map_err(|e| to_status(cache.refuse(ns, Kind::Cas, e)))?;
         let key = res.upload_key();
         let done = |res: &BlobResource| WriteResponse {
             committed_size: if res.compressed { -1 } else { res.size as i64 },
@@ -181,10 +185,11 @@ impl ByteStreamService {
         slot.touched = Instant::now();
         if slot.upload.is_none() {
             if first.write_offset != 0 {
-                return Err(Status::invalid_argument(format!(
+                let e = CacheError::invalid(format!(
                     "write_offset {} for an upload that has received nothing; QueryWriteStatus says 0",
                     first.write_offset
-                )));
+                ));
+                return Err(to_status(cache.refuse(ns, Kind::Cas, e)));
             }
             let encoding = if res.compressed {
                 Encoding::Zstd
@@ -266,10 +271,7 @@ impl ByteStreamService {
         if finished {
             self.0.uploads.remove(&key);
             let committed = slot.committed;
-            tokio::task::spawn_blocking(move || up.finish())
-                .await
-                .map_err(|e| Status::internal(format!("write task failed: {e}")))?
-                .map_err(to_status)?;
+            cache.commit(up).await.map_err(to_status)?;
             return Ok(Response::new(WriteResponse {
                 committed_size: committed as i64,
             }));

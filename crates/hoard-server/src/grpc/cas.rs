@@ -126,46 +126,28 @@ impl CasService {
         data: Bytes,
         comp: i32,
     ) -> RpcStatus {
-        let fail = |code: Code, msg: String| RpcStatus {
-            code: code as i32,
-            message: msg,
-            details: Vec::new(),
-        };
-        let d = match digest.map(parse_digest) {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => return fail(Code::InvalidArgument, e.message),
-            None => return fail(Code::InvalidArgument, "missing digest".into()),
-        };
-        let encoding = match compressor::Value::try_from(comp) {
-            Ok(compressor::Value::Identity) => Encoding::Identity,
-            Ok(compressor::Value::Zstd) => Encoding::Zstd,
-            _ => {
-                return fail(
-                    Code::InvalidArgument,
-                    format!(
-                        "unsupported compressor {comp} for {}/{}; use IDENTITY or ZSTD",
-                        d.hash, d.size
-                    ),
-                );
+        let cache = &self.0.cache;
+        let r = match parse_blob_request(digest, comp) {
+            Ok((d, encoding)) => {
+                let body = futures_util::stream::iter([Ok(data)]);
+                cache
+                    .put(ns, Kind::Cas, d.hash, d.size, encoding, body)
+                    .await
+                    .map(|_| ())
             }
+            Err(e) => Err(cache.refuse(ns, Kind::Cas, e)),
         };
-        let body = futures_util::stream::iter([Ok(data)]);
-        match self
-            .0
-            .cache
-            .put(ns, Kind::Cas, d.hash, d.size, encoding, body)
-            .await
-        {
-            Ok(_) => RpcStatus {
+        match r {
+            Ok(()) => RpcStatus {
                 code: 0,
                 message: String::new(),
                 details: Vec::new(),
             },
-            Err(e) => {
-                self.0.cache.count_rejected(ns, Kind::Cas, &e);
-                let s = to_status(e);
-                fail(s.code(), s.message().to_string())
-            }
+            Err(e) => RpcStatus {
+                code: e.grpc_code() as i32,
+                message: super::codes::clip(&e.message),
+                details: Vec::new(),
+            },
         }
     }
 
@@ -548,4 +530,27 @@ fn read_stored(b: &mut hoard_disk::Blob) -> Result<Vec<u8>, hoard_disk::Error> {
         all.extend_from_slice(&piece);
     }
     Ok(all)
+}
+
+/// A BatchUpdateBlobs entry's digest and compressor.
+fn parse_blob_request(
+    digest: Option<&Digest>,
+    comp: i32,
+) -> Result<(crate::validate::BlobDigest, Encoding), CacheError> {
+    let d = match digest.map(parse_digest) {
+        Some(Ok(d)) => d,
+        Some(Err(e)) => return Err(e),
+        None => return Err(CacheError::invalid("missing digest")),
+    };
+    let encoding = match compressor::Value::try_from(comp) {
+        Ok(compressor::Value::Identity) => Encoding::Identity,
+        Ok(compressor::Value::Zstd) => Encoding::Zstd,
+        _ => {
+            return Err(CacheError::invalid(format!(
+                "unsupported compressor {comp} for {}/{}; use IDENTITY or ZSTD",
+                d.hash, d.size
+            )));
+        }
+    };
+    Ok((d, encoding))
 }

@@ -30,7 +30,7 @@ use tracing::Instrument as _;
 
 use crate::access_log::AccessLog;
 use crate::cache::Cache;
-use crate::error::{CacheError, ErrorKind};
+use crate::error::CacheError;
 use crate::listener::{ConnectInfo, GrpcConn, Listener};
 
 pub use bytestream::Uploads;
@@ -124,18 +124,7 @@ impl Shared {
 
 /// The gRPC code for a facade error.
 pub fn to_status(e: CacheError) -> Status {
-    let code = match e.kind {
-        ErrorKind::InvalidArgument | ErrorKind::TooLarge | ErrorKind::UnknownNamespace => {
-            Code::InvalidArgument
-        }
-        ErrorKind::NoSpace => Code::ResourceExhausted,
-        ErrorKind::Unavailable | ErrorKind::Busy => Code::Unavailable,
-        ErrorKind::Timeout => Code::DeadlineExceeded,
-        ErrorKind::Unauthenticated => Code::Unauthenticated,
-        ErrorKind::PermissionDenied => Code::PermissionDenied,
-        ErrorKind::Internal => Code::Internal,
-    };
-    Status::new(code, codes::clip(&e.message))
+    Status::new(e.grpc_code(), codes::clip(&e.message))
 }
 
 pub(crate) fn code_name(c: Code) -> &'static str {
