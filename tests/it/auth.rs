@@ -456,6 +456,34 @@ fn bound_identities_use_only_their_own_namespace() {
     let status: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     let names = status["Namespaces"].as_array().unwrap().clone();
     assert!(names.iter().all(|n| n == "bob"), "bob sees {names:?}");
+    let figures = status["NamespaceStats"].as_array().unwrap().clone();
+    assert!(
+        figures.iter().all(|n| n["Name"] == "bob"),
+        "bob sees {figures:?}"
+    );
+    let r = h.request("GET", "/status", &[("Authorization", &ann)], b"");
+    let status: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let figures = status["NamespaceStats"].as_array().unwrap().clone();
+    assert_eq!(figures.len(), 1, "ann sees {figures:?}");
+    assert_eq!(figures[0]["Name"], "ann");
+    assert_eq!(figures[0]["NumFiles"], 1);
+    // /metrics: per-namespace series only for the caller's namespace.
+    let metrics = |auth: Option<&str>| {
+        let hs: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+        h.request("GET", "/metrics", &hs, b"").text()
+    };
+    let m = metrics(Some(&ann));
+    assert!(
+        m.contains("hoard_namespace_entries{namespace=\"ann\"} 1"),
+        "{m}"
+    );
+    for (who, text) in [("bob", metrics(Some(&bob))), ("anonymous", metrics(None))] {
+        assert!(
+            !text.contains("namespace=\"ann\""),
+            "{who} sees ann's figures"
+        );
+        assert!(text.contains("bazel_remote_disk_cache_size_bytes"), "{who}");
+    }
     // gRPC: the instance name and the resource name are checked the same way.
     let runtime = rt();
     runtime.block_on(async {

@@ -15,6 +15,7 @@ mod grpc;
 mod hostile;
 mod http;
 mod lifecycle;
+mod namespaces;
 mod rules;
 mod s3;
 mod support;

@@ -194,8 +194,25 @@ fn https_serves_only_tls_and_sighup_swaps_the_certificate() {
     let grpc = h.grpc.unwrap();
     let plain = crate::support::try_request(grpc, "GET", "/healthz", &[], b"");
     assert!(!matches!(&plain, Some(r) if r.status == 200));
-    // A new certificate, then SIGHUP: new connections get it.
+    // A new certificate, then SIGHUP: new connections get it, and a
+    // connection opened before keeps being served.
     assert!(served_subject(h.addr).contains("localhost"));
+    let python = std::env::var("E2E_PYTHON").expect(
+        "E2E_PYTHON (a python with grpcio) is not set: run the README's test command, which installs it",
+    );
+    let mut held = Command::new(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tls/keepalive.py"))
+        .arg("127.0.0.1")
+        .arg(h.addr.port().to_string())
+        .arg(pki.path("ca.pem"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut held_out = std::io::BufReader::new(held.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut held_out, &mut line).unwrap();
+    assert_eq!(line.trim(), "200 localhost", "before the reload");
     pki.leaf(
         "server",
         "ca",
@@ -216,6 +233,15 @@ fn https_serves_only_tls_and_sighup_swaps_the_certificate() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(subject.contains("renewed"), "after SIGHUP: {subject}");
+    std::io::Write::write_all(held.stdin.as_mut().unwrap(), b"go\n").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut held_out, &mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        "200 localhost",
+        "the connection opened before the reload"
+    );
+    assert!(held.wait().unwrap().success());
     let (ok, out) = curl(&pki, &["-f", &url]);
     assert!(ok && out == "over tls", "GET after the reload: {out}");
     // A reload that fails keeps the certificate in use.
@@ -227,7 +253,7 @@ fn https_serves_only_tls_and_sighup_swaps_the_certificate() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(served_subject(h.addr).contains("renewed"));
     println!(
-        "TLS: HTTPS PUT+GET ok, plaintext refused on both ports, SIGHUP swapped the certificate, a bad reload kept it"
+        "TLS: HTTPS PUT+GET ok, plaintext refused on both ports, SIGHUP swapped the certificate and kept an open connection served, a bad reload kept it"
     );
 }
 
@@ -315,4 +341,160 @@ fn grpc_over_mutual_tls_with_a_stock_client() {
             assert_eq!(get(who, what), "UNAVAILABLE", "{who}: {what}");
         }
     }
+}
+
+#[test]
+fn client_certificate_names_are_identities_bound_to_their_namespaces() {
+    use hoard_proto::prost::Message;
+    use hoard_proto::reapi::{Digest, FindMissingBlobsRequest, GetActionResultRequest};
+    let python = std::env::var("E2E_PYTHON").expect(
+        "E2E_PYTHON (a python with grpcio) is not set: run the README's test command, which installs it",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    for team in ["team-a", "team-b"] {
+        pki.leaf(team, "ca", team, "extendedKeyUsage=clientAuth\n");
+    }
+    let mut flags = pki.flags(true);
+    flags.push("--namespaces.bind_to_identity=true".into());
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let h = Hoard::start(&tmp.path().join("cache"), &args);
+    let cert = |team: &str| {
+        vec![
+            "--cert".to_string(),
+            pki.path(&format!("{team}.pem")),
+            "--key".to_string(),
+            pki.path(&format!("{team}.key")),
+        ]
+    };
+    let a = cert("team-a");
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    wait_ready_tls(&h, &pki, &a);
+    let blob = b"team a's output";
+    let hx = sha256_hex(blob);
+    let body = tmp.path().join("blob");
+    std::fs::write(&body, blob).unwrap();
+    let status = |team: &str, method: &str, path: &str| {
+        let c = cert(team);
+        let mut args: Vec<&str> = c.iter().map(String::as_str).collect();
+        let url = format!("https://{}{path}", h.addr);
+        let upload = format!("@{}", body.display());
+        args.extend(["-o", "/dev/null", "-w", "%{http_code}", "-X", method]);
+        if method == "PUT" {
+            args.extend(["--data-binary", &upload]);
+        }
+        args.push(&url);
+        curl(&pki, &args).1
+    };
+    let mut seen = Vec::new();
+    let mut check = |what: &str, got: String, want: &str| {
+        seen.push(format!("{what}: {got}"));
+        assert_eq!(got, want, "{what}");
+    };
+    check(
+        "team-a PUT /cas",
+        status("team-a", "PUT", &format!("/cas/{hx}")),
+        "200",
+    );
+    check(
+        "team-a GET /cas",
+        status("team-a", "GET", &format!("/cas/{hx}")),
+        "200",
+    );
+    check(
+        "team-a GET /team-a/cas",
+        status("team-a", "GET", &format!("/team-a/cas/{hx}")),
+        "200",
+    );
+    check(
+        "team-b GET /cas",
+        status("team-b", "GET", &format!("/cas/{hx}")),
+        "404",
+    );
+    check(
+        "team-b GET /team-a/cas",
+        status("team-b", "GET", &format!("/team-a/cas/{hx}")),
+        "403",
+    );
+    check(
+        "team-b PUT /team-a/cas",
+        status("team-b", "PUT", &format!("/team-a/cas/{hx}")),
+        "403",
+    );
+    assert!(
+        crate::support::files_under(&h.dir)
+            .iter()
+            .any(|f| f.starts_with("ns.v1/team-a/cas.v2/")),
+        "team-a's blob is in its own namespace"
+    );
+    // gRPC: the certificate names the identity the same way.
+    let call = |team: &str, method: &str, req: Vec<u8>| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tls/grpc_call.py");
+        let hex: String = req.iter().map(|b| format!("{b:02x}")).collect();
+        let out = Command::new(&python)
+            .arg(&script)
+            .arg(h.grpc.unwrap().to_string())
+            .arg(&pki.dir)
+            .arg(team)
+            .arg(method)
+            .arg(hex)
+            .output()
+            .expect("running the grpcio client");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let find = |instance: &str| {
+        FindMissingBlobsRequest {
+            instance_name: instance.into(),
+            blob_digests: vec![Digest {
+                hash: hx.clone(),
+                size_bytes: blob.len() as i64,
+            }],
+            ..Default::default()
+        }
+        .encode_to_vec()
+    };
+    let fmb = "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs";
+    check(
+        "gRPC team-a FindMissingBlobs",
+        call("team-a", fmb, find("")),
+        "OK",
+    );
+    check(
+        "gRPC team-b FindMissingBlobs team-a",
+        call("team-b", fmb, find("team-a")),
+        "PERMISSION_DENIED",
+    );
+    let gar = GetActionResultRequest {
+        instance_name: "team-a".into(),
+        action_digest: Some(Digest {
+            hash: hx.clone(),
+            size_bytes: 1,
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    check(
+        "gRPC team-b GetActionResult team-a",
+        call(
+            "team-b",
+            "/build.bazel.remote.execution.v2.ActionCache/GetActionResult",
+            gar.clone(),
+        ),
+        "PERMISSION_DENIED",
+    );
+    check(
+        "gRPC team-a GetActionResult team-a",
+        call(
+            "team-a",
+            "/build.bazel.remote.execution.v2.ActionCache/GetActionResult",
+            gar,
+        ),
+        "NOT_FOUND",
+    );
+    println!("certificate identities: {}", seen.join("; "));
 }

@@ -22,6 +22,11 @@ pub enum Error {
         "blob of {size} bytes is larger than the cache (max_size is {max_size} bytes); raise max_size"
     )]
     TooLarge { size: u64, max_size: u64 },
+    /// The blob can never fit in its namespace's quota.
+    #[error(
+        "blob of {size} bytes is larger than its namespace's quota ({quota} bytes, namespaces.max_size)"
+    )]
+    OverQuota { size: u64, quota: u64 },
     /// Storing the blob now would pass `max_size_hard_limit`.
     #[error(
         "out of cache space: {needed} more bytes would pass max_size_hard_limit ({limit} bytes); try again later"

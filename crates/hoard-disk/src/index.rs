@@ -157,6 +157,8 @@ pub(crate) struct Index {
     pub size_on_disk: u64,
     /// Sum of logical sizes rounded up to 4 KiB, as bazel-remote reports it.
     pub logical_bytes: u64,
+    /// Per namespace id: entries and SizeOnDisk.
+    ns_usage: Vec<(u64, u64)>,
 }
 
 impl Index {
@@ -172,6 +174,7 @@ impl Index {
             odd_suffixes: HashMap::new(),
             size_on_disk: 0,
             logical_bytes: 0,
+            ns_usage: Vec::new(),
         };
         idx.reserve(n);
         idx
@@ -305,6 +308,12 @@ impl Index {
         entry.next = NIL;
         self.size_on_disk += entry.size_on_disk();
         self.logical_bytes += crate::round_up_block(entry.logical());
+        let ns = entry.ns().index();
+        if self.ns_usage.len() <= ns {
+            self.ns_usage.resize(ns + 1, (0, 0));
+        }
+        self.ns_usage[ns].0 += 1;
+        self.ns_usage[ns].1 += entry.size_on_disk();
         let slot = if self.free != NIL {
             let s = self.free;
             self.free = self.entries[s as usize].next;
@@ -368,11 +377,24 @@ impl Index {
         self.unlink(slot);
         self.size_on_disk -= e.size_on_disk();
         self.logical_bytes -= crate::round_up_block(e.logical());
+        let usage = &mut self.ns_usage[e.ns().index()];
+        usage.0 -= 1;
+        usage.1 -= e.size_on_disk();
         self.len -= 1;
         self.entries[slot as usize].next = self.free;
         self.free = slot;
         let odd = self.odd_suffixes.remove(&slot);
         (e, odd)
+    }
+
+    /// Entries and SizeOnDisk of namespace `ns`.
+    pub fn ns_usage(&self, ns: NamespaceId) -> (u64, u64) {
+        self.ns_usage.get(ns.index()).copied().unwrap_or((0, 0))
+    }
+
+    /// The next more recently used entry after `slot` (NIL at the head).
+    pub fn hotter(&self, slot: u32) -> u32 {
+        self.entries[slot as usize].prev
     }
 
     /// The least recently used entry.

@@ -104,10 +104,40 @@ pub struct Config {
     pub fsync: bool,
     /// Upper bound on the number of namespaces (at most 2048).
     pub max_namespaces: usize,
+    /// Per-namespace size limits (SizeOnDisk): a namespace over its quota
+    /// evicts its own least recently used entries, never another's.
+    pub quotas: Quotas,
     /// Fault injection for tests: the background load sleeps this long
     /// after each directory it indexes, so that requests meet a partial
     /// index. `None` in production.
     pub load_pause: Option<std::time::Duration>,
+}
+
+/// Per-namespace size limits, in bytes of SizeOnDisk.
+#[derive(Clone, Debug, Default)]
+pub struct Quotas {
+    /// For every namespace not named in `by_name`; None: no quota.
+    pub default: Option<u64>,
+    pub by_name: HashMap<String, u64>,
+}
+
+impl Quotas {
+    /// The quota of the namespace called `name`, if it has one.
+    pub fn of(&self, name: &str) -> Option<u64> {
+        self.by_name.get(name).copied().or(self.default)
+    }
+}
+
+/// One namespace's figures, for `/status` and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceStats {
+    pub name: String,
+    pub entries: u64,
+    pub size_on_disk: u64,
+    pub quota: Option<u64>,
+    /// SizeOnDisk evicted from this namespace since start, by the global
+    /// limit or its own quota.
+    pub evicted_bytes_total: u64,
 }
 
 /// A blob that was newly committed to disk; given to the [`CommitHook`].
@@ -192,6 +222,10 @@ pub(crate) struct State {
     /// While the index loads: per slot, the file's atime in seconds, or
     /// `u32::MAX` for entries used since start (they must stay hot).
     pub load_atime: Option<Vec<u32>>,
+    /// SizeOnDisk evicted per namespace id since start.
+    pub ns_evicted: Vec<u64>,
+    /// Where the last quota walk stopped (see `evict_over_quota`).
+    pub quota_cursor: Option<(u32, NamespaceId, Kind, Hash)>,
 }
 
 impl State {
@@ -210,6 +244,14 @@ pub(crate) struct Namespaces {
     pub names: Vec<String>,
     pub roots: Vec<Arc<Path>>,
     pub by_name: HashMap<String, NamespaceId>,
+    /// Per namespace id: its quota in bytes (`u64::MAX`: none).
+    pub quotas: Vec<u64>,
+}
+
+impl Namespaces {
+    pub(crate) fn quota(&self, ns: NamespaceId) -> u64 {
+        self.quotas.get(ns.index()).copied().unwrap_or(u64::MAX)
+    }
 }
 
 /// Where an entry's file is, copied out of the index so the path can be
@@ -308,6 +350,7 @@ impl DiskCache {
             names: vec![String::new()],
             roots: vec![Arc::from(dir.as_path())],
             by_name: HashMap::from([(String::new(), NamespaceId::DEFAULT)]),
+            quotas: vec![cfg.quotas.of("").unwrap_or(u64::MAX)],
         };
         let shared = Arc::new(Shared {
             cfg,
@@ -318,6 +361,8 @@ impl DiskCache {
                 doomed: Vec::new(),
                 stop: false,
                 load_atime: None,
+                ns_evicted: Vec::new(),
+                quota_cursor: None,
             }),
             evict_cv: Condvar::new(),
             namespaces: RwLock::new(namespaces),
@@ -394,7 +439,8 @@ impl DiskCache {
         if ns.names.len() >= max {
             return Err(NamespaceError::TooMany(name.into(), max).into());
         }
-        Ok(register(&mut ns, name, root))
+        let quota = self.shared.cfg.quotas.of(name);
+        Ok(register(&mut ns, name, root, quota))
     }
 
     /// A namespace that exists already; None for one never written to.
@@ -510,6 +556,27 @@ impl DiskCache {
         logical_size: u64,
     ) -> Result<Writer, Error> {
         write::Writer::start(self.clone(), ns, kind, hash, logical_size)
+    }
+
+    /// Each namespace's figures.
+    pub fn namespace_stats(&self) -> Vec<NamespaceStats> {
+        let st = self.shared.state.lock();
+        let reg = self.shared.namespaces.read();
+        reg.names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let id = NamespaceId(i as u16);
+                let (entries, size_on_disk) = st.index.ns_usage(id);
+                NamespaceStats {
+                    name: name.clone(),
+                    entries,
+                    size_on_disk,
+                    quota: Some(reg.quota(id)).filter(|q| *q != u64::MAX),
+                    evicted_bytes_total: st.ns_evicted.get(i).copied().unwrap_or(0),
+                }
+            })
+            .collect()
     }
 
     /// Current figures.
@@ -633,9 +700,15 @@ impl Shared {
     }
 }
 
-pub(crate) fn register(ns: &mut Namespaces, name: &str, root: PathBuf) -> NamespaceId {
+pub(crate) fn register(
+    ns: &mut Namespaces,
+    name: &str,
+    root: PathBuf,
+    quota: Option<u64>,
+) -> NamespaceId {
     let id = NamespaceId(ns.names.len() as u16);
     ns.names.push(name.to_string());
+    ns.quotas.push(quota.unwrap_or(u64::MAX));
     ns.roots.push(Arc::from(root.as_path()));
     ns.by_name.insert(name.to_string(), id);
     id
@@ -661,16 +734,18 @@ fn create_layout(root: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Evicts least recently used entries while over `max_size`, and unlinks
-/// files that left the index. Runs on its own thread so that no request
-/// waits for a deletion.
+/// Evicts least recently used entries while over `max_size`, and each
+/// namespace's own least recently used entries while it is over its quota;
+/// unlinks files that left the index. Runs on its own thread so that no
+/// request waits for a deletion.
 fn evict_loop(shared: &Shared) {
-    const BATCH: usize = 512;
     loop {
         let batch = {
             let mut st = shared.state.lock();
             loop {
-                let over = st.index.size_on_disk > shared.cfg.max_size_bytes && !st.stop;
+                let over = !st.stop
+                    && (st.index.size_on_disk > shared.cfg.max_size_bytes
+                        || !over_quota(shared, &st).is_empty());
                 if !st.doomed.is_empty() || over {
                     break;
                 }
@@ -682,17 +757,13 @@ fn evict_loop(shared: &Shared) {
             // Once stopping, only what is already doomed is deleted.
             while !st.stop
                 && st.index.size_on_disk > shared.cfg.max_size_bytes
-                && st.doomed.len() < BATCH
+                && st.doomed.len() < EVICT_BATCH
             {
                 let Some(slot) = st.index.lru() else { break };
-                let loc = Location::of(&st.index, slot);
-                st.index.remove(slot);
-                let path = shared.path_of(&loc);
-                st.pending_deletion += loc.size_on_disk;
-                shared
-                    .evicted_bytes
-                    .fetch_add(loc.size_on_disk, Ordering::Relaxed);
-                st.doomed.push((path, loc.size_on_disk));
+                evict(shared, &mut st, slot);
+            }
+            if !st.stop && st.doomed.len() < EVICT_BATCH {
+                evict_over_quota(shared, &mut st);
             }
             std::mem::take(&mut st.doomed)
         };
@@ -708,5 +779,93 @@ fn evict_loop(shared: &Shared) {
             freed += size;
         }
         shared.state.lock().pending_deletion -= freed;
+    }
+}
+
+/// Files unlinked per pass of the evictor (the index lock is released
+/// between passes).
+const EVICT_BATCH: usize = 512;
+/// Entries one quota walk visits under the index lock before letting go.
+const QUOTA_WALK: usize = 16 * 1024;
+
+/// Takes `slot` out of the index and queues its file for deletion.
+fn evict(shared: &Shared, st: &mut State, slot: u32) {
+    let loc = Location::of(&st.index, slot);
+    st.index.remove(slot);
+    let path = shared.path_of(&loc);
+    st.pending_deletion += loc.size_on_disk;
+    shared
+        .evicted_bytes
+        .fetch_add(loc.size_on_disk, Ordering::Relaxed);
+    let ns = loc.ns.index();
+    if st.ns_evicted.len() <= ns {
+        st.ns_evicted.resize(ns + 1, 0);
+    }
+    st.ns_evicted[ns] += loc.size_on_disk;
+    st.doomed.push((path, loc.size_on_disk));
+}
+
+/// Bytes each namespace over its quota must shed, by namespace id (empty
+/// when none is over). Namespaces are few (at most 2048): this is a scan
+/// of two small arrays.
+fn over_quota(shared: &Shared, st: &State) -> Vec<(NamespaceId, u64)> {
+    let reg = shared.namespaces.read();
+    (0..reg.quotas.len())
+        .filter_map(|i| {
+            let id = NamespaceId(i as u16);
+            let used = st.index.ns_usage(id).1;
+            let quota = reg.quota(id);
+            (used > quota).then(|| (id, used - quota))
+        })
+        .collect()
+}
+
+/// Evicts the least recently used entries of namespaces over their quota,
+/// and nothing of any other namespace.
+///
+/// There is one LRU list for all namespaces (the global limit evicts in
+/// global LRU order), so a namespace's coldest entries are found by walking
+/// the list from its cold end and skipping other namespaces' entries. One
+/// walk visits at most `QUOTA_WALK` entries under the lock; the next pass
+/// goes on from where it stopped if that entry is still indexed, else
+/// from the cold end again. An entry used since then has moved to the hot
+/// end, so a walk may miss a victim once; the namespace stays over its
+/// quota and the evictor keeps passing until it is not.
+fn evict_over_quota(shared: &Shared, st: &mut State) {
+    let over = over_quota(shared, st);
+    if over.is_empty() {
+        st.quota_cursor = None;
+        return;
+    }
+    let mut excess: HashMap<NamespaceId, u64> = over.into_iter().collect();
+    let start = st
+        .quota_cursor
+        .take()
+        .filter(|(slot, ns, kind, hash)| st.index.find(*ns, *kind, hash) == Some(*slot))
+        .map(|(slot, ..)| slot);
+    let mut slot = match start.or_else(|| st.index.lru()) {
+        Some(s) => s,
+        None => return,
+    };
+    let mut visited = 0;
+    while slot != index::NIL && visited < QUOTA_WALK && st.doomed.len() < EVICT_BATCH {
+        let next = st.index.hotter(slot);
+        let e = st.index.entry(slot);
+        let ns = e.ns();
+        if let Some(left) = excess.get_mut(&ns)
+            && *left > 0
+        {
+            *left = left.saturating_sub(e.size_on_disk());
+            evict(shared, st, slot);
+            if excess.values().all(|l| *l == 0) {
+                return;
+            }
+        }
+        slot = next;
+        visited += 1;
+    }
+    if slot != index::NIL {
+        let e = st.index.entry(slot);
+        st.quota_cursor = Some((slot, e.ns(), e.kind(), Hash(e.hash)));
     }
 }

@@ -275,7 +275,8 @@ impl DiskCache {
             let id = match reg.by_name.get(&ns_name) {
                 Some(id) => *id,
                 None if reg.names.len() < self.shared().cfg.max_namespaces => {
-                    register(&mut reg, &ns_name, de.path())
+                    let quota = self.shared().cfg.quotas.of(&ns_name);
+                    register(&mut reg, &ns_name, de.path(), quota)
                 }
                 None => {
                     tracing::warn!(namespace = %ns_name, "namespace limit reached; not loading it");

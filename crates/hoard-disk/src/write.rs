@@ -136,6 +136,15 @@ impl Writer {
                 max_size: cfg.max_size_bytes,
             });
         }
+        // A blob larger than its namespace's quota could only evict the
+        // whole namespace and then itself.
+        let quota = w.cache.shared().namespaces.read().quota(ns);
+        if estimate > quota {
+            return Err(Error::OverQuota {
+                size: expected,
+                quota,
+            });
+        }
         // A blob that cannot fit now is refused before a byte is taken;
         // one that fits reserves its first step only.
         w.estimate = estimate;
@@ -364,7 +373,10 @@ impl Writer {
                     true
                 }
             };
-            if !st.doomed.is_empty() || st.index.size_on_disk > shared.cfg.max_size_bytes {
+            if !st.doomed.is_empty()
+                || st.index.size_on_disk > shared.cfg.max_size_bytes
+                || st.index.ns_usage(self.ns).1 > shared.namespaces.read().quota(self.ns)
+            {
                 shared.evict_cv.notify_one();
             }
             created

@@ -19,6 +19,7 @@ fn cfg(dir: &Path, max: u64) -> Config {
         storage_mode: StorageMode::Zstd,
         fsync: false,
         max_namespaces: 16,
+        quotas: Default::default(),
         load_pause: None,
     }
 }
@@ -296,6 +297,130 @@ fn eviction_keeps_the_size_under_max_and_removes_least_recently_used_first() {
             .is_some()
     );
     assert_eq!(files_under(dir.path()).len() as u64, st.entries);
+}
+
+/// `n` bytes of noise from `seed` (zstd cannot shrink them).
+fn noise(n: usize, seed: u32) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(2654435761) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            s as u8
+        })
+        .collect()
+}
+
+#[test]
+fn a_namespace_over_its_quota_evicts_only_its_own_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path(), 64 << 20);
+    c.quotas.default = Some(200 * 1024);
+    c.quotas.by_name.insert("big".into(), 1 << 20);
+    let cache = DiskCache::open(c).unwrap();
+    let quiet = cache.namespace("quiet").unwrap();
+    let noisy = cache.namespace("noisy").unwrap();
+    let big = cache.namespace("big").unwrap();
+    // The quiet tenant's entries are the least recently used of all: a
+    // global LRU would take them first.
+    let quiet_blobs: Vec<Vec<u8>> = (0..5).map(|i| noise(16_000, 1000 + i)).collect();
+    for b in &quiet_blobs {
+        put(&cache, quiet, Kind::Cas, b).unwrap();
+    }
+    let noisy_blobs: Vec<Vec<u8>> = (0..200).map(|i| noise(16_000, i)).collect();
+    for (i, b) in noisy_blobs.iter().enumerate() {
+        put(&cache, noisy, Kind::Cas, b).unwrap();
+        if i == 0 {
+            // Its first entry stays hot.
+            continue;
+        }
+        assert!(
+            cache
+                .contains(noisy, Kind::Cas, &sha(&noisy_blobs[0]))
+                .is_some()
+        );
+    }
+    for b in noisy_blobs.iter().take(30) {
+        put(&cache, big, Kind::Cas, b).unwrap();
+    }
+    let settled = || {
+        let s = cache.namespace_stats();
+        let noisy = s.iter().find(|n| n.name == "noisy").unwrap();
+        noisy.size_on_disk <= 200 * 1024 && cache.stats().pending_deletion == 0
+    };
+    for _ in 0..500 {
+        if settled() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(settled(), "{:?}", cache.namespace_stats());
+    let stats = cache.namespace_stats();
+    let of = |name: &str| stats.iter().find(|n| n.name == name).unwrap().clone();
+    assert_eq!(of("quiet").entries, 5, "{stats:?}");
+    assert_eq!(of("quiet").evicted_bytes_total, 0);
+    assert_eq!(of("big").entries, 30, "its own override (1 MiB) holds 30");
+    assert_eq!(of("noisy").quota, Some(200 * 1024));
+    assert!(of("noisy").evicted_bytes_total > 0);
+    for b in &quiet_blobs {
+        assert_eq!(
+            read(&cache, quiet, Kind::Cas, &sha(b)).as_deref(),
+            Some(&b[..])
+        );
+    }
+    // Its own least recently used went first; its hot entry stayed.
+    assert!(
+        cache
+            .contains(noisy, Kind::Cas, &sha(&noisy_blobs[0]))
+            .is_some()
+    );
+    assert!(
+        cache
+            .contains(noisy, Kind::Cas, &sha(&noisy_blobs[1]))
+            .is_none()
+    );
+    assert!(
+        cache
+            .contains(noisy, Kind::Cas, &sha(&noisy_blobs[199]))
+            .is_some()
+    );
+    // A blob larger than the quota can never fit it.
+    let huge = noise(300 * 1024, 7);
+    match put(&cache, noisy, Kind::Cas, &huge) {
+        Err(Error::OverQuota { quota, .. }) => assert_eq!(quota, 200 * 1024),
+        other => panic!("{other:?}"),
+    }
+    // After a restart the load registers each namespace with its quota,
+    // and a smaller quota is enforced on what was there.
+    cache.shutdown(std::time::Duration::from_secs(10));
+    drop(cache);
+    let mut c = cfg(dir.path(), 64 << 20);
+    c.quotas.default = Some(100 * 1024);
+    let cache = DiskCache::open(c).unwrap();
+    cache.load();
+    let shrunk = || {
+        let s = cache.namespace_stats();
+        let of = |name: &str| s.iter().find(|n| n.name == name).unwrap().clone();
+        (
+            of("noisy").size_on_disk,
+            of("big").size_on_disk,
+            of("quiet").size_on_disk,
+        )
+    };
+    for _ in 0..500 {
+        let (n, b, q) = shrunk();
+        if n <= 100 * 1024 && b <= 100 * 1024 && q <= 100 * 1024 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let (n, b, q) = shrunk();
+    assert!(
+        n <= 100 * 1024 && b <= 100 * 1024 && q <= 100 * 1024,
+        "{n} {b} {q}"
+    );
+    assert!(n > 0 && b > 0 && q > 0, "each keeps what fits: {n} {b} {q}");
 }
 
 #[test]

@@ -30,8 +30,10 @@ pub enum Access {
     Write,
 }
 
-/// Who a request comes from: a user of the htpasswd file, or nobody
-/// (no file configured, or an unauthenticated read).
+/// Who a request comes from: a user of the htpasswd file; without one, the
+/// common name of the client certificate the TLS handshake verified
+/// (`tls_ca_file`); or nobody (neither configured, or an unauthenticated
+/// read).
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Identity {
     pub user: Option<String>,
@@ -170,13 +172,21 @@ impl Auth {
     /// Decides whether a request with `creds` may have `access`. Wrong
     /// credentials are refused even where none would do: a client that
     /// sends a wrong password should learn it, not silently get less.
+    ///
+    /// `certified` is the common name of the connection's verified client
+    /// certificate. With an htpasswd file, credentials decide and the
+    /// certificate only opened the channel; without one, the certificate
+    /// is the identity.
     pub async fn check(
         &self,
         creds: Option<Credentials>,
         access: Access,
+        certified: Option<&str>,
     ) -> Result<Identity, CacheError> {
         let Some(file) = &self.htpasswd else {
-            return Ok(Identity::default());
+            return Ok(Identity {
+                user: certified.map(String::from),
+            });
         };
         let Some(creds) = creds else {
             if access == Access::Read && self.allow_unauthenticated_reads {
@@ -278,7 +288,7 @@ mod tests {
         let auth = Auth::new(Htpasswd::parse(&format!("ann:{h}")).ok(), true);
         let ann = parse_basic(&basic("ann", "pw"));
         assert_eq!(
-            auth.check(ann.clone(), Access::Write)
+            auth.check(ann.clone(), Access::Write, None)
                 .await
                 .unwrap()
                 .user
@@ -286,21 +296,27 @@ mod tests {
             Some("ann")
         );
         // Remembered: a second check needs no bcrypt.
-        assert!(auth.check(ann, Access::Write).await.is_ok());
-        assert!(auth.check(None, Access::Read).await.is_ok());
-        let e = auth.check(None, Access::Write).await.unwrap_err();
+        assert!(auth.check(ann, Access::Write, None).await.is_ok());
+        assert!(auth.check(None, Access::Read, None).await.is_ok());
+        let e = auth.check(None, Access::Write, None).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Unauthenticated);
         let wrong = parse_basic(&basic("ann", "nope"));
-        assert!(auth.check(wrong.clone(), Access::Read).await.is_err());
-        assert!(auth.check(wrong, Access::Read).await.is_err());
+        assert!(auth.check(wrong.clone(), Access::Read, None).await.is_err());
+        assert!(auth.check(wrong, Access::Read, None).await.is_err());
         assert!(
-            auth.check(parse_basic(&basic("zed", "pw")), Access::Read)
+            auth.check(parse_basic(&basic("zed", "pw")), Access::Read, None)
                 .await
                 .is_err()
         );
         assert!(parse_basic(b"Bearer abc").is_none());
         assert!(parse_basic(b"Basic !!!").is_none());
         let open = Auth::default();
-        assert!(open.check(None, Access::Write).await.is_ok());
+        assert!(open.check(None, Access::Write, None).await.is_ok());
+        // Without an htpasswd file a verified certificate names the client;
+        // with one, the credentials decide.
+        let by_cert = open.check(None, Access::Write, Some("team-a")).await;
+        assert_eq!(by_cert.unwrap().user.as_deref(), Some("team-a"));
+        let e = auth.check(None, Access::Write, Some("team-a")).await;
+        assert_eq!(e.unwrap_err().kind, ErrorKind::Unauthenticated);
     }
 }

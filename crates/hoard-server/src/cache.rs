@@ -53,6 +53,23 @@ pub struct NamespacePolicy {
     /// An authenticated identity's namespace is its name, and it may use
     /// no other; unauthenticated reads see the default namespace only.
     pub bind_to_identity: bool,
+    /// What a request's instance name selects.
+    pub instance_names: InstanceNames,
+}
+
+/// What an instance name (gRPC `instance_name`, HTTP path prefix) selects.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InstanceNames {
+    /// Its own namespace: its own AC and CAS.
+    #[default]
+    Isolate,
+    /// bazel-remote's `enable_ac_key_instance_mangling`: one namespace for
+    /// all, with each action key replaced by `hex(sha256(key || instance))`
+    /// when the instance is not empty, so action results are per instance
+    /// and the CAS is shared.
+    MangleAc,
+    /// bazel-remote's default: instance names are ignored.
+    Ignore,
 }
 
 /// Limits the facade enforces.
@@ -100,6 +117,8 @@ pub struct Cache {
     share: Share,
     /// Who the requests made through this handle come from.
     identity: crate::auth::Identity,
+    /// The common name of the connection's verified client certificate.
+    certified: Option<Arc<str>>,
 }
 
 struct Inner {
@@ -129,6 +148,7 @@ impl Cache {
         Cache {
             share,
             identity: crate::auth::Identity::default(),
+            certified: None,
             inner: Arc::new(Inner {
                 disk,
                 policy,
@@ -172,7 +192,11 @@ impl Cache {
         creds: Option<crate::auth::Credentials>,
         access: crate::auth::Access,
     ) -> Result<crate::auth::Identity, CacheError> {
-        let r = self.inner.auth.check(creds, access).await;
+        let r = self
+            .inner
+            .auth
+            .check(creds, access, self.certified.as_deref())
+            .await;
         if r.is_err() {
             self.inner.metrics.auth_failures.inc();
         }
@@ -186,22 +210,46 @@ impl Cache {
             inner: Arc::clone(&self.inner),
             share: self.share.clone(),
             identity,
+            certified: self.certified.clone(),
         }
     }
 
-    /// The namespaces this handle's identity may see, for `/status`:
-    /// with identities bound, only its own.
-    pub fn visible_namespaces(&self) -> Vec<String> {
-        let all = self.inner.disk.namespaces();
+    /// This handle, for a connection whose client certificate (verified
+    /// in the TLS handshake) names `common_name`.
+    pub fn with_certificate(&self, common_name: Option<String>) -> Cache {
+        Cache {
+            certified: common_name.map(Arc::from),
+            ..self.clone()
+        }
+    }
+
+    /// Whether this handle's identity may see the namespace called `name`
+    /// and its figures (`/status`, `/metrics`): with identities bound, only
+    /// its own (the default one for unauthenticated reads).
+    pub fn may_see(&self, name: &str) -> bool {
         if !self.inner.policy.bind_to_identity {
-            return all;
+            return true;
         }
         let own = self
             .identity
             .user
-            .clone()
-            .unwrap_or_else(|| self.inner.policy.default.clone());
-        all.into_iter().filter(|n| *n == own).collect()
+            .as_deref()
+            .unwrap_or(self.inner.policy.default.as_str());
+        name == own
+    }
+
+    /// The namespaces this handle's identity may see, for `/status`.
+    pub fn visible_namespaces(&self) -> Vec<String> {
+        let mut all = self.inner.disk.namespaces();
+        all.retain(|n| self.may_see(n));
+        all
+    }
+
+    /// Figures of the namespaces this handle's identity may see.
+    pub fn namespace_stats(&self) -> Vec<hoard_disk::NamespaceStats> {
+        let mut all = self.inner.disk.namespace_stats();
+        all.retain(|n| self.may_see(&n.name));
+        all
     }
 
     /// A handle for one new connection: what its requests hold in memory
@@ -211,6 +259,7 @@ impl Cache {
             inner: Arc::clone(&self.inner),
             share: self.inner.budget.share(),
             identity: self.identity.clone(),
+            certified: self.certified.clone(),
         }
     }
 
@@ -246,6 +295,11 @@ impl Cache {
     /// server serves it.
     fn namespace_name<'a>(&'a self, instance: &'a str) -> Result<&'a str, CacheError> {
         let policy = &self.inner.policy;
+        // Outside `isolate`, an instance name never selects a namespace.
+        let instance = match policy.instance_names {
+            InstanceNames::Isolate => instance,
+            InstanceNames::MangleAc | InstanceNames::Ignore => "",
+        };
         if policy.bind_to_identity {
             let own = self
                 .identity
@@ -322,6 +376,22 @@ impl Cache {
             .namespace(name)
             .map(Some)
             .map_err(CacheError::from)
+    }
+
+    /// The key an action result of `instance` is stored under: `hash`
+    /// itself, or with `instance_names: mangle_ac` bazel-remote's mangled
+    /// key, `hex(sha256(hex(hash) || instance))`, so a directory adopted
+    /// from a bazel-remote with `enable_ac_key_instance_mangling` keeps
+    /// its hits.
+    pub fn action_key(&self, instance: &str, hash: Hash) -> Hash {
+        use sha2::Digest as _;
+        if self.inner.policy.instance_names != InstanceNames::MangleAc || instance.is_empty() {
+            return hash;
+        }
+        let mut h = sha2::Sha256::new();
+        h.update(hash.to_hex().as_bytes());
+        h.update(instance.as_bytes());
+        Hash(h.finalize().into())
     }
 
     /// The keyspace HTTP `/ac/` requests use: validated action results, or

@@ -109,7 +109,9 @@ impl From<DiskError> for CacheError {
             DiskError::DigestMismatch { .. }
             | DiskError::SizeMismatch { .. }
             | DiskError::Namespace(_) => (ErrorKind::InvalidArgument, e.to_string()),
-            DiskError::TooLarge { .. } => (ErrorKind::TooLarge, e.to_string()),
+            DiskError::TooLarge { .. } | DiskError::OverQuota { .. } => {
+                (ErrorKind::TooLarge, e.to_string())
+            }
             DiskError::HardLimit { .. } => (ErrorKind::NoSpace, e.to_string()),
             DiskError::NoSpace { .. } => (
                 ErrorKind::NoSpace,

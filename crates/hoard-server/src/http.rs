@@ -106,6 +106,7 @@ pub async fn serve(
                 else {
                     return;
                 };
+                let cache = cache.with_certificate(io.peer_common_name());
                 let svc = service_fn(move |req| {
                     let st = Arc::clone(&st);
                     let cache = cache.clone();
@@ -252,7 +253,8 @@ async fn serve_route(
             if let Some(b) = st.cache.backend() {
                 b.refresh_gauges();
             }
-            let mut r = full(StatusCode::OK, m.render(st.cache.disk()));
+            let visible = |ns: &str| cache.may_see(ns);
+            let mut r = full(StatusCode::OK, m.render(st.cache.disk(), &visible));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4"),
@@ -345,9 +347,9 @@ async fn cache_request(
     kind: Kind,
     hash: Hash,
 ) -> Result<Response<Body>, CacheError> {
-    let kind = match kind {
-        Kind::Ac => cache.http_ac_kind(),
-        other => other,
+    let (kind, hash) = match kind {
+        Kind::Ac => (cache.http_ac_kind(), cache.action_key(instance, hash)),
+        other => (other, hash),
     };
     if req.method() == Method::PUT {
         let ns = cache.namespace(instance)?;
@@ -708,9 +710,22 @@ struct Status {
     hard_limit: Option<u64>,
     in_flight_bytes: u64,
     namespaces: Vec<String>,
+    /// Per-namespace figures, of the namespaces the caller may see.
+    namespace_stats: Vec<NamespaceStatus>,
     uptime_seconds: u64,
     /// The S3 tier, when configured.
     backend: Option<BackendStatus>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct NamespaceStatus {
+    name: String,
+    num_files: u64,
+    curr_size: u64,
+    /// `namespaces.max_size` (or its override), if any.
+    max_size: Option<u64>,
+    evicted_bytes: u64,
 }
 
 #[derive(serde::Serialize)]
@@ -753,6 +768,17 @@ fn status_page(st: &HttpState, cache: &Cache) -> Response<Body> {
         hard_limit: s.hard_limit,
         in_flight_bytes: st.cache.inflight_bytes(),
         namespaces: cache.visible_namespaces(),
+        namespace_stats: cache
+            .namespace_stats()
+            .into_iter()
+            .map(|n| NamespaceStatus {
+                name: n.name,
+                num_files: n.entries,
+                curr_size: n.size_on_disk,
+                max_size: n.quota,
+                evicted_bytes: n.evicted_bytes_total,
+            })
+            .collect(),
         uptime_seconds: now
             .duration_since(st.started)
             .map(|d| d.as_secs())

@@ -22,6 +22,6 @@ pub mod metrics;
 pub mod tls;
 pub mod validate;
 
-pub use cache::{Cache, Encoding, Found, Limits, NamespacePolicy, Upload};
+pub use cache::{Cache, Encoding, Found, InstanceNames, Limits, NamespacePolicy, Upload};
 pub use error::{CacheError, ErrorKind};
 pub use metrics::Metrics;

@@ -356,6 +356,22 @@ pub async fn handshake(
     }
 }
 
+impl ClientIo {
+    /// The common name (CN) of the client certificate the TLS handshake
+    /// verified, if any. A certificate whose subject has no CN, or more
+    /// than one, or one that is not UTF-8, names nobody.
+    pub fn peer_common_name(&self) -> Option<String> {
+        let ClientIo::Tls(s) = self else {
+            return None;
+        };
+        let der = s.get_ref().1.peer_certificates()?.first()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+        let mut names = cert.subject().iter_common_name();
+        let cn = names.next()?.as_str().ok()?.to_string();
+        names.next().is_none().then_some(cn)
+    }
+}
+
 macro_rules! both {
     ($self:ident, $s:ident => $e:expr) => {
         match $self.get_mut() {

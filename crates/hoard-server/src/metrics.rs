@@ -4,7 +4,7 @@
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use hoard_disk::DiskCache;
@@ -31,6 +31,10 @@ pub struct Metrics {
     pub idle_closed_connections: IntCounter,
     pub grpc_handled: IntCounterVec,
     pub grpc_seconds: HistogramVec,
+    ns_size: IntGaugeVec,
+    ns_entries: IntGaugeVec,
+    ns_quota: IntGaugeVec,
+    ns_evicted: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -200,6 +204,43 @@ impl Metrics {
                     &["grpc_type", "grpc_service", "grpc_method"],
                 )?,
             ),
+            ns_size: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "hoard_namespace_size_bytes",
+                        "SizeOnDisk of each namespace's blobs.",
+                    ),
+                    &["namespace"],
+                )?,
+            ),
+            ns_entries: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new("hoard_namespace_entries", "Blobs in each namespace."),
+                    &["namespace"],
+                )?,
+            ),
+            ns_quota: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "hoard_namespace_quota_bytes",
+                        "Each namespace's quota (namespaces.max_size), where it has one.",
+                    ),
+                    &["namespace"],
+                )?,
+            ),
+            ns_evicted: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "hoard_namespace_evicted_bytes_total",
+                        "SizeOnDisk evicted from each namespace since start (by max_size or its quota).",
+                    ),
+                    &["namespace"],
+                )?,
+            ),
             registry: r,
         };
         for kind in ["ac", "cas"] {
@@ -216,7 +257,25 @@ impl Metrics {
     }
 
     /// Refreshes the disk gauges and renders everything as Prometheus text.
-    pub fn render(&self, disk: &DiskCache) -> Vec<u8> {
+    /// Series labelled with a namespace that `visible` refuses are left
+    /// out: one tenant's figures are not another's to read.
+    pub fn render(&self, disk: &DiskCache, visible: &dyn Fn(&str) -> bool) -> Vec<u8> {
+        for n in disk.namespace_stats() {
+            let label = [n.name.as_str()];
+            self.ns_size
+                .with_label_values(&label)
+                .set(n.size_on_disk as i64);
+            self.ns_entries
+                .with_label_values(&label)
+                .set(n.entries as i64);
+            if let Some(q) = n.quota {
+                self.ns_quota.with_label_values(&label).set(q as i64);
+            }
+            catch_up(
+                &self.ns_evicted.with_label_values(&label),
+                n.evicted_bytes_total,
+            );
+        }
         let s = disk.stats();
         self.disk_size.set(s.size_on_disk as i64);
         self.disk_logical.set(s.logical_bytes as i64);
@@ -232,7 +291,21 @@ impl Metrics {
         self.index_progress.set(s.load_fraction);
         catch_up(&self.corrupt_dropped, s.corrupt_dropped_total);
         let mut out = Vec::new();
-        let families = self.registry.gather();
+        let mut families = self.registry.gather();
+        for f in &mut families {
+            let kept: Vec<_> = f
+                .take_metric()
+                .into_iter()
+                .filter(|m| {
+                    m.get_label()
+                        .iter()
+                        .find(|l| l.name() == "namespace")
+                        .is_none_or(|l| visible(l.value()))
+                })
+                .collect();
+            f.set_metric(kept);
+        }
+        families.retain(|f| !f.get_metric().is_empty());
         if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
             tracing::error!(error = %e, "encoding metrics failed");
         }

@@ -2,13 +2,13 @@
 //! [`Config`] before anything is opened. Every error is one line naming the
 //! setting, where its value came from, and what is wrong.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use hoard_disk::StorageMode;
-use hoard_server::NamespacePolicy;
+use hoard_server::{InstanceNames, NamespacePolicy};
 
 use crate::settings::{self, IGNORED, SETTINGS, Setting, Ty, UNSUPPORTED};
 
@@ -46,6 +46,7 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub namespaces: NamespacePolicy,
     pub max_namespaces: usize,
+    pub quotas: hoard_disk::Quotas,
     /// The S3 tier, when `s3_proxy.bucket` is set.
     pub s3: Option<(hoard_upload::S3Config, hoard_upload::UploadConfig)>,
     /// Storage accounting, when `accounting.clickhouse_url` is set.
@@ -275,6 +276,22 @@ fn flatten(
         };
         let source = format!("{key} in {path}");
         let value = match v {
+            // A list setting may be a mapping of name to value
+            // (`max_size_overrides: {team-a: 50}`), kept as name=value.
+            serde_yaml::Value::Mapping(inner)
+                if settings::find_by_key(&key).is_some_and(|s| s.ty == Ty::List) =>
+            {
+                inner
+                    .iter()
+                    .map(|(k, v)| Some(format!("{}={}", k.as_str()?, scalar(v)?)))
+                    .collect::<Option<Vec<_>>>()
+                    .map(|v| v.join(","))
+                    .ok_or_else(|| {
+                        ConfigError(format!(
+                            "{key}: expected a mapping of names to scalars ({source})"
+                        ))
+                    })?
+            }
             serde_yaml::Value::Mapping(inner) => {
                 unsupported(&key)?;
                 flatten(path, &key, inner, out)?;
@@ -357,6 +374,10 @@ impl Values<'_> {
                 "{key}: expected a duration like 30s, 5m or 1h, got {v:?} ({src})"
             ))
         })
+    }
+
+    fn is_set(&self, key: &str) -> bool {
+        self.merged.contains_key(key)
     }
 
     fn source(&self, key: &str) -> String {
@@ -646,6 +667,14 @@ fn build(m: &BTreeMap<String, Raw>) -> Result<Config, ConfigError> {
     if !(1..=2048).contains(&max_ns) {
         return err(format!("namespaces.max: expected 1 to 2048, got {max_ns}"));
     }
+    let quotas = quotas(&v)?;
+    let instance_names = instance_names(&v)?;
+    if instance_names != InstanceNames::Isolate && !allowed.is_empty() {
+        return err(format!(
+            "namespaces.allowed ({}) lists instance names, but namespaces.instance_names is not isolate: instance names select no namespace; remove one",
+            v.source("namespaces.allowed")
+        ));
+    }
     let inflight = v.int("max_inflight_bytes")?;
     if inflight < 1 << 20 {
         return err(format!(
@@ -698,9 +727,80 @@ fn build(m: &BTreeMap<String, Raw>) -> Result<Config, ConfigError> {
             default: default_ns,
             allowed: (!allowed.is_empty()).then_some(allowed),
             bind_to_identity: bind_to_identity(&v)?,
+            instance_names,
         },
         max_namespaces: max_ns as usize,
+        quotas,
     })
+}
+
+/// A size in GiB, fractions allowed, as bytes.
+fn gib(key: &str, value: &str, source: &str) -> Result<u64, ConfigError> {
+    match value.trim().parse::<f64>() {
+        Ok(g) if g > 0.0 && g.is_finite() => Ok((g * GIB as f64) as u64),
+        _ => err(format!(
+            "{key}: expected a size in GiB above 0 (like 50 or 0.5), got {value:?} ({source})"
+        )),
+    }
+}
+
+/// `namespaces.max_size` and its per-name overrides.
+fn quotas(v: &Values<'_>) -> Result<hoard_disk::Quotas, ConfigError> {
+    let key = "namespaces.max_size";
+    let raw = v.string(key);
+    let default = match raw.trim() {
+        "" => None,
+        g => Some(gib(key, g, &v.source(key))?),
+    };
+    let key = "namespaces.max_size_overrides";
+    let mut by_name = HashMap::new();
+    for item in v
+        .string(key)
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let Some((name, size)) = item.split_once('=') else {
+            return err(format!(
+                "{key}: expected name=GiB, got {item:?} ({})",
+                v.source(key)
+            ));
+        };
+        let name = name.trim();
+        hoard_disk::validate_namespace(name)
+            .or_else(|e| err(format!("{key}: {e} ({})", v.source(key))))?;
+        by_name.insert(name.to_string(), gib(key, size, &v.source(key))?);
+    }
+    Ok(hoard_disk::Quotas { default, by_name })
+}
+
+/// `namespaces.instance_names`, or bazel-remote's
+/// `enable_ac_key_instance_mangling`, which may only agree with it.
+fn instance_names(v: &Values<'_>) -> Result<InstanceNames, ConfigError> {
+    let key = "namespaces.instance_names";
+    let mode = match v.string(key).as_str() {
+        "isolate" => InstanceNames::Isolate,
+        "mangle_ac" => InstanceNames::MangleAc,
+        "ignore" => InstanceNames::Ignore,
+        other => {
+            return err(format!(
+                "{key}: expected isolate, mangle_ac or ignore, got {other:?} ({})",
+                v.source(key)
+            ));
+        }
+    };
+    if v.bool("enable_ac_key_instance_mangling")? {
+        if v.is_set(key) && mode != InstanceNames::MangleAc {
+            return err(format!(
+                "enable_ac_key_instance_mangling ({}) means namespaces.instance_names: mangle_ac, but {key} is {:?} ({}); set one of them",
+                v.source("enable_ac_key_instance_mangling"),
+                v.string(key),
+                v.source(key)
+            ));
+        }
+        return Ok(InstanceNames::MangleAc);
+    }
+    Ok(mode)
 }
 
 /// The TLS settings, checked for consistency (the files are read at
@@ -735,8 +835,12 @@ fn bind_to_identity(v: &Values<'_>) -> Result<bool, ConfigError> {
         return Ok(false);
     }
     let Some(h) = htpasswd(v)? else {
+        // Without htpasswd users, client certificates are the identities.
+        if !v.string("tls_ca_file").is_empty() {
+            return Ok(true);
+        }
         return err(format!(
-            "namespaces.bind_to_identity is set ({}) but htpasswd_file is not: there are no identities to bind",
+            "namespaces.bind_to_identity is set ({}) but neither htpasswd_file nor tls_ca_file is: there are no identities to bind",
             v.source("namespaces.bind_to_identity")
         ));
     };
@@ -788,6 +892,89 @@ mod tests {
             Command::Serve(c) => Ok(*c),
             _ => panic!("not a serve command"),
         }
+    }
+
+    #[test]
+    fn quotas_and_instance_names_from_every_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hoard.yaml");
+        std::fs::write(
+            &file,
+            "namespaces:\n  max_size: 0.5\n  max_size_overrides:\n    big: 2\n    small: 0.25\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let c = load(&["--config_file", f], &[]).unwrap();
+        assert_eq!(c.quotas.default, Some(GIB / 2));
+        assert_eq!(c.quotas.of("big"), Some(2 * GIB));
+        assert_eq!(c.quotas.of("small"), Some(GIB / 4));
+        assert_eq!(c.quotas.of("other"), Some(GIB / 2));
+        let c = load(
+            &["--namespaces.max_size_overrides=a=1,b=3"],
+            &[("HOARD_NAMESPACES_MAX_SIZE", "7")],
+        )
+        .unwrap();
+        assert_eq!(c.quotas.of("b"), Some(3 * GIB));
+        assert_eq!(c.quotas.of("z"), Some(7 * GIB));
+        assert_eq!(load(&[], &[]).unwrap().quotas.of("x"), None);
+        for bad in [
+            "--namespaces.max_size=0",
+            "--namespaces.max_size=lots",
+            "--namespaces.max_size_overrides=a",
+            "--namespaces.max_size_overrides=../x=1",
+            "--namespaces.instance_names=maybe",
+        ] {
+            let e = load(&[bad], &[]).unwrap_err().to_string();
+            assert!(e.contains(": namespaces."), "{bad}: {e}");
+        }
+        use hoard_server::InstanceNames;
+        let mode = |args: &[&str], env: &[(&str, &str)]| {
+            load(args, env).map(|c| c.namespaces.instance_names)
+        };
+        assert_eq!(mode(&[], &[]).unwrap(), InstanceNames::Isolate);
+        assert_eq!(
+            mode(&["--namespaces.instance_names=ignore"], &[]).unwrap(),
+            InstanceNames::Ignore
+        );
+        assert_eq!(
+            mode(
+                &[],
+                &[("BAZEL_REMOTE_ENABLE_AC_KEY_INSTANCE_MANGLING", "true")]
+            )
+            .unwrap(),
+            InstanceNames::MangleAc
+        );
+        assert_eq!(
+            mode(
+                &[
+                    "--enable_ac_key_instance_mangling",
+                    "--namespaces.instance_names=mangle_ac"
+                ],
+                &[]
+            )
+            .unwrap(),
+            InstanceNames::MangleAc
+        );
+        assert!(
+            mode(
+                &[
+                    "--enable_ac_key_instance_mangling",
+                    "--namespaces.instance_names=ignore"
+                ],
+                &[]
+            )
+            .is_err()
+        );
+        assert!(
+            load(
+                &[
+                    "--namespaces.instance_names=ignore",
+                    "--namespaces.allowed=a"
+                ],
+                &[]
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -59,6 +59,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         storage_mode: cfg.storage_mode,
         fsync: cfg.fsync,
         max_namespaces: cfg.max_namespaces,
+        quotas: cfg.quotas.clone(),
         // Fault injection for the test suite only: slows the background
         // index load so that requests meet a partial index.
         load_pause: std::env::var("HOARD_TEST_INDEX_LOAD_PAUSE_MS")

@@ -546,6 +546,38 @@ pub const SETTINGS: &[Setting] = &[
         "most namespaces the cache will create (at most 2048)"
     ),
     s!(
+        "namespaces.max_size",
+        "namespaces.max_size",
+        ["HOARD_NAMESPACES_MAX_SIZE"],
+        Str,
+        "",
+        "quota of every namespace in GiB (fractions allowed, e.g. 0.5): a namespace over it evicts its own least recently used entries, never another's; empty: none (max_size still holds for all)"
+    ),
+    s!(
+        "namespaces.max_size_overrides",
+        "namespaces.max_size_overrides",
+        ["HOARD_NAMESPACES_MAX_SIZE_OVERRIDES"],
+        List,
+        "",
+        "per-namespace quotas in GiB that replace namespaces.max_size: a YAML mapping (team-a: 50), or name=GiB,... in a flag or the environment"
+    ),
+    s!(
+        "namespaces.instance_names",
+        "namespaces.instance_names",
+        ["HOARD_NAMESPACES_INSTANCE_NAMES"],
+        Str,
+        "isolate",
+        "what an instance name (gRPC instance_name, HTTP path prefix) selects: isolate (its own AC and CAS), mangle_ac (its own AC, one shared CAS: bazel-remote's enable_ac_key_instance_mangling), ignore (bazel-remote's default: one cache for all)"
+    ),
+    s!(
+        "enable_ac_key_instance_mangling",
+        "enable_ac_key_instance_mangling",
+        ["BAZEL_REMOTE_ENABLE_AC_KEY_INSTANCE_MANGLING"],
+        Bool,
+        "false",
+        "bazel-remote's name for namespaces.instance_names: mangle_ac (true sets it; it may not contradict namespaces.instance_names)"
+    ),
+    s!(
         "namespaces.bind_to_identity",
         "namespaces.bind_to_identity",
         ["HOARD_NAMESPACES_BIND_TO_IDENTITY"],
@@ -565,7 +597,6 @@ pub const UNSUPPORTED: &[&str] = &[
     "grpc_proxy",
     "azblob_proxy",
     "s3_proxy.signature_type",
-    "enable_ac_key_instance_mangling",
     "experimental_remote_asset_api",
 ];
 

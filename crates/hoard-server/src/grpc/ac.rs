@@ -41,15 +41,16 @@ impl ActionCacheService {
 
     async fn get(&self, req: GetActionResultRequest) -> Result<Response<ActionResult>, Status> {
         let d = required_digest("action_digest", req.action_digest.as_ref())?;
+        let key = self.0.cache.action_key(&req.instance_name, d.hash);
         let ns = self
             .0
-            .namespace_for_read(&req.instance_name, Some((Kind::Ac, &d.hash)))
+            .namespace_for_read(&req.instance_name, Some((Kind::Ac, &key)))
             .await?;
         let found = match ns {
             Some(ns) => self
                 .0
                 .cache
-                .ac_get(ns, &d.hash)
+                .ac_get(ns, &key)
                 .await
                 .map_err(to_status)?
                 .map(|f| (ns, f)),
@@ -128,7 +129,7 @@ impl ActionCacheService {
             return Err(to_status(cache.refuse(ns, Kind::Ac, e)));
         };
         let stored = cache
-            .update_action_result(ns, d.hash, ar)
+            .update_action_result(ns, cache.action_key(&req.instance_name, d.hash), ar)
             .await
             .map_err(to_status)?;
         Ok(Response::new(stored))

@@ -203,7 +203,12 @@ where
         // The clone that was polled ready serves this call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let cache = self.cache.clone();
+        // The connection's handle: it knows the client certificate.
+        let cache = req
+            .extensions()
+            .get::<crate::listener::ConnectInfo>()
+            .and_then(|i| i.cache.clone())
+            .unwrap_or_else(|| self.cache.clone());
         Box::pin(async move {
             if let Some(access) = access_of(req.uri().path()) {
                 let creds = req

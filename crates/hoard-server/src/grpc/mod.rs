@@ -302,9 +302,12 @@ fn accepted(
                         else {
                             return;
                         };
+                        let cache = cache
+                            .for_connection()
+                            .with_certificate(io.peer_common_name());
                         let info = ConnectInfo {
                             peer,
-                            cache: Some(cache.for_connection()),
+                            cache: Some(cache),
                         };
                         let _ = tx.send(GrpcConn { io, info }).await;
                     }
