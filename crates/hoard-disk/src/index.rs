@@ -38,14 +38,14 @@ pub(crate) enum Format {
 }
 
 impl Format {
-    fn bits(self) -> u16 {
+    pub(crate) fn bits(self) -> u16 {
         match self {
             Format::Casblob => 0,
             Format::RawV1 => 1,
             Format::Plain => 2,
         }
     }
-    fn from_bits(b: u16) -> Format {
+    pub(crate) fn from_bits(b: u16) -> Format {
         match b {
             0 => Format::Casblob,
             1 => Format::RawV1,

@@ -51,6 +51,7 @@ mod index;
 mod key;
 mod load;
 mod read;
+mod snapshot;
 mod write;
 
 pub use error::Error;
@@ -226,9 +227,21 @@ pub(crate) struct State {
     pub ns_evicted: Vec<u64>,
     /// Where the last quota walk stopped (see `evict_over_quota`).
     pub quota_cursor: Option<(u32, NamespaceId, Kind, Hash)>,
+    /// Parts with writes in flight (temp files, renames not yet indexed),
+    /// by namespace and part: how many.
+    pub active_parts: HashMap<(NamespaceId, usize), u32>,
 }
 
 impl State {
+    pub(crate) fn leave_part(&mut self, ns: NamespaceId, part: usize) {
+        if let Some(n) = self.active_parts.get_mut(&(ns, part)) {
+            *n -= 1;
+            if *n == 0 {
+                self.active_parts.remove(&(ns, part));
+            }
+        }
+    }
+
     pub(crate) fn mark_hot(&mut self, slot: u32) {
         if let Some(at) = &mut self.load_atime {
             let s = slot as usize;
@@ -363,6 +376,7 @@ impl DiskCache {
                 load_atime: None,
                 ns_evicted: Vec::new(),
                 quota_cursor: None,
+                active_parts: HashMap::new(),
             }),
             evict_cv: Condvar::new(),
             namespaces: RwLock::new(namespaces),
@@ -609,7 +623,7 @@ impl DiskCache {
     }
 
     /// Stops the eviction thread after it has deleted what is queued,
-    /// waiting for it at most `wait`. Files it did not get to delete are
+    /// waiting for it at most `wait`, then writes the index snapshot. Files it did not get to delete are
     /// indexed again at the next start, which is harmless: they are
     /// complete blobs. The directory lock is released when the last clone
     /// of this cache is dropped.
@@ -631,6 +645,79 @@ impl DiskCache {
                 tracing::warn!("the evictor did not stop in time; leaving it");
             }
         }
+        if let Err(e) = self.save_snapshot() {
+            tracing::warn!(error = %e, "cannot write the index snapshot; the next start lists every directory");
+        }
+    }
+
+    /// Writes the index snapshot the next start loads instead of listing
+    /// the directories (see `snapshot.rs` for why that is safe). Only a
+    /// whole index is written; returns the entries written, or None when
+    /// there was nothing to write.
+    pub fn save_snapshot(&self) -> Result<Option<u64>, Error> {
+        if !self.is_loaded() {
+            tracing::info!("index not fully loaded; no snapshot written");
+            return Ok(None);
+        }
+        let started = std::time::Instant::now();
+        let (names, roots) = {
+            let reg = self.shared.namespaces.read();
+            (reg.names.clone(), reg.roots.clone())
+        };
+        // Directory times first, the index second: a change after a
+        // directory's time was taken makes that time stale, so the part is
+        // listed at the next start, whether or not the change made it into
+        // the copy below.
+        let mut parts = HashMap::new();
+        let mut part_of_dir = HashMap::new();
+        for (i, root) in roots.iter().enumerate() {
+            for kind in Kind::ALL {
+                for sub in 0..SUBDIRS {
+                    let dir = root.join(kind.dir_name()).join(format!("{sub:02x}"));
+                    let part = load::part_index(kind, sub);
+                    let t = snapshot::mtime_of(&dir).unwrap_or_else(snapshot::no_time);
+                    parts.insert((i as u16, part as u16), t);
+                    part_of_dir.insert(dir, (i as u16, part as u16));
+                }
+            }
+        }
+        let records = {
+            let st = self.shared.state.lock();
+            // Parts with a write in flight or a deletion not yet done are
+            // listed at the next start.
+            for (ns, part) in st.active_parts.keys() {
+                parts.insert((ns.0, *part as u16), snapshot::no_time());
+            }
+            for (path, _) in &st.doomed {
+                if let Some(k) = path.parent().and_then(|d| part_of_dir.get(d)) {
+                    parts.insert(*k, snapshot::no_time());
+                }
+            }
+            st.index
+                .slots_cold_to_hot()
+                .into_iter()
+                .map(|slot| snapshot::Record {
+                    entry: *st.index.entry(slot),
+                    odd: st.index.odd_suffix(slot).map(Into::into),
+                })
+                .collect::<Vec<_>>()
+        };
+        let n = records.len() as u64;
+        let snap = snapshot::Snapshot {
+            namespaces: names,
+            parts,
+            records,
+        };
+        snapshot::write(self.dir(), &snap).map_err(|source| Error::Io {
+            path: snapshot::path_in(self.dir()),
+            source,
+        })?;
+        tracing::info!(
+            entries = n,
+            seconds = started.elapsed().as_secs_f64(),
+            "index snapshot written"
+        );
+        Ok(Some(n))
     }
 
     pub(crate) fn shared(&self) -> &Shared {

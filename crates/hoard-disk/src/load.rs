@@ -37,6 +37,10 @@ use crate::{DiskCache, Kind, Location, NS_DIR, NamespaceId, SUBDIRS, Suffix, reg
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LoadReport {
     pub entries: u64,
+    /// Entries taken from the index snapshot (see `snapshot.rs`), and the
+    /// parts (directories) it covered, which were not listed.
+    pub from_snapshot: u64,
+    pub parts_from_snapshot: u64,
     pub size_on_disk: u64,
     pub temp_files_removed: u64,
     pub foreign_files: u64,
@@ -84,7 +88,7 @@ impl Parts {
     }
 }
 
-fn part_index(kind: Kind, subdir: usize) -> usize {
+pub(crate) fn part_index(kind: Kind, subdir: usize) -> usize {
     let k = Kind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
     k * SUBDIRS + subdir
 }
@@ -103,6 +107,8 @@ const ROOT_NAMES: &[&str] = &[
     crate::LOCK_FILE,
     "upload.journal",
     "upload.journal.tmp",
+    crate::snapshot::FILE,
+    crate::snapshot::TMP_FILE,
     "accounting.spool",
     "lost+found",
     ".DS_Store",
@@ -137,6 +143,7 @@ impl DiskCache {
         shared
             .dirs_total
             .store(work.len() as u64, Ordering::Relaxed);
+        self.load_snapshot(&mut report);
         let next = AtomicUsize::new(0);
         // Listing and stat are mostly waits on inode reads when the cache
         // is cold, so more threads than cores keep the device queue full.
@@ -197,10 +204,117 @@ impl DiskCache {
             temp_files_removed = report.temp_files_removed,
             foreign_files = report.foreign_files,
             duplicates_removed = report.duplicates_removed,
+            from_snapshot = report.from_snapshot,
             seconds = report.elapsed.as_secs_f64(),
             "cache index loaded"
         );
         report
+    }
+
+    /// Takes what the index snapshot can vouch for: each part whose
+    /// directory has not changed since the snapshot was written (and that
+    /// no lookup claimed first) is indexed from it and marked loaded; the
+    /// scan lists the rest. The file is deleted as soon as it is read, so
+    /// it serves one start only.
+    fn load_snapshot(&self, report: &mut LoadReport) {
+        let path = crate::snapshot::path_in(self.dir());
+        if !path.exists() {
+            return;
+        }
+        let read = crate::snapshot::read(&path);
+        if let Err(e) = fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove the index snapshot; ignoring it");
+            return;
+        }
+        let snap = match read {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "index snapshot not used; listing every directory");
+                return;
+            }
+        };
+        let shared = self.shared();
+        // The snapshot's namespaces, as this process numbers them: only
+        // those the load registered (their directories exist).
+        let ids: Vec<Option<NamespaceId>> = {
+            let reg = shared.namespaces.read();
+            snap.namespaces
+                .iter()
+                .map(|n| reg.by_name.get(n).copied())
+                .collect()
+        };
+        let mut taken = std::collections::HashSet::new();
+        let mut stale = 0u64;
+        for (&(sns, part), &t) in &snap.parts {
+            let Some(ns) = ids.get(sns as usize).copied().flatten() else {
+                continue;
+            };
+            let part = part as usize;
+            let (kind, sub) = (Kind::ALL[part / SUBDIRS], part % SUBDIRS);
+            let dir = shared.dir_of(ns, kind, &Hash([sub as u8; 32]));
+            if crate::snapshot::mtime_of(&dir) != Some(t) {
+                stale += 1;
+                continue;
+            }
+            if self.claim_part(ns, part, false) {
+                taken.insert((ns, part));
+            }
+        }
+        const CHUNK: usize = 64 * 1024;
+        const RANK_BASE: u32 = 4_000_000_000;
+        let mut rank: u32 = 0;
+        let mut n = 0u64;
+        for chunk in snap.records.chunks(CHUNK) {
+            let mut st = shared.state.lock();
+            st.index.reserve(chunk.len());
+            for r in chunk {
+                let e = &r.entry;
+                let Some(ns) = ids.get(e.ns().index()).copied().flatten() else {
+                    continue;
+                };
+                let part = part_index(e.kind(), e.hash[0] as usize);
+                if !taken.contains(&(ns, part)) {
+                    continue;
+                }
+                let hash = Hash(e.hash);
+                if st.index.find(ns, e.kind(), &hash).is_some() {
+                    continue;
+                }
+                let entry = Entry::new(
+                    ns,
+                    e.kind(),
+                    hash,
+                    e.format(),
+                    e.logical(),
+                    e.blocks,
+                    e.suffix,
+                    r.odd.is_some(),
+                );
+                let slot = st.index.insert(entry, r.odd.clone(), true);
+                // Ordered as in the snapshot, above any file time the scan
+                // finds, below entries used since start.
+                if let Some(at) = &mut st.load_atime {
+                    let s = slot as usize;
+                    if at.len() <= s {
+                        at.resize(s + 1, u32::MAX);
+                    }
+                    at[s] = RANK_BASE.saturating_add(rank).min(u32::MAX - 1);
+                }
+                rank = rank.saturating_add(1);
+                n += 1;
+            }
+        }
+        for (ns, part) in &taken {
+            self.finish_part(*ns, *part);
+        }
+        report.from_snapshot = n;
+        report.parts_from_snapshot = taken.len() as u64;
+        tracing::info!(
+            entries = n,
+            directories = taken.len(),
+            changed_directories = stale,
+            "index snapshot loaded"
+        );
     }
 
     /// Makes sure the part that holds this key is indexed: returns at once

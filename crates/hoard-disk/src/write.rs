@@ -48,6 +48,11 @@ pub struct Writer {
     /// The stored size the whole blob may take.
     estimate: u64,
     from_backend: bool,
+    /// The part this write has a temp file in, registered in
+    /// `State::active_parts` until it commits or is dropped (see
+    /// `snapshot.rs`: a part being written to is never taken from a
+    /// snapshot).
+    active_part: Option<usize>,
 }
 
 /// How far a write's reservation runs ahead of its bytes.
@@ -110,6 +115,7 @@ impl Writer {
             reservation: 0,
             estimate: 0,
             from_backend: false,
+            active_part: None,
         };
         if kind == Kind::Cas && w.cache.contains(ns, kind, &hash).is_some() {
             // Already stored: only verify the bytes, store nothing.
@@ -156,6 +162,15 @@ impl Writer {
             w.cache.random_suffix(),
             w.cache.shared().token
         ));
+        let part = crate::load::part_index(kind, hash.0[0] as usize);
+        *w.cache
+            .shared()
+            .state
+            .lock()
+            .active_parts
+            .entry((ns, part))
+            .or_insert(0) += 1;
+        w.active_part = Some(part);
         let file = File::options()
             .write(true)
             .create_new(true)
@@ -353,6 +368,9 @@ impl Writer {
             let mut st = shared.state.lock();
             st.reserved -= self.reservation;
             self.reservation = 0;
+            if let Some(part) = self.active_part.take() {
+                st.leave_part(self.ns, part);
+            }
             let created = match st.index.find(self.ns, self.kind, &self.hash) {
                 Some(slot) if self.kind != Kind::Ac => {
                     // Another writer committed the same content first.
@@ -569,8 +587,12 @@ impl Sink {
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        if self.reservation > 0 {
-            self.cache.shared().state.lock().reserved -= self.reservation;
+        if self.reservation > 0 || self.active_part.is_some() {
+            let mut st = self.cache.shared().state.lock();
+            st.reserved -= self.reservation;
+            if let Some(part) = self.active_part.take() {
+                st.leave_part(self.ns, part);
+            }
         }
         if let Some(sink) = &self.sink
             && !sink.renamed

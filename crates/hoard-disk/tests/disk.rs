@@ -641,3 +641,140 @@ fn uncompressed_ranges_are_proved_by_the_whole_digest() {
             .is_none()
     );
 }
+
+#[test]
+fn a_clean_stop_leaves_a_snapshot_that_the_next_start_trusts_only_where_nothing_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs: Vec<Vec<u8>> = (0..300).map(|i| noise(500 + i as usize, i)).collect();
+    let ac = b"an action result".to_vec();
+    {
+        let cache = DiskCache::open(cfg(dir.path(), 1 << 30)).unwrap();
+        cache.load();
+        let team = cache.namespace("team").unwrap();
+        for (i, b) in blobs.iter().enumerate() {
+            let ns = if i % 3 == 0 {
+                team
+            } else {
+                NamespaceId::DEFAULT
+            };
+            put(&cache, ns, Kind::Cas, b).unwrap();
+        }
+        put(&cache, team, Kind::Ac, &ac).unwrap();
+        cache.shutdown(std::time::Duration::from_secs(10));
+    }
+    assert!(dir.path().join("index.snapshot").is_file());
+    // Behind hoard's back: one blob of the default namespace is deleted,
+    // so its directory's time changes.
+    let gone = &blobs[1];
+    let gone_dir = dir.path().join("cas.v2").join(&sha(gone).to_hex()[..2]);
+    let gone_file = fs::read_dir(&gone_dir)
+        .unwrap()
+        .flatten()
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&sha(gone).to_hex())
+        })
+        .unwrap()
+        .path();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    fs::remove_file(&gone_file).unwrap();
+    let cache = DiskCache::open(cfg(dir.path(), 1 << 30)).unwrap();
+    let report = cache.load();
+    assert!(
+        !dir.path().join("index.snapshot").exists(),
+        "a snapshot serves one start"
+    );
+    assert_eq!(report.entries, 300, "{report:?}");
+    let parts = 2 * 3 * 256;
+    assert_eq!(report.parts_from_snapshot, parts - 1, "{report:?}");
+    // Every entry but those of the changed directory came from the
+    // snapshot; those were listed.
+    let listed = blobs
+        .iter()
+        .enumerate()
+        .filter(|(i, b)| i % 3 != 0 && b[..] != gone[..] && sha(b).0[0] == sha(gone).0[0])
+        .count() as u64;
+    assert_eq!(report.from_snapshot, 300 - listed, "{report:?}");
+    let team = cache.namespace("team").unwrap();
+    for (i, b) in blobs.iter().enumerate() {
+        let ns = if i % 3 == 0 {
+            team
+        } else {
+            NamespaceId::DEFAULT
+        };
+        let got = read(&cache, ns, Kind::Cas, &sha(b));
+        if b[..] == gone[..] {
+            assert!(got.is_none());
+        } else {
+            assert_eq!(got.as_deref(), Some(&b[..]), "blob {i}");
+        }
+    }
+    assert_eq!(
+        read(&cache, team, Kind::Ac, &sha(&ac)).as_deref(),
+        Some(&ac[..])
+    );
+    // A crash now would write no snapshot, and the one read is gone: the
+    // next start lists every directory. (The process is simulated by a
+    // stop whose snapshot is then removed.)
+    cache.shutdown(std::time::Duration::from_secs(10));
+    drop(cache);
+    fs::remove_file(dir.path().join("index.snapshot")).unwrap();
+    let cache = DiskCache::open(cfg(dir.path(), 1 << 30)).unwrap();
+    let report = cache.load();
+    assert_eq!(
+        (report.entries, report.from_snapshot),
+        (300, 0),
+        "{report:?}"
+    );
+    // A damaged snapshot is not used, and loses nothing.
+    cache.shutdown(std::time::Duration::from_secs(10));
+    drop(cache);
+    let snap = dir.path().join("index.snapshot");
+    let mut bytes = fs::read(&snap).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    fs::write(&snap, &bytes).unwrap();
+    let cache = DiskCache::open(cfg(dir.path(), 1 << 30)).unwrap();
+    let report = cache.load();
+    assert_eq!(
+        (report.entries, report.from_snapshot),
+        (300, 0),
+        "{report:?}"
+    );
+    assert!(!snap.exists());
+}
+
+#[test]
+fn the_snapshot_keeps_the_lru_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs: Vec<Vec<u8>> = (0..8).map(|i| noise(16_000, 77 + i)).collect();
+    {
+        let cache = DiskCache::open(cfg(dir.path(), 1 << 30)).unwrap();
+        cache.load();
+        for b in &blobs {
+            put(&cache, NamespaceId::DEFAULT, Kind::Cas, b).unwrap();
+        }
+        // Blob 0, written first, is used last: the hottest.
+        assert!(read(&cache, NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[0])).is_some());
+        cache.shutdown(std::time::Duration::from_secs(10));
+    }
+    // Restarted with room for about four: the coldest go (1, 2, 3, ...),
+    // blob 0 stays.
+    let cache = DiskCache::open(cfg(dir.path(), 70 * 1024)).unwrap();
+    let report = cache.load();
+    assert_eq!(report.from_snapshot, 8);
+    for _ in 0..200 {
+        if cache.stats().size_on_disk <= 70 * 1024 && cache.stats().pending_deletion == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let has = |i: usize| {
+        cache
+            .contains(NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[i]))
+            .is_some()
+    };
+    assert!(has(0) && has(7), "the hot ones stay");
+    assert!(!has(1) && !has(2), "the cold ones go first");
+}
