@@ -24,7 +24,12 @@ HOARD=$PWD/target/release/hoard
 BENCH=$PWD/target/release/hoard-bench
 W=$(mktemp -d /var/tmp/hoard-bench.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+# Servers started inside $(...) record their pid only in $W/<name>.pid.
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for f in "$W"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
+  wait 2>/dev/null || true; rm -rf "$W"
+}
 trap cleanup EXIT
 
 # start_hoard NAME PORT ARGS... : starts hoard, waits until /readyz is 200,
@@ -94,6 +99,10 @@ events { worker_connections 1024; }
 http {
   access_log off;
   sendfile on;
+  tcp_nopush on;
+  # nginx's default (1,000) closes each connection after 1,000 requests and
+  # halves its own rate under wrk: a reference must be at its best.
+  keepalive_requests 100000;
   client_body_temp_path $W/nginx/body;
   proxy_temp_path $W/nginx/proxy;
   fastcgi_temp_path $W/nginx/fastcgi;
@@ -105,9 +114,12 @@ NGINX
   nginx -c "$W/nginx/nginx.conf" -g 'daemon off;' & pids+=($!)
   start_hoard get 18090 --dir="$W/get-cache" >/dev/null
   "$BENCH" upload 127.0.0.1:18090 "$W/blobs"
+  # The same without the hot set: every hit opens, reads and decodes its file.
+  start_hoard getcold 18089 --dir="$W/get-cache-nohot" --hot_set_size=0 --grpc_address=none >/dev/null
+  "$BENCH" upload 127.0.0.1:18089 "$W/blobs"
   sleep 1
   for round in 1 2 3; do
-    for target in hoard:18090 nginx:18091; do
+    for target in hoard:18090 hoard-nohot:18089 nginx:18091; do
       out=$(wrk -t2 -c32 -d10s --latency -s "$W/cycle.lua" "http://127.0.0.1:${target#*:}")
       rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
       p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
@@ -116,7 +128,7 @@ NGINX
       if [ -n "$non2xx" ]; then echo "error: ${target%%:*} answered non-2xx; the comparison is void" >&2; exit 1; fi
     done
   done
-  stop get
+  stop get; stop getcold
   ;;
 put)
   echo "== 64 MiB PUT: hoard (zstd storage) vs one pass of SHA-256 + zstd-1 over the same bytes in memory"
@@ -137,21 +149,36 @@ put)
 load)
   echo "== startup with 1,000,000 entries: time to /readyz and RSS per entry"
   "$BENCH" mkcache "$W/big" 1000000
-  sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
   start_hoard empty 18094 --dir="$W/empty" >/dev/null
   sleep 1; base=$(rss_kib empty); stop empty
+  # No snapshot yet: what a start after a crash does, page cache dropped.
+  sync; echo 3 >/proc/sys/vm/drop_caches
   secs=$(start_hoard big 18095 --dir="$W/big")
   sleep 1; big=$(rss_kib big)
   status=$(curl -s http://127.0.0.1:18095/status)
-  files=$(echo "$status" | awk -F': ' '/"NumFiles"/ {gsub(",","",$2); print $2}')
+  files=$(echo "$status" | awk -F': ' '/"NumFiles"/ {gsub(",","",$2); print $2; exit}')
   heap=$(echo "$status" | awk -F': ' '/"IndexHeapBytes"/ {gsub(",","",$2); print $2}')
-  stop big
-  echo "entries=$files ready_seconds=$secs rss_empty_kib=$base rss_loaded_kib=$big"
+  echo "entries=$files scan_cold_ready_seconds=$secs rss_empty_kib=$base rss_loaded_kib=$big"
   echo "rss_bytes_per_entry=$(( (big - base) * 1024 / files )) index_heap_bytes_per_entry=$(( heap / files ))"
-  # Warm page cache: a second start.
-  secs=$(start_hoard big2 18096 --dir="$W/big")
-  stop big2
-  echo "warm_ready_seconds=$secs"
+  # A clean stop writes the index snapshot; the next start reads it.
+  t0=$(date +%s.%N); stop big
+  echo "clean_stop_seconds=$(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN {printf "%.2f", a - b}') snapshot_bytes=$(stat -c %s "$W/big/index.snapshot")"
+  secs=$(start_hoard snap 18096 --dir="$W/big")
+  sleep 1
+  echo "snapshot_ready_seconds=$secs rss_bytes_per_entry=$(( ($(rss_kib snap) - base) * 1024 / files ))"
+  stop snap
+  sync; echo 3 >/proc/sys/vm/drop_caches
+  secs=$(start_hoard snapcold 18097 --dir="$W/big")
+  echo "snapshot_cold_ready_seconds=$secs"
+  # A crash: no snapshot is left behind (the one read is gone); cold again.
+  kill -9 "$(cat "$W/snapcold.pid")"; sleep 0.5
+  sync; echo 3 >/proc/sys/vm/drop_caches
+  secs=$(start_hoard crash 18098 --dir="$W/big")
+  echo "crash_scan_cold_ready_seconds=$secs"
+  stop crash
+  secs=$(start_hoard warm 18099 --dir="$W/big")
+  echo "after_clean_stop_warm_ready_seconds=$secs"
+  stop warm
   ;;
 concurrent)
   echo "== 1,000 concurrent GETs of a 16 MiB blob: hoard's peak RSS"

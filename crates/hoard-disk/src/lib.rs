@@ -492,6 +492,25 @@ impl DiskCache {
         Some(st.index.entry(slot).logical())
     }
 
+    /// [`DiskCache::contains`] for many keys of one namespace and kind, in
+    /// one pass under the index lock: each answer is the logical size, if
+    /// present. Found entries are marked used.
+    pub fn contains_many(&self, ns: NamespaceId, kind: Kind, hashes: &[Hash]) -> Vec<Option<u64>> {
+        for h in hashes {
+            self.ensure_loaded(ns, kind, h);
+        }
+        let mut st = self.shared.state.lock();
+        hashes
+            .iter()
+            .map(|h| {
+                let slot = st.index.find(ns, kind, h)?;
+                st.index.touch(slot);
+                st.mark_hot(slot);
+                Some(st.index.entry(slot).logical())
+            })
+            .collect()
+    }
+
     /// Opens a blob for reading, marking it used. `Ok(None)` is a miss,
     /// including when the file turned out to be missing or corrupt (it is
     /// then dropped from the index).

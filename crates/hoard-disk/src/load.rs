@@ -180,6 +180,7 @@ impl DiskCache {
             while parts.loading > 0 {
                 shared.parts_cv.wait(&mut parts);
             }
+            let relink_started = Instant::now();
             let mut st = shared.state.lock();
             let atimes = st.load_atime.take().unwrap_or_default();
             let mut order = st.index.slots_cold_to_hot();
@@ -191,6 +192,10 @@ impl DiskCache {
             st.index.compact();
             report.entries = st.index.len() as u64;
             report.size_on_disk = st.index.size_on_disk;
+            tracing::debug!(
+                seconds = relink_started.elapsed().as_secs_f64(),
+                "index ordered by last use"
+            );
             // Under the parts lock: a lookup either saw a part's state or
             // sees `loaded`, never neither.
             shared.loaded.store(true, Ordering::Release);
@@ -221,7 +226,9 @@ impl DiskCache {
         if !path.exists() {
             return;
         }
+        let started = Instant::now();
         let read = crate::snapshot::read(&path);
+        let read_seconds = started.elapsed().as_secs_f64();
         if let Err(e) = fs::remove_file(&path) {
             tracing::warn!(path = %path.display(), error = %e, "cannot remove the index snapshot; ignoring it");
             return;
@@ -264,9 +271,11 @@ impl DiskCache {
         const RANK_BASE: u32 = 4_000_000_000;
         let mut rank: u32 = 0;
         let mut n = 0u64;
+        // One allocation for all of it: growing step by step would rehash
+        // the table several times over.
+        shared.state.lock().index.reserve(snap.records.len());
         for chunk in snap.records.chunks(CHUNK) {
             let mut st = shared.state.lock();
-            st.index.reserve(chunk.len());
             for r in chunk {
                 let e = &r.entry;
                 let Some(ns) = ids.get(e.ns().index()).copied().flatten() else {
@@ -313,6 +322,8 @@ impl DiskCache {
             entries = n,
             directories = taken.len(),
             changed_directories = stale,
+            read_seconds,
+            seconds = started.elapsed().as_secs_f64(),
             "index snapshot loaded"
         );
     }

@@ -72,6 +72,24 @@ impl Permit {
         }
     }
 
+    /// Like [`Permit::hold`], for bytes that are shared already (the hot
+    /// set's): the response's reference holds the permit.
+    pub fn hold_shared(self, data: Bytes) -> Bytes {
+        struct Held {
+            data: Bytes,
+            _permit: Permit,
+        }
+        impl AsRef<[u8]> for Held {
+            fn as_ref(&self) -> &[u8] {
+                &self.data
+            }
+        }
+        Bytes::from_owner(Held {
+            data,
+            _permit: self,
+        })
+    }
+
     /// `data` as `Bytes` that keep holding this permit until the last
     /// reference to them is dropped (hyper and h2 drop a frame once it is
     /// written), so the budget counts the bytes for as long as they exist.

@@ -39,6 +39,8 @@ pub type RejectionSink = Box<dyn Fn(&str, Kind) + Send + Sync>;
 pub const ZSTD_WINDOW_LOG_MAX: u32 = 23;
 /// The zstd decoder's output buffer.
 const DECODE_OUT: usize = 128 * 1024;
+/// Largest blob the hot set keeps.
+pub const HOT_BLOB_MAX: u64 = 64 * 1024;
 
 /// A blob's identity within the cache.
 type BlobKey = (NamespaceId, Kind, Hash);
@@ -92,6 +94,9 @@ pub struct Limits {
     /// `raw` keyspace that gRPC never sees, so an unvalidated entry can
     /// never reach a Bazel that asks for an action result.
     pub raw_http_ac: bool,
+    /// Memory for the hot set (content of small, recently read CAS blobs;
+    /// see [`crate::hot`]); 0 turns it off.
+    pub hot_set_bytes: u64,
 }
 
 /// Content-encoding of an upload.
@@ -131,6 +136,7 @@ struct Inner {
     /// The bucket behind the disk, if configured.
     backend: std::sync::OnceLock<hoard_upload::Backend>,
     rejections: std::sync::OnceLock<RejectionSink>,
+    hot: crate::hot::HotSet,
     /// Read-throughs in progress: concurrent misses of one blob fetch once.
     flights: parking_lot::Mutex<std::collections::HashMap<BlobKey, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -144,6 +150,7 @@ impl Cache {
         metrics: Arc<Metrics>,
     ) -> Cache {
         let budget = Budget::new(limits.max_inflight_bytes, limits.max_inflight_wait);
+        let hot_set_bytes = limits.hot_set_bytes;
         let share = budget.share();
         Cache {
             share,
@@ -158,6 +165,7 @@ impl Cache {
                 auth,
                 backend: std::sync::OnceLock::new(),
                 rejections: std::sync::OnceLock::new(),
+                hot: crate::hot::HotSet::new(hot_set_bytes, HOT_BLOB_MAX),
                 flights: parking_lot::Mutex::new(std::collections::HashMap::new()),
             }),
         }
@@ -484,6 +492,38 @@ impl Cache {
         Ok(found.map(|b| Found::Blob(Box::new(b))))
     }
 
+    /// A small CAS blob's content from the hot set, if it is there and the
+    /// disk index still holds the blob (which marks it used there too).
+    pub fn cas_hot(&self, ns: NamespaceId, hash: &Hash) -> Option<Bytes> {
+        let bytes = self.inner.hot.get(ns, hash)?;
+        match self.inner.disk.contains(ns, Kind::Cas, hash) {
+            Some(size) if size == bytes.len() as u64 => {
+                self.count("get", Kind::Cas, true);
+                Some(bytes)
+            }
+            _ => {
+                self.inner.hot.remove(ns, hash);
+                None
+            }
+        }
+    }
+
+    /// Reads a CAS blob small enough for the hot set whole (verified, as
+    /// every disk read is) and keeps it there; larger blobs, and bytes
+    /// that fail verification, are not kept.
+    pub fn cas_read_small(
+        &self,
+        ns: NamespaceId,
+        hash: &Hash,
+        blob: &mut hoard_disk::Blob,
+    ) -> Result<Bytes, hoard_disk::Error> {
+        let bytes = Bytes::from(blob.read_to_vec()?);
+        if self.inner.hot.admits(bytes.len() as u64) {
+            self.inner.hot.insert(ns, *hash, bytes.clone());
+        }
+        Ok(bytes)
+    }
+
     /// Whether a CAS blob of this digest is available: on local disk (with
     /// that size; the entry is marked used) or in the bucket (by hash: a
     /// HEAD cannot tell the logical size of a compressed object). A bucket
@@ -494,6 +534,50 @@ impl Cache {
         let found = self.present(ns, &d).await == Presence::Present;
         self.count("contains", Kind::Cas, found);
         found
+    }
+
+    /// Which of `digests` are available (locally, or in the bucket): one
+    /// answer per digest, in order. Local answers come from one pass over
+    /// the index; only local misses ask the bucket, a few at a time. A
+    /// bucket that does not answer counts as "not available", as in
+    /// [`Cache::cas_has`].
+    pub async fn cas_available(&self, ns: NamespaceId, digests: &[BlobDigest]) -> Vec<bool> {
+        let hashes: Vec<Hash> = digests.iter().map(|d| d.hash).collect();
+        let local = self.inner.disk.contains_many(ns, Kind::Cas, &hashes);
+        let mut out: Vec<bool> = digests
+            .iter()
+            .zip(&local)
+            .map(|(d, l)| d.is_empty_blob() || *l == Some(d.size))
+            .collect();
+        if let Some(backend) = self.backend() {
+            let name = self.inner.disk.namespace_name(ns);
+            let ask: Vec<usize> = (0..digests.len())
+                .filter(|&i| !out[i] && local[i].is_none())
+                .collect();
+            let answers: Vec<(usize, bool)> = futures_util::stream::iter(ask)
+                .map(|i| {
+                    let (backend, name) = (backend, &name);
+                    async move {
+                        let p = backend.exists(name, Kind::Cas, &digests[i].hash).await;
+                        (i, p == Presence::Present)
+                    }
+                })
+                .buffer_unordered(32)
+                .collect()
+                .await;
+            for (i, present) in answers {
+                out[i] = present;
+            }
+        }
+        let hits = out.iter().filter(|p| **p).count() as u64;
+        let m = &self.inner.metrics;
+        m.incoming_requests
+            .with_label_values(&["contains", "cas", "hit"])
+            .inc_by(hits);
+        m.incoming_requests
+            .with_label_values(&["contains", "cas", "miss"])
+            .inc_by(out.len() as u64 - hits);
+        out
     }
 
     /// Where a referenced blob stands: on local disk with this size, else
@@ -663,6 +747,24 @@ impl Cache {
         Ok(Presence::Present)
     }
 
+    /// [`Cache::is_complete`], waiting on the bucket at most one
+    /// `read_timeout` in all: a bucket that answers each question just in
+    /// time must not cost a timeout per referenced blob. Past it the answer
+    /// is `Unknown`.
+    async fn is_complete_within(
+        &self,
+        ns: NamespaceId,
+        ar: &ActionResult,
+    ) -> Result<Presence, CacheError> {
+        let Some(limit) = self.backend().map(|b| b.read_timeout()) else {
+            return self.is_complete(ns, ar).await;
+        };
+        match tokio::time::timeout(limit, self.is_complete(ns, ar)).await {
+            Ok(r) => r,
+            Err(_) => Ok(Presence::Unknown),
+        }
+    }
+
     /// Whether every blob `ar` references is present (locally or in the
     /// bucket): output files, stdout, stderr, each output directory's tree
     /// and every file in it. `Absent` when one is known to be missing;
@@ -752,7 +854,7 @@ impl Cache {
             Err(e) => return Err(e.into()),
         };
         let completeness = match ActionResult::decode(bytes.as_slice()) {
-            Ok(ar) => match self.is_complete(ns, &ar).await? {
+            Ok(ar) => match self.is_complete_within(ns, &ar).await? {
                 Presence::Present => {
                     self.count("get", Kind::Ac, true);
                     return Ok(Some((bytes, ar)));

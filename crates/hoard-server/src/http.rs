@@ -380,7 +380,7 @@ async fn cache_request(
                 let len = blob.logical_size();
                 return Ok(with_length(full(StatusCode::OK, Bytes::new()), len));
             }
-            serve_blob(cache, req.headers(), blob).await
+            serve_blob(cache, req.headers(), None, blob).await
         }
         (m, Kind::Ac) => {
             let Some((bytes, ar)) = cache.ac_get(ns, &hash).await? else {
@@ -447,19 +447,31 @@ async fn get_cas(
     ns: hoard_disk::NamespaceId,
     hash: Hash,
 ) -> Result<Response<Body>, CacheError> {
+    // A hot blob costs no file at all. (A client accepting zstd would get
+    // the stored frames from the file; identity is acceptable to it too.)
+    if let Some(bytes) = cache.cas_hot(ns, &hash) {
+        let size = bytes.len() as u64;
+        let permit = cache.reserve_inflight(bytes.len()).await?;
+        return Ok(with_length(
+            full(StatusCode::OK, permit.hold_shared(bytes)),
+            size,
+        ));
+    }
     let blob = match cache.cas_get(ns, &hash).await? {
         None => return Ok(text(StatusCode::NOT_FOUND, "Not found")),
         Some(Found::Empty) => return Ok(with_length(full(StatusCode::OK, Bytes::new()), 0)),
         Some(Found::Blob(b)) => *b,
     };
-    serve_blob(cache, headers, blob).await
+    serve_blob(cache, headers, Some((ns, hash)), blob).await
 }
 
 /// Sends a stored blob's content: whole when small, else streamed; the
-/// stored zstd stream as is to a client accepting zstd.
+/// stored zstd stream as is to a client accepting zstd. `cas`: the CAS
+/// blob's key, for the hot set (raw entries never go there).
 async fn serve_blob(
     cache: &Cache,
     headers: &HeaderMap,
+    cas: Option<(hoard_disk::NamespaceId, Hash)>,
     blob: hoard_disk::Blob,
 ) -> Result<Response<Body>, CacheError> {
     if accepts_zstd(headers) && blob.is_zstd_stream() {
@@ -474,9 +486,16 @@ async fn serve_blob(
         let permit = cache.reserve_inflight(size as usize).await?;
         let mut blob = blob;
         // A small file was already read whole when it was opened; this only
-        // decompresses it.
-        return match blob.read_to_vec() {
-            Ok(data) => Ok(with_length(full(StatusCode::OK, permit.hold(data)), size)),
+        // decompresses it (and keeps it in the hot set if small enough).
+        let read = match cas {
+            Some((ns, hash)) => cache.cas_read_small(ns, &hash, &mut blob),
+            None => blob.read_to_vec().map(Bytes::from),
+        };
+        return match read {
+            Ok(data) => Ok(with_length(
+                full(StatusCode::OK, permit.hold_shared(data)),
+                size,
+            )),
             Err(hoard_disk::Error::Corrupt { .. }) => Ok(text(StatusCode::NOT_FOUND, "Not found")),
             Err(e) => Err(e.into()),
         };

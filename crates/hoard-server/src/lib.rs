@@ -15,6 +15,7 @@ pub mod budget;
 pub mod cache;
 pub mod error;
 pub mod grpc;
+pub mod hot;
 pub mod http;
 pub mod listener;
 pub mod log_sink;

@@ -28,6 +28,7 @@ pub struct Config {
     pub max_inflight_bytes: u64,
     pub max_inflight_wait: Duration,
     pub max_action_result_size: u64,
+    pub hot_set_bytes: u64,
     pub max_connections: usize,
     /// None: the kernel's maximum.
     pub listen_backlog: Option<u32>,
@@ -702,6 +703,7 @@ fn build(m: &BTreeMap<String, Raw>) -> Result<Config, ConfigError> {
         max_inflight_bytes: inflight,
         max_inflight_wait: v.duration("max_inflight_wait")?,
         max_action_result_size: v.int("max_action_result_size")?,
+        hot_set_bytes: v.int("hot_set_size")?.saturating_mul(1 << 20),
         max_connections: match v.int("max_connections")? {
             0 => return err("max_connections: must be at least 1"),
             n => n.min(1 << 20) as usize,

@@ -179,6 +179,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 cfg.client_idle_timeout
             },
             raw_http_ac: cfg.disable_http_ac_validation,
+            hot_set_bytes: cfg.hot_set_bytes,
         },
         hoard_server::auth::Auth::new(cfg.htpasswd.clone(), cfg.allow_unauthenticated_reads),
         metrics,

@@ -190,6 +190,14 @@ pub const SETTINGS: &[Setting] = &[
         "a client that sends or reads nothing for this long while hoard waits on it loses its request and connection, and what they hold (0s: never)"
     ),
     s!(
+        "hot_set_size",
+        "hot_set_size",
+        ["HOARD_HOT_SET_SIZE"],
+        Int,
+        "64",
+        "MiB of memory for the content of small (up to 64 KiB), recently read CAS blobs, served without touching their files; 0: off"
+    ),
+    s!(
         "max_action_result_size",
         "max_action_result_size",
         ["HOARD_MAX_ACTION_RESULT_SIZE"],

@@ -3,7 +3,6 @@
 
 use std::collections::{HashSet, VecDeque};
 
-use futures_util::StreamExt;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -59,26 +58,20 @@ impl CasService {
                 missing_blob_digests: req.blob_digests,
             }));
         };
-        // Local answers are immediate; bucket checks (for local misses) run
-        // a few at a time, in order.
-        let cache = &self.0.cache;
-        let checks = req
+        let available = self.0.cache.cas_available(ns, &parsed).await;
+        let missing: Vec<Digest> = req
             .blob_digests
             .into_iter()
-            .zip(parsed)
-            .map(|(d, p)| async move {
-                let found = cache.cas_has(ns, &p.hash, p.size).await;
+            .zip(&parsed)
+            .zip(available)
+            .filter_map(|((d, p), found)| {
                 self.0.log(|| {
                     let word = if found { "OK" } else { "NOT FOUND" };
                     format!("GRPC CAS HEAD {} {word}", p.hash)
                 });
                 (!found).then_some(d)
-            });
-        let missing: Vec<Digest> = futures_util::stream::iter(checks)
-            .buffered(32)
-            .filter_map(|d| async move { d })
-            .collect()
-            .await;
+            })
+            .collect();
         Ok(Response::new(FindMissingBlobsResponse {
             missing_blob_digests: missing,
         }))
