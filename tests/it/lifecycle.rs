@@ -22,7 +22,7 @@ use hoard_proto::reapi::{
 use tonic::transport::Channel;
 
 use crate::grpc::{digest, rt};
-use crate::s3::{FORWARD, HANG, Proxy, REFUSE};
+use crate::s3::{FORWARD, HANG, Proxy, REFUSE, SLOW, SLOW_BY};
 use crate::support::{Hoard, files_under, free_port, hoard_bin, noise, request, sha256_hex};
 use crate::upload::{action_with_output, count, drained, jobs, moto_with_bucket, s3_args, start};
 
@@ -295,6 +295,78 @@ impl Drop for Tmpfs {
 }
 
 /// Writes a file until the filesystem is full.
+#[test]
+fn a_slow_bucket_costs_a_completeness_check_one_read_timeout_in_all() {
+    let (moto, _bucket) = moto_with_bucket("slow");
+    let tmp = tempfile::tempdir().unwrap();
+    let a = start(
+        &tmp.path().join("a"),
+        &s3_args(&moto.endpoint(), "slow", "host-a"),
+    );
+    // An action result naming four outputs.
+    let outs: Vec<Vec<u8>> = (0..4).map(|i| noise(3000, 900 + i)).collect();
+    for o in &outs {
+        assert_eq!(a.put(&format!("/cas/{}", sha256_hex(o)), o).status, 200);
+    }
+    let ar = ActionResult {
+        output_files: outs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| OutputFile {
+                path: format!("out/{i}"),
+                digest: Some(digest(o)),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let key = sha256_hex(b"slow action");
+    assert_eq!(
+        a.put(&format!("/ac/{key}"), &ar.encode_to_vec()).status,
+        200
+    );
+    drained(&a);
+    // Host B reads the action result through, then its bucket turns slow:
+    // each answer takes 1.2 s of the 2 s read timeout, so asking about the
+    // four outputs one by one would take 4.8 s.
+    let proxy = Proxy::start(moto.port);
+    let mut args = s3_args(&format!("127.0.0.1:{}", proxy.port), "slow", "host-b");
+    args.push("--s3.existence_ttl=0s".into());
+    let bdir = tmp.path().join("b");
+    let b = start(&bdir, &args);
+    // The action result itself is local once read through (a fast bucket).
+    let t = Instant::now();
+    let first = b.get(&format!("/ac/{key}"));
+    println!(
+        "slow bucket: read-through GET /ac {} in {:.1} s",
+        first.status,
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(count_files(&bdir, "ac.v2"), 1);
+    proxy.set(SLOW);
+    let t = Instant::now();
+    let r = b.get(&format!("/ac/{key}"));
+    let took = t.elapsed();
+    println!(
+        "slow bucket: GET /ac answered {} in {:.1} s ({:.1} s per bucket answer)",
+        r.status,
+        took.as_secs_f64(),
+        SLOW_BY.as_secs_f64()
+    );
+    assert_eq!(r.status, 404, "not known complete in time: a miss");
+    assert!(
+        took < Duration::from_millis(3000),
+        "the check waited {took:?}, more than one 2 s read timeout"
+    );
+    assert_eq!(
+        count_files(&bdir, "ac.v2"),
+        1,
+        "an unknown answer removes nothing"
+    );
+    proxy.set(FORWARD);
+    assert_eq!(b.get(&format!("/ac/{key}")).status, 200);
+}
+
 fn fill(path: &Path) {
     let mut f = std::fs::File::create(path).unwrap();
     let mb = vec![0x5au8; 1 << 20];

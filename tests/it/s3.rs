@@ -413,6 +413,10 @@ pub struct Proxy {
 pub const FORWARD: u8 = 0;
 pub const HANG: u8 = 1;
 pub const REFUSE: u8 = 2;
+/// Forwards each request [`SLOW_BY`] late: a bucket that answers, but
+/// just inside a 2 s read timeout.
+pub const SLOW: u8 = 3;
+pub const SLOW_BY: Duration = Duration::from_millis(1200);
 
 impl Proxy {
     pub fn start(upstream: u16) -> Proxy {
@@ -469,6 +473,9 @@ fn pump(
         match from.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
+                if keys.is_some() && mode.load(std::sync::atomic::Ordering::Relaxed) == SLOW {
+                    std::thread::sleep(SLOW_BY);
+                }
                 if let Some(keys) = keys {
                     let text = String::from_utf8_lossy(&buf[..n]);
                     for part in text.split("Credential=").skip(1) {

@@ -123,6 +123,19 @@ impl FromStr for Hash {
     }
 }
 
+impl Hash {
+    /// Lower-case hex into `buf`, without allocating.
+    pub fn hex_into<'a>(&self, buf: &'a mut [u8; 64]) -> &'a str {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for (i, b) in self.0.iter().enumerate() {
+            buf[2 * i] = HEX[(b >> 4) as usize];
+            buf[2 * i + 1] = HEX[(b & 15) as usize];
+        }
+        // Only ASCII hex digits were written.
+        std::str::from_utf8(buf).unwrap_or("")
+    }
+}
+
 impl fmt::Display for Hash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_hex())

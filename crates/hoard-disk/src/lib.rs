@@ -75,6 +75,30 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use index::{Format, Index};
 
+/// Lowers the calling thread's CPU priority (nice 10), once per thread.
+///
+/// Bulk work (hashing, compressing and decompressing large blobs) runs on
+/// threads that call this first, so that on a saturated host it yields the
+/// CPU to the threads answering small requests: a client streaming 64 MiB
+/// must not add its hashing to everyone's latency. Linux keeps the nice
+/// value per thread. Failing to lower it costs fairness, never
+/// correctness, so the result is ignored.
+pub fn lower_thread_priority() {
+    thread_local! {
+        static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    LOWERED.with(|l| {
+        if !l.get() {
+            // No pid: the calling thread, on Linux.
+            let _ = rustix::process::setpriority_process(None, BULK_NICE);
+            l.set(true);
+        }
+    });
+}
+
+/// The nice value of bulk-work threads (see [`lower_thread_priority`]).
+const BULK_NICE: i32 = 10;
+
 /// Sizes are counted in blocks of this many bytes, like bazel-remote does.
 pub const BLOCK_SIZE: u64 = 4096;
 

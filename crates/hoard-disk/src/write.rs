@@ -512,6 +512,7 @@ impl Sink {
         let handle = std::thread::Builder::new()
             .name("hoard-compress".into())
             .spawn(move || {
+                crate::lower_thread_priority();
                 let mut compressed = Vec::new();
                 let mut unsynced = 0u64;
                 for mut chunk in rx {

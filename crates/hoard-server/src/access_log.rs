@@ -42,9 +42,37 @@ impl AccessLog {
         let _ = writeln!(w, "{ts} {msg}");
     }
 
+    /// Many gRPC lines of one call (FindMissingBlobs: one per digest), as
+    /// one message with one timestamp: ten thousand lines cost one queue
+    /// slot, not ten thousand.
+    pub fn grpc_batch(&self, write: impl FnOnce(&mut LineBatch)) {
+        let mut b = LineBatch {
+            ts: format_utc(SystemTime::now()),
+            buf: Vec::new(),
+        };
+        write(&mut b);
+        if !b.buf.is_empty() {
+            self.out.send(b.buf);
+        }
+    }
+
     /// Gives queued lines a moment to reach stdout (at shutdown).
     pub fn flush(&self) {
         self.out.drain(std::time::Duration::from_millis(500));
+    }
+}
+
+/// Lines collected for [`AccessLog::grpc_batch`].
+pub struct LineBatch {
+    ts: String,
+    buf: Vec<u8>,
+}
+
+impl LineBatch {
+    /// Adds `<timestamp> <msg>`; client-supplied text in `msg` must have
+    /// gone through [`printable`].
+    pub fn line(&mut self, msg: std::fmt::Arguments<'_>) {
+        let _ = writeln!(self.buf, "{} {msg}", self.ts);
     }
 }
 

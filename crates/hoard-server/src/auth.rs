@@ -228,10 +228,13 @@ impl Auth {
             .await
             .map_err(|_| CacheError::new(ErrorKind::Unavailable, "server is shutting down"))?;
         let password = creds.password.clone();
-        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash))
-            .await
-            .map_err(|e| CacheError::internal(format!("password check failed: {e}")))?
-            .unwrap_or(false);
+        let ok = tokio::task::spawn_blocking(move || {
+            hoard_disk::lower_thread_priority();
+            bcrypt::verify(password, &hash)
+        })
+        .await
+        .map_err(|e| CacheError::internal(format!("password check failed: {e}")))?
+        .unwrap_or(false);
         if !ok {
             remember(&self.refused, key, Instant::now());
             return Err(refused());

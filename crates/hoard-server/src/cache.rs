@@ -1186,10 +1186,13 @@ impl Cache {
     /// Verifies and commits a fully received upload, on the blocking pool.
     pub async fn commit(&self, upload: Upload) -> Result<WriteOutcome, CacheError> {
         let (ns, kind, counted) = (upload.ns, upload.kind, upload.counted);
-        let r = tokio::task::spawn_blocking(move || upload.finish())
-            .await
-            .map_err(|e| CacheError::internal(format!("write task failed: {e}")))
-            .and_then(|r| r);
+        let r = tokio::task::spawn_blocking(move || {
+            hoard_disk::lower_thread_priority();
+            upload.finish()
+        })
+        .await
+        .map_err(|e| CacheError::internal(format!("write task failed: {e}")))
+        .and_then(|r| r);
         if counted {
             self.refused(ns, kind, r)
         } else {
@@ -1233,6 +1236,7 @@ impl Cache {
     {
         let (tx, mut rx) = mpsc::channel::<(Bytes, Permit)>(4);
         let task = tokio::task::spawn_blocking(move || {
+            hoard_disk::lower_thread_priority();
             let mut upload = upload;
             while let Some((b, _permit)) = rx.blocking_recv() {
                 if let Err(e) = upload.write(&b) {

@@ -457,6 +457,7 @@ async fn produce(
                 .await
                 .map_err(to_status)?;
             let (b, r) = tokio::task::spawn_blocking(move || {
+                hoard_disk::lower_thread_priority();
                 blob.seek(offset);
                 let mut out = Vec::new();
                 let r = blob.next_chunk(&mut out).map(|_| out);
@@ -480,6 +481,7 @@ async fn produce(
                 .await
                 .map_err(to_status)?;
             let (b, r) = tokio::task::spawn_blocking(move || {
+                hoard_disk::lower_thread_priority();
                 let mut buf = Vec::new();
                 let r = blob.next_stored(&mut buf).map(|more| (more, buf));
                 (blob, r)
@@ -504,6 +506,7 @@ async fn produce(
             .await
             .map_err(to_status)?;
         let (b, r) = tokio::task::spawn_blocking(move || {
+            hoard_disk::lower_thread_priority();
             let mut out = Vec::new();
             let r = blob.next_chunk(&mut out).map(|more| (more, out));
             (blob, r)
@@ -520,6 +523,7 @@ async fn produce(
             // A range that ends before the blob does is proved by the
             // digest of the whole, when its chunks carry no checksum.
             let (b, r) = tokio::task::spawn_blocking(move || {
+                hoard_disk::lower_thread_priority();
                 let r = blob.verify_all();
                 (blob, r)
             })

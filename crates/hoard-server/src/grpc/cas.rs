@@ -59,18 +59,23 @@ impl CasService {
             }));
         };
         let available = self.0.cache.cas_available(ns, &parsed).await;
+        if let Some(log) = &self.0.access_log {
+            log.grpc_batch(|b| {
+                let mut hex = [0u8; 64];
+                for (p, found) in parsed.iter().zip(&available) {
+                    let word = if *found { "OK" } else { "NOT FOUND" };
+                    b.line(format_args!(
+                        "GRPC CAS HEAD {} {word}",
+                        p.hash.hex_into(&mut hex)
+                    ));
+                }
+            });
+        }
         let missing: Vec<Digest> = req
             .blob_digests
             .into_iter()
-            .zip(&parsed)
             .zip(available)
-            .filter_map(|((d, p), found)| {
-                self.0.log(|| {
-                    let word = if found { "OK" } else { "NOT FOUND" };
-                    format!("GRPC CAS HEAD {} {word}", p.hash)
-                });
-                (!found).then_some(d)
-            })
+            .filter_map(|(d, found)| (!found).then_some(d))
             .collect();
         Ok(Response::new(FindMissingBlobsResponse {
             missing_blob_digests: missing,

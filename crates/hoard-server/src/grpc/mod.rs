@@ -42,6 +42,8 @@ pub const DEFAULT_MAX_BATCH_BYTES: u64 = 4 << 20;
 const MESSAGE_OVERHEAD: usize = 1 << 20;
 /// Concurrent calls on one HTTP/2 connection.
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// HTTP/2 receive window of a connection and of each of its streams.
+pub const RECEIVE_WINDOW: u32 = 1 << 20;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -228,6 +230,14 @@ pub async fn serve(
     let stop = shutdown.clone();
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        // HTTP/2's default 64 KiB windows make a client wait for a window
+        // update every 64 KiB: a 64 MiB ByteStream write, or a 700 KB
+        // FindMissingBlobs, crosses a thousand or a dozen round trips.
+        // Data the client may send before hoard reads it is buffered by h2,
+        // outside the in-flight budget: at most RECEIVE_WINDOW per
+        // connection (the connection window bounds all its streams).
+        .initial_connection_window_size(RECEIVE_WINDOW)
+        .initial_stream_window_size(RECEIVE_WINDOW)
         .http2_keepalive_interval(ping)
         .http2_keepalive_timeout(ping_answer)
         .layer(codes::StatusFixLayer)
