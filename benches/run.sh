@@ -247,7 +247,13 @@ s3)
   start_hoard s3c 18503 --dir="$shm/c" --host_id=bench-c "${s3[@]}" >/dev/null
   start_hoard s3d 18504 --dir="$shm/d" --host_id=bench-d "${s3[@]}" >/dev/null
   "$BENCH" s3-heads 127.0.0.1:18503 127.0.0.1:18504 100 5
-  stop s3c; stop s3d; rm -rf "$shm"
+  stop s3c; stop s3d
+  # FindMissingBlobs on a second host: 1,000 blobs another host uploaded
+  # and 1,000 nobody did, asked about 5 times.
+  start_hoard s3e 18505 --dir="$shm/e" --host_id=bench-e "${s3[@]}" >/dev/null
+  start_hoard s3f 18506 --dir="$shm/f" --host_id=bench-f "${s3[@]/--grpc_address=none/--grpc_address=127.0.0.1:19506}" >/dev/null
+  "$BENCH" s3-findmissing 127.0.0.1:18505 127.0.0.1:18506 127.0.0.1:19506 1000 5
+  stop s3e; stop s3f; rm -rf "$shm"
   ;;
 accounting)
   echo "== PUT latency with and without accounting (S3 tier on in both; moto and ClickHouse on loopback)"

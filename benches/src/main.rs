@@ -15,6 +15,7 @@
 //! hoard-bench s3-upload ADDR SIZE COUNT SEED  uploads/s until every outcome is in
 //! hoard-bench s3-put-latency ADDR COUNT SEED   p50/p99 of sequential 4 KiB PUTs
 //! hoard-bench s3-heads ADDR_A ADDR_B ACTIONS ROUNDS  bucket HEADs per GET on a second host
+//! hoard-bench s3-findmissing ADDR_A ADDR_B GRPC_B N ROUNDS  bucket requests per FindMissingBlobs digest
 //! ```
 
 use std::io::{Read, Write};
@@ -92,6 +93,13 @@ fn run(args: &[String]) -> Res<()> {
             arg(args, 2, "ADDR_B")?,
             arg(args, 3, "ACTIONS")?,
             arg(args, 4, "ROUNDS")?,
+        ),
+        Some("s3-findmissing") => s3::findmissing_requests(
+            arg(args, 1, "ADDR_A")?,
+            arg(args, 2, "ADDR_B")?,
+            &args[3],
+            arg(args, 4, "N")?,
+            arg(args, 5, "ROUNDS")?,
         ),
         Some("grpc-batchread") => {
             grpc::batch_read(&args[1], arg(args, 2, "SECS")?, arg(args, 3, "CONC")?)

@@ -157,3 +157,77 @@ pub fn heads_per_get(a: SocketAddr, b: SocketAddr, actions: u64, rounds: u64) ->
     );
     Ok(())
 }
+
+/// Bucket requests that FindMissingBlobs costs on a second host: `n` blobs
+/// uploaded through host `a`, then `rounds` calls on host `b` (gRPC at
+/// `b_grpc`) asking about those `n` and `n` digests nobody uploaded, as a
+/// host repeating another's build asks before it uploads. Reports per round
+/// the bucket HEADs, GETs and PUTs `b` made per digest asked about.
+pub fn findmissing_requests(
+    a: SocketAddr,
+    b: SocketAddr,
+    b_grpc: &str,
+    n: u64,
+    rounds: u64,
+) -> Res<()> {
+    use hoard_proto::reapi::FindMissingBlobsRequest;
+    use hoard_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+    let mut digests = Vec::new();
+    for i in 0..n {
+        let blob = noise(1024, 90_000 + i);
+        http(a, "PUT", &format!("/cas/{}", hex(&blob)), &blob)?;
+        digests.push(Digest {
+            hash: hex(&blob),
+            size_bytes: blob.len() as i64,
+        });
+    }
+    for i in 0..n {
+        let never = noise(1024, 190_000 + i);
+        digests.push(Digest {
+            hash: hex(&never),
+            size_bytes: never.len() as i64,
+        });
+    }
+    wait_drained(a)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let ch = rt
+        .block_on(tonic::transport::Endpoint::from_shared(format!("http://{b_grpc}"))?.connect())?;
+    let mut cas = ContentAddressableStorageClient::new(ch);
+    let ops = || -> Res<(f64, f64, f64)> {
+        let m = |op: &str| {
+            metric(
+                b,
+                "hoard_s3_request_duration_seconds_count",
+                &format!("op=\"{op}\""),
+            )
+        };
+        Ok((m("head")?, m("get")?, m("put")?))
+    };
+    let mut last = ops()?;
+    let asked = digests.len() as f64;
+    for round in 1..=rounds {
+        let missing = rt
+            .block_on(cas.find_missing_blobs(FindMissingBlobsRequest {
+                blob_digests: digests.clone(),
+                ..Default::default()
+            }))?
+            .into_inner()
+            .missing_blob_digests
+            .len();
+        if missing as u64 != n {
+            return Err(format!("round {round}: {missing} missing, expected {n}").into());
+        }
+        let now = ops()?;
+        println!(
+            "round={round} digests={} heads_per_digest={:.3} gets_per_digest={:.3} puts_per_digest={:.3}",
+            digests.len(),
+            (now.0 - last.0) / asked,
+            (now.1 - last.1) / asked,
+            (now.2 - last.2) / asked
+        );
+        last = now;
+    }
+    Ok(())
+}

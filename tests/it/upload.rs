@@ -428,6 +428,68 @@ fn an_action_result_from_the_bucket_is_validated_like_a_clients() {
     assert_eq!(b.get(&format!("/ac/{key}")).status, 200);
 }
 
+#[test]
+fn a_remembered_absence_costs_a_re_upload_never_a_hit_and_completeness_never_uses_it() {
+    use hoard_proto::reapi::FindMissingBlobsRequest;
+    use hoard_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+    let (moto, _bucket) = moto_with_bucket("absent");
+    let tmp = tempfile::tempdir().unwrap();
+    let a = start(
+        &tmp.path().join("a"),
+        &s3_args(&moto.endpoint(), "absent", "host-a"),
+    );
+    let mut args = s3_args(&moto.endpoint(), "absent", "host-b");
+    args.retain(|x| x != "--grpc_address=none");
+    let b = start(&tmp.path().join("b"), &args);
+    let (x, y) = (noise(3000, 61), noise(3000, 62));
+    let rt = crate::grpc::rt();
+    let missing = |blobs: &[&[u8]]| -> usize {
+        rt.block_on(async {
+            let mut cas = ContentAddressableStorageClient::new(b.channel().await);
+            cas.find_missing_blobs(FindMissingBlobsRequest {
+                blob_digests: blobs.iter().map(|o| crate::grpc::digest(o)).collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .missing_blob_digests
+            .len()
+        })
+    };
+    let heads = || {
+        metric(&b, "hoard_s3_request_duration_seconds_count")
+            .iter()
+            .filter(|(k, _)| k.contains("op=\"head\""))
+            .map(|(_, v)| v)
+            .sum::<f64>()
+    };
+    // B learns that the bucket has neither.
+    assert_eq!(missing(&[&x, &y]), 2);
+    let asked = heads();
+    assert_eq!(missing(&[&x, &y]), 2);
+    assert_eq!(
+        heads(),
+        asked,
+        "a recent absence is believed without a HEAD"
+    );
+    // A uploads both, and an action result naming Y.
+    let key = action_with_output(&a, &y, b"absent action");
+    assert_eq!(a.put(&format!("/cas/{}", sha256_hex(&x)), &x).status, 200);
+    drained(&a);
+    // FindMissingBlobs on B may still say "missing" (the remembered
+    // absence): the client uploads again, and that settles it.
+    assert_eq!(missing(&[&x]), 1, "within absence_ttl");
+    assert_eq!(b.put(&format!("/cas/{}", sha256_hex(&x)), &x).status, 200);
+    drained(&b);
+    assert_eq!(missing(&[&x]), 0, "an upload outcome erases the absence");
+    // A completeness check asks the bucket, absence or not: the action
+    // result of Y is a hit on B.
+    assert_eq!(b.get(&format!("/ac/{key}")).status, 200);
+    let o = outcomes(&b);
+    assert_eq!(count(&o, "cas", "already_exists"), 1.0, "{o:?}");
+}
+
 fn hoard_disk_header_len(size: usize) -> usize {
     29 + 8 * (size.div_ceil(1 << 20) + 1)
 }

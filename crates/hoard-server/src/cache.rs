@@ -558,7 +558,9 @@ impl Cache {
                 .map(|i| {
                     let (backend, name) = (backend, &name);
                     async move {
-                        let p = backend.exists(name, Kind::Cas, &digests[i].hash).await;
+                        let p = backend
+                            .exists_or_upload(name, Kind::Cas, &digests[i].hash)
+                            .await;
                         (i, p == Presence::Present)
                     }
                 })

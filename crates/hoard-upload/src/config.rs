@@ -76,6 +76,9 @@ pub struct UploadConfig {
     pub read_timeout: Duration,
     /// How long a "this blob is in the bucket" fact is trusted.
     pub existence_ttl: Duration,
+    /// How long FindMissingBlobs trusts "the bucket has no such blob"
+    /// (zero: it always asks).
+    pub absence_ttl: Duration,
     pub existence_capacity: usize,
     /// On shutdown, how long queued uploads may still run; the rest stay in
     /// the journal for the next start.

@@ -247,7 +247,11 @@ impl Backend {
         let store = Store::new(&s3, Duration::from_secs(60)).await;
         let inner = Arc::new(Inner {
             prefix: s3.prefix.clone(),
-            existence: ExistenceCache::new(cfg.existence_ttl, cfg.existence_capacity),
+            existence: ExistenceCache::with_absence(
+                cfg.existence_ttl,
+                cfg.existence_capacity,
+                cfg.absence_ttl,
+            ),
             cfg,
             store,
             metrics,
@@ -930,6 +934,23 @@ impl Backend {
             }
         }
         Presence::Absent
+    }
+
+    /// [`Backend::exists`] for a question where a wrong "absent" only
+    /// costs the client a re-upload (FindMissingBlobs): a recent "absent"
+    /// is believed without asking again (`absence_ttl`), and a fresh one
+    /// is remembered.
+    pub async fn exists_or_upload(&self, ns: &str, kind: Kind, hash: &Hash) -> Presence {
+        let i = &self.inner;
+        if i.existence.known_absent(ns, kind, hash) {
+            i.metrics.existence.with_label_values(&["absent"]).inc();
+            return Presence::Absent;
+        }
+        let p = self.exists(ns, kind, hash).await;
+        if p == Presence::Absent {
+            i.existence.note_absent(ns, kind, hash);
+        }
+        p
     }
 
     /// Fetches an object for read-through: its body, stored length and

@@ -75,7 +75,7 @@ impl Metrics {
             existence: IntCounterVec::new(
                 Opts::new(
                     "hoard_existence_cache_lookups_total",
-                    "Existence checks answered by the cache (hit) or by the bucket (miss).",
+                    "Existence checks answered by the cache (hit: present; absent: a recent \"no such blob\", FindMissingBlobs only) or by the bucket (miss).",
                 ),
                 &["result"],
             )?,

@@ -574,6 +574,7 @@ fn s3_config(
             max_attempts: 5,
             read_timeout: v.duration("s3_proxy.read_timeout")?,
             existence_ttl: v.duration("s3_proxy.existence_ttl")?,
+            absence_ttl: v.duration("s3_proxy.absence_ttl")?,
             existence_capacity: 1_000_000,
             drain_timeout: v.duration("upload_drain_timeout")?,
             backfill_rate: if v.bool("s3_proxy.backfill")? {

@@ -372,6 +372,14 @@ pub const SETTINGS: &[Setting] = &[
         "how long a blob known to be in the bucket is trusted without asking again"
     ),
     s!(
+        "s3_proxy.absence_ttl",
+        "s3.absence_ttl",
+        ["HOARD_S3_ABSENCE_TTL"],
+        Duration,
+        "30s",
+        "how long FindMissingBlobs believes the bucket's \"no such blob\" without asking again (a wrong answer costs the client a re-upload, never a build); 0s: always ask"
+    ),
+    s!(
         "s3_proxy.multipart_threshold",
         "s3.multipart_threshold",
         ["HOARD_S3_MULTIPART_THRESHOLD"],
