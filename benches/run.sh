@@ -76,21 +76,10 @@ stop() { kill "$(cat "$W/$1.pid")"; while kill -0 "$(cat "$W/$1.pid")" 2>/dev/nu
 
 for what in "${which[@]}"; do case $what in
 get)
-  echo "== 4 KiB GET hits: hoard vs nginx (wrk -t2 -c32, 2,000 distinct blobs, 10 s per round)"
-  "$BENCH" gen-blobs "$W/blobs" 2000 4096
-  ls "$W/blobs/cas" | sed 's|^|/cas/|' >"$W/paths"
-  cat >"$W/cycle.lua" <<LUA
-local paths = {}
-for line in io.lines("$W/paths") do paths[#paths + 1] = line end
-local i = 0
-request = function()
-  i = (i % #paths) + 1
-  return wrk.format("GET", paths[i])
-end
-LUA
-  # nginx workers run unprivileged: let them read the blobs.
-  chmod 755 "$W"; chmod -R a+rX "$W/blobs"
-  mkdir -p "$W/nginx"
+  # SIZE:COUNT pairs; the 64 KiB set (32 MiB) fits the default hot set, the
+  # 1 MiB blobs are above what it keeps.
+  sizes=${GET_SIZES:-4096:2000 65536:500 1048576:200}
+  mkdir -p "$W/www" "$W/nginx"
   cat >"$W/nginx/nginx.conf" <<NGINX
 worker_processes 2;
 pid $W/nginx/nginx.pid;
@@ -108,24 +97,46 @@ http {
   fastcgi_temp_path $W/nginx/fastcgi;
   uwsgi_temp_path $W/nginx/uwsgi;
   scgi_temp_path $W/nginx/scgi;
-  server { listen 127.0.0.1:18091; root $W/blobs; }
+  server { listen 127.0.0.1:18091; root $W/www; }
 }
 NGINX
+  # nginx workers run unprivileged: let them read the blobs.
+  chmod 755 "$W"
   nginx -c "$W/nginx/nginx.conf" -g 'daemon off;' & pids+=($!)
   start_hoard get 18090 --dir="$W/get-cache" >/dev/null
-  "$BENCH" upload 127.0.0.1:18090 "$W/blobs"
   # The same without the hot set: every hit opens, reads and decodes its file.
   start_hoard getcold 18089 --dir="$W/get-cache-nohot" --hot_set_size=0 --grpc_address=none >/dev/null
-  "$BENCH" upload 127.0.0.1:18089 "$W/blobs"
-  sleep 1
-  for round in 1 2 3; do
-    for target in hoard:18090 hoard-nohot:18089 nginx:18091; do
-      out=$(wrk -t2 -c32 -d10s --latency -s "$W/cycle.lua" "http://127.0.0.1:${target#*:}")
-      rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-      p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
-      non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
-      echo "round=$round target=${target%%:*} req_per_s=$rps p99=$p99 non2xx=${non2xx:-0}"
-      if [ -n "$non2xx" ]; then echo "error: ${target%%:*} answered non-2xx; the comparison is void" >&2; exit 1; fi
+  for spec in $sizes; do
+    size=${spec%%:*}; count=${spec#*:}
+    echo "== ${size}-byte GET hits: hoard vs nginx (wrk -t2 -c32, $count distinct blobs, 10 s per round)"
+    "$BENCH" gen-blobs "$W/www/s$size" "$count" "$size"
+    chmod -R a+rX "$W/www"
+    for who in hoard nginx; do
+      prefix=""; [ "$who" = nginx ] && prefix="/s$size"
+      ls "$W/www/s$size/cas" | sed "s|^|$prefix/cas/|" >"$W/paths-$who-$size"
+      cat >"$W/cycle-$who-$size.lua" <<LUA
+local paths = {}
+for line in io.lines("$W/paths-$who-$size") do paths[#paths + 1] = line end
+local i = 0
+request = function()
+  i = (i % #paths) + 1
+  return wrk.format("GET", paths[i])
+end
+LUA
+    done
+    "$BENCH" upload 127.0.0.1:18090 "$W/www/s$size"
+    "$BENCH" upload 127.0.0.1:18089 "$W/www/s$size"
+    sleep 1
+    for round in 1 2 3; do
+      for target in hoard:18090 hoard-nohot:18089 nginx:18091; do
+        who=hoard; [ "${target%%:*}" = nginx ] && who=nginx
+        out=$(wrk -t2 -c32 -d10s --latency -s "$W/cycle-$who-$size.lua" "http://127.0.0.1:${target#*:}")
+        rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+        p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
+        non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+        echo "size=$size round=$round target=${target%%:*} req_per_s=$rps p99=$p99 non2xx=${non2xx:-0}"
+        if [ -n "$non2xx" ]; then echo "error: ${target%%:*} answered non-2xx; the comparison is void" >&2; exit 1; fi
+      done
     done
   done
   stop get; stop getcold
