@@ -70,6 +70,18 @@ CH
   until curl -sf "http://127.0.0.1:$port/ping" >/dev/null; do sleep 0.05; done
   curl -sf --data-binary @deploy/clickhouse/schema.sql "http://127.0.0.1:$port/" >/dev/null
 }
+# cycle_lua PATHS : a wrk script GETting the paths listed in PATHS in turn.
+cycle_lua() {
+  cat <<LUA
+local paths = {}
+for line in io.lines("$1") do paths[#paths + 1] = line end
+local i = 0
+request = function()
+  i = (i % #paths) + 1
+  return wrk.format("GET", paths[i])
+end
+LUA
+}
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$(cat "$W/$1.pid")/status"; }
 hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$(cat "$W/$1.pid")/status"; }
 stop() { kill "$(cat "$W/$1.pid")"; while kill -0 "$(cat "$W/$1.pid")" 2>/dev/null; do sleep 0.05; done; }
@@ -114,15 +126,7 @@ NGINX
     for who in hoard nginx; do
       prefix=""; [ "$who" = nginx ] && prefix="/s$size"
       ls "$W/www/s$size/cas" | sed "s|^|$prefix/cas/|" >"$W/paths-$who-$size"
-      cat >"$W/cycle-$who-$size.lua" <<LUA
-local paths = {}
-for line in io.lines("$W/paths-$who-$size") do paths[#paths + 1] = line end
-local i = 0
-request = function()
-  i = (i % #paths) + 1
-  return wrk.format("GET", paths[i])
-end
-LUA
+      cycle_lua "$W/paths-$who-$size" >"$W/cycle-$who-$size.lua"
     done
     "$BENCH" upload 127.0.0.1:18090 "$W/www/s$size"
     "$BENCH" upload 127.0.0.1:18089 "$W/www/s$size"
@@ -305,15 +309,7 @@ mixed)
   echo "== 4 KiB GET p99 alone and beside 4 clients looping 64 MiB GETs and 4 looping 64 MiB PUTs"
   "$BENCH" gen-blobs "$W/mblobs" 2000 4096
   ls "$W/mblobs/cas" | sed 's|^|/cas/|' >"$W/mpaths"
-  cat >"$W/mcycle.lua" <<LUA
-local paths = {}
-for line in io.lines("$W/mpaths") do paths[#paths + 1] = line end
-local i = 0
-request = function()
-  i = (i % #paths) + 1
-  return wrk.format("GET", paths[i])
-end
-LUA
+  cycle_lua "$W/mpaths" >"$W/mcycle.lua"
   start_hoard mixed 18110 --dir="$W/mixed" --grpc_address=none >/dev/null
   "$BENCH" upload 127.0.0.1:18110 "$W/mblobs"
   for i in 1 2 3 4 5; do head -c $((64 << 20)) /dev/urandom >"$W/big$i"; done

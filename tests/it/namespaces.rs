@@ -54,20 +54,14 @@ fn a_namespace_filling_far_past_its_quota_costs_another_no_entry() {
         );
     }
     let rt = rt();
-    let ch = rt.block_on(async {
-        tonic::transport::Endpoint::from_shared(h.grpc_url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    });
+    let ch = rt.block_on(h.channel());
     let mut cas = ContentAddressableStorageClient::new(ch.clone());
-    for b in &quiet[10..] {
+    let mut batch_put = |instance: &str, b: &[u8]| {
         let req = hoard_proto::reapi::BatchUpdateBlobsRequest {
-            instance_name: "quiet".into(),
+            instance_name: instance.into(),
             requests: vec![hoard_proto::reapi::batch_update_blobs_request::Request {
                 digest: Some(digest(b)),
-                data: b.clone().into(),
+                data: b.to_vec().into(),
                 compressor: 0,
             }],
             ..Default::default()
@@ -77,6 +71,9 @@ fn a_namespace_filling_far_past_its_quota_costs_another_no_entry() {
             .unwrap()
             .into_inner();
         assert_eq!(r.responses[0].status.as_ref().unwrap().code, 0);
+    };
+    for b in &quiet[10..] {
+        batch_put("quiet", b);
     }
     // The noisy tenant writes 20 MiB, ten times its quota, both ways.
     for i in 0..500u64 {
@@ -87,16 +84,7 @@ fn a_namespace_filling_far_past_its_quota_costs_another_no_entry() {
                 200
             );
         } else {
-            let req = hoard_proto::reapi::BatchUpdateBlobsRequest {
-                instance_name: "noisy".into(),
-                requests: vec![hoard_proto::reapi::batch_update_blobs_request::Request {
-                    digest: Some(digest(&b)),
-                    data: b.clone().into(),
-                    compressor: 0,
-                }],
-                ..Default::default()
-            };
-            rt.block_on(cas.batch_update_blobs(req)).unwrap();
+            batch_put("noisy", &b);
         }
     }
     for i in 0..150u64 {
@@ -197,13 +185,7 @@ fn instance_names_isolate_mangle_or_are_ignored_as_configured() {
             h.put(&format!("/a/ac/{key}"), &ar.encode_to_vec()).status,
             200
         );
-        let ch = rt.block_on(async {
-            tonic::transport::Endpoint::from_shared(h.grpc_url())
-                .unwrap()
-                .connect()
-                .await
-                .unwrap()
-        });
+        let ch = rt.block_on(h.channel());
         let mut ac = ActionCacheClient::new(ch.clone());
         let get = |ac: &mut ActionCacheClient<_>, instance: &str| {
             rt.block_on(ac.get_action_result(GetActionResultRequest {

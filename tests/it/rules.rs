@@ -63,13 +63,7 @@ fn refusals_are_the_same_and_counted_once_over_http_and_grpc() {
         200
     );
     let rt = rt();
-    let ch = rt.block_on(async {
-        tonic::transport::Endpoint::from_shared(h.grpc_url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    });
+    let ch = rt.block_on(h.channel());
     let mut ac = ActionCacheClient::new(ch.clone());
     let mut cas = ContentAddressableStorageClient::new(ch.clone());
     let update = |ac: &mut ActionCacheClient<_>, key: &[u8], ar: ActionResult| {

@@ -248,19 +248,7 @@ fn eviction_keeps_the_size_under_max_and_removes_least_recently_used_first() {
     let dir = tempfile::tempdir().unwrap();
     // Room for about four 16 KiB blobs of incompressible-ish data.
     let cache = DiskCache::open(cfg(dir.path(), 70 * 1024)).unwrap();
-    let blobs: Vec<Vec<u8>> = (0..8u32)
-        .map(|i| {
-            let mut s = i.wrapping_mul(2654435761);
-            (0..16_000)
-                .map(|_| {
-                    s ^= s << 13;
-                    s ^= s >> 17;
-                    s ^= s << 5;
-                    s as u8
-                })
-                .collect()
-        })
-        .collect();
+    let blobs: Vec<Vec<u8>> = (0..8u32).map(|i| noise(16_000, i)).collect();
     for (i, b) in blobs.iter().enumerate() {
         put(&cache, NamespaceId::DEFAULT, Kind::Cas, b).unwrap();
         // Keep blob 0 hot.

@@ -94,19 +94,7 @@ impl Permit {
     /// reference to them is dropped (hyper and h2 drop a frame once it is
     /// written), so the budget counts the bytes for as long as they exist.
     pub fn hold(self, data: Vec<u8>) -> Bytes {
-        struct Held {
-            data: Vec<u8>,
-            _permit: Permit,
-        }
-        impl AsRef<[u8]> for Held {
-            fn as_ref(&self) -> &[u8] {
-                &self.data
-            }
-        }
-        Bytes::from_owner(Held {
-            data,
-            _permit: self,
-        })
+        self.hold_shared(Bytes::from(data))
     }
 }
 
