@@ -269,14 +269,18 @@ impl DiskCache {
         }
         const CHUNK: usize = 64 * 1024;
         const RANK_BASE: u32 = 4_000_000_000;
-        let mut rank: u32 = 0;
         let mut n = 0u64;
         // One allocation for all of it: growing step by step would rehash
         // the table several times over.
         shared.state.lock().index.reserve(snap.records.len());
-        for chunk in snap.records.chunks(CHUNK) {
+        // Hottest first, each at the cold end: the list is in LRU order at
+        // every moment of the load, so an evictor that runs before the
+        // final reordering (the cache may be over max_size already) takes
+        // the coldest entries, not the hottest.
+        let mut records = snap.records.iter().enumerate().rev().peekable();
+        while records.peek().is_some() {
             let mut st = shared.state.lock();
-            for r in chunk {
+            for (i, r) in records.by_ref().take(CHUNK) {
                 let e = &r.entry;
                 let Some(ns) = ids.get(e.ns().index()).copied().flatten() else {
                     continue;
@@ -300,16 +304,17 @@ impl DiskCache {
                     r.odd.is_some(),
                 );
                 let slot = st.index.insert(entry, r.odd.clone(), true);
-                // Ordered as in the snapshot, above any file time the scan
-                // finds, below entries used since start.
+                // Ordered as in the snapshot (its position, coldest 0),
+                // above any file time the scan finds, below entries used
+                // since start.
                 if let Some(at) = &mut st.load_atime {
                     let s = slot as usize;
                     if at.len() <= s {
                         at.resize(s + 1, u32::MAX);
                     }
+                    let rank = u32::try_from(i).unwrap_or(u32::MAX);
                     at[s] = RANK_BASE.saturating_add(rank).min(u32::MAX - 1);
                 }
-                rank = rank.saturating_add(1);
                 n += 1;
             }
         }
