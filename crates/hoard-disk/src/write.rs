@@ -393,7 +393,8 @@ impl Writer {
             };
             if !st.doomed.is_empty()
                 || st.index.size_on_disk > shared.cfg.max_size_bytes
-                || st.index.ns_usage(self.ns).1 > shared.namespaces.read().quota(self.ns)
+                || (!shared.cfg.quotas.is_empty()
+                    && st.index.ns_usage(self.ns).1 > shared.namespaces.read().quota(self.ns))
             {
                 shared.evict_cv.notify_one();
             }

@@ -630,6 +630,16 @@ fn uncompressed_ranges_are_proved_by_the_whole_digest() {
     );
 }
 
+/// Every third blob of the snapshot test lives in `team`, the rest in the
+/// default namespace.
+fn ns_of(i: usize, team: NamespaceId) -> NamespaceId {
+    if i.is_multiple_of(3) {
+        team
+    } else {
+        NamespaceId::DEFAULT
+    }
+}
+
 #[test]
 fn a_clean_stop_leaves_a_snapshot_that_the_next_start_trusts_only_where_nothing_changed() {
     let dir = tempfile::tempdir().unwrap();
@@ -640,12 +650,7 @@ fn a_clean_stop_leaves_a_snapshot_that_the_next_start_trusts_only_where_nothing_
         cache.load();
         let team = cache.namespace("team").unwrap();
         for (i, b) in blobs.iter().enumerate() {
-            let ns = if i % 3 == 0 {
-                team
-            } else {
-                NamespaceId::DEFAULT
-            };
-            put(&cache, ns, Kind::Cas, b).unwrap();
+            put(&cache, ns_of(i, team), Kind::Cas, b).unwrap();
         }
         put(&cache, team, Kind::Ac, &ac).unwrap();
         cache.shutdown(std::time::Duration::from_secs(10));
@@ -686,12 +691,7 @@ fn a_clean_stop_leaves_a_snapshot_that_the_next_start_trusts_only_where_nothing_
     assert_eq!(report.from_snapshot, 300 - listed, "{report:?}");
     let team = cache.namespace("team").unwrap();
     for (i, b) in blobs.iter().enumerate() {
-        let ns = if i % 3 == 0 {
-            team
-        } else {
-            NamespaceId::DEFAULT
-        };
-        let got = read(&cache, ns, Kind::Cas, &sha(b));
+        let got = read(&cache, ns_of(i, team), Kind::Cas, &sha(b));
         if b[..] == gone[..] {
             assert!(got.is_none());
         } else {

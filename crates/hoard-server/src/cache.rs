@@ -714,12 +714,7 @@ impl Cache {
         mut body: hoard_upload::ByteStream,
         timeout: std::time::Duration,
     ) -> Result<Presence, CacheError> {
-        let limit = self.inner.limits.max_action_result_size;
-        if size > limit {
-            return Err(CacheError::invalid(format!(
-                "action result of {size} bytes exceeds the limit of {limit}"
-            )));
-        }
+        self.check_action_result_size(size)?;
         let _permit = self.reserve_inflight(size as usize).await?;
         let mut buf = bytes::BytesMut::with_capacity(size as usize);
         while let Some(c) = next_chunk(&mut body, timeout).await? {
@@ -740,12 +735,7 @@ impl Cache {
         let ar = ActionResult::decode(bytes.as_ref())
             .map_err(|e| CacheError::invalid(format!("invalid ActionResult: {e}")))?;
         self.check_action_result(&ar, size)?;
-        let mut upload = self
-            .open_upload(ns, Kind::Ac, hash, size, Encoding::Identity, false)
-            .await?;
-        upload.set_from_backend();
-        self.put_upload(upload, futures_util::stream::iter([Ok(bytes)]))
-            .await?;
+        self.store_whole(ns, Kind::Ac, hash, bytes, true).await?;
         Ok(Presence::Present)
     }
 
@@ -882,14 +872,43 @@ impl Cache {
     /// than `max_action_result_size` when encoded, and valid
     /// ([`validate_action_result`]).
     fn check_action_result(&self, ar: &ActionResult, encoded_len: u64) -> Result<(), CacheError> {
+        self.check_action_result_size(encoded_len)?;
+        validate_action_result(ar)
+    }
+
+    /// Checks an action result's size against `max_action_result_size`
+    /// (before its bytes are read, where the size is declared).
+    fn check_action_result_size(&self, size: u64) -> Result<(), CacheError> {
         let limit = self.inner.limits.max_action_result_size;
-        if encoded_len > limit {
+        if size > limit {
             return Err(CacheError::new(
                 ErrorKind::TooLarge,
-                format!("action result of {encoded_len} bytes exceeds the limit of {limit}"),
+                format!("action result of {size} bytes exceeds the limit of {limit}"),
             ));
         }
-        validate_action_result(ar)
+        Ok(())
+    }
+
+    /// Stores bytes already whole in memory, uncounted (see
+    /// [`Cache::open_upload`]): inlined contents, a checked action result,
+    /// an object from the bucket (`from_backend`: not uploaded back).
+    async fn store_whole(
+        &self,
+        ns: NamespaceId,
+        kind: Kind,
+        hash: Hash,
+        bytes: Bytes,
+        from_backend: bool,
+    ) -> Result<WriteOutcome, CacheError> {
+        let size = bytes.len() as u64;
+        let mut upload = self
+            .open_upload(ns, kind, hash, size, Encoding::Identity, false)
+            .await?;
+        if from_backend {
+            upload.set_from_backend();
+        }
+        self.put_upload(upload, futures_util::stream::iter([Ok(bytes)]))
+            .await
     }
 
     /// Receives an action result's body as a client sends it (HTTP), of
@@ -925,13 +944,7 @@ impl Cache {
     where
         S: Stream<Item = Result<Bytes, CacheError>> + Unpin,
     {
-        let limit = self.inner.limits.max_action_result_size;
-        if size > limit {
-            return Err(CacheError::new(
-                ErrorKind::TooLarge,
-                format!("action result of {size} bytes exceeds the limit of {limit}"),
-            ));
-        }
+        self.check_action_result_size(size)?;
         let wire_limit = match encoding {
             Encoding::Identity => size,
             Encoding::Zstd => crate::http::zstd_bound(size),
@@ -1039,12 +1052,7 @@ impl Cache {
         }
         let bytes = Bytes::from(ar.encode_to_vec());
         self.check_action_result(&ar, bytes.len() as u64)?;
-        let size = bytes.len() as u64;
-        let upload = self
-            .open_upload(ns, Kind::Ac, hash, size, Encoding::Identity, false)
-            .await?;
-        self.put_upload(upload, futures_util::stream::iter([Ok(bytes)]))
-            .await?;
+        self.store_whole(ns, Kind::Ac, hash, bytes, false).await?;
         Ok(ar)
     }
 
@@ -1070,11 +1078,7 @@ impl Cache {
                 )));
             }
         }
-        let upload = self
-            .open_upload(ns, Kind::Cas, actual, size, Encoding::Identity, false)
-            .await?;
-        self.put_upload(upload, futures_util::stream::iter([Ok(data)]))
-            .await?;
+        self.store_whole(ns, Kind::Cas, actual, data, false).await?;
         Ok(hoard_proto::reapi::Digest {
             hash: actual.to_hex(),
             size_bytes: size as i64,
