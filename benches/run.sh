@@ -238,6 +238,8 @@ grpc)
   for round in 1 2; do
     echo "round=$round $("$BENCH" grpc-bytestream 127.0.0.1:19098 64 3 $((round * 7000)))"
     echo "round=$round $("$BENCH" reference 64 3 $((round * 7000)) 2>/dev/null)"
+    # Bazel's own chunk (Chunker.DEFAULT_CHUNK_SIZE): 16 KiB messages.
+    echo "round=$round chunk=16KiB $("$BENCH" grpc-bytestream 127.0.0.1:19098 64 3 $((round * 7000 + 500)) 16)"
   done
   "$BENCH" grpc-batchread 127.0.0.1:19098 10 4
   stop grpc; rm -rf "$shm"

@@ -106,9 +106,10 @@ pub fn find_missing(addr: &str, n: usize, rounds: usize) -> Res<()> {
     })
 }
 
-/// ByteStream writes of `count` fresh blobs of `mib` MiB (1 MiB messages),
-/// then reads of the same blobs.
-pub fn bytestream(addr: &str, mib: usize, count: u64, seed: u64) -> Res<()> {
+/// ByteStream writes of `count` fresh blobs of `mib` MiB in messages of
+/// `chunk_kib` KiB, then reads of the same blobs.
+pub fn bytestream(addr: &str, mib: usize, count: u64, seed: u64, chunk_kib: usize) -> Res<()> {
+    let chunk = chunk_kib.max(1) << 10;
     runtime()?.block_on(async {
         let mut bs = ByteStreamClient::new(connect(addr).await?)
             .max_decoding_message_size(8 << 20)
@@ -119,12 +120,13 @@ pub fn bytestream(addr: &str, mib: usize, count: u64, seed: u64) -> Res<()> {
             let data = Bytes::from(build_output(size, seed + i));
             let d = digest(&data);
             let name = format!("uploads/bench-{seed}-{i}/blobs/{}/{}", d.hash, d.size_bytes);
-            let reqs: Vec<WriteRequest> = (0..mib)
+            let n = size.div_ceil(chunk);
+            let reqs: Vec<WriteRequest> = (0..n)
                 .map(|c| WriteRequest {
                     resource_name: if c == 0 { name.clone() } else { String::new() },
-                    write_offset: (c << 20) as i64,
-                    finish_write: c + 1 == mib,
-                    data: data.slice(c << 20..(c + 1) << 20),
+                    write_offset: (c * chunk) as i64,
+                    finish_write: c + 1 == n,
+                    data: data.slice(c * chunk..((c + 1) * chunk).min(size)),
                 })
                 .collect();
             let t = Instant::now();

@@ -10,7 +10,7 @@
 //! hoard-bench concurrent-get ADDR PATH N     N simultaneous GETs of PATH, report totals
 //! hoard-bench mkcache DIR N                  a bazel-remote-layout directory of N entries
 //! hoard-bench grpc-findmissing ADDR N ROUNDS FindMissingBlobs of N present digests
-//! hoard-bench grpc-bytestream ADDR MIB COUNT SEED  ByteStream write then read, MB/s
+//! hoard-bench grpc-bytestream ADDR MIB COUNT SEED [CHUNK_KIB]  ByteStream write then read, MB/s
 //! hoard-bench grpc-batchread ADDR SECS CONC  BatchReadBlobs of 100 x 4 KiB, blobs/s
 //! hoard-bench s3-upload ADDR SIZE COUNT SEED  uploads/s until every outcome is in
 //! hoard-bench s3-put-latency ADDR COUNT SEED   p50/p99 of sequential 4 KiB PUTs
@@ -76,6 +76,11 @@ fn run(args: &[String]) -> Res<()> {
             arg(args, 2, "MIB")?,
             arg(args, 3, "COUNT")?,
             arg(args, 4, "SEED")?,
+            if args.len() > 5 {
+                arg(args, 5, "CHUNK_KIB")?
+            } else {
+                1024
+            },
         ),
         Some("s3-upload") => s3::upload_throughput(
             arg(args, 1, "ADDR")?,

@@ -44,6 +44,12 @@ const MESSAGE_OVERHEAD: usize = 1 << 20;
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// HTTP/2 receive window of a connection and of each of its streams.
 pub const RECEIVE_WINDOW: u32 = 1 << 20;
+/// Largest HTTP/2 frame a client may send. At the default 16 KiB a 1 MiB
+/// ByteStream chunk arrives as 64 DATA frames, each parsed, woken for and
+/// copied on its own; on two cores that cost 10-15% of the write rate. A
+/// larger frame delays another stream of the same connection by at most
+/// one frame's transfer (well under a millisecond on a LAN).
+const MAX_FRAME: u32 = 256 << 10;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -238,6 +244,7 @@ pub async fn serve(
         // connection (the connection window bounds all its streams).
         .initial_connection_window_size(RECEIVE_WINDOW)
         .initial_stream_window_size(RECEIVE_WINDOW)
+        .max_frame_size(MAX_FRAME)
         .http2_keepalive_interval(ping)
         .http2_keepalive_timeout(ping_answer)
         .layer(codes::StatusFixLayer)
