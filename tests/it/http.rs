@@ -609,3 +609,99 @@ fn a_bad_configuration_value_exits_non_zero_with_one_line() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("max_size"), "{err}");
 }
+
+/// One response on a keep-alive connection: status and body (by its
+/// Content-Length).
+fn read_one(s: &mut TcpStream) -> (u16, Vec<u8>) {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let status = head[9..12].parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    (status, body)
+}
+
+/// CPU time (clock ticks) of hoard's threads named `name`, summed.
+fn thread_ticks(pid: u32, name: &str) -> u64 {
+    let mut sum = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue; // the thread ended
+        };
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if !head.ends_with(&format!("({name}")) {
+            continue;
+        }
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // After the name: state, then ... utime (11) and stime (12).
+        sum += f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    }
+    sum
+}
+
+/// Small requests stay on the main runtime; a large PUT and GET move to
+/// the bulk lane (threads named hoard-bulk, at lowered priority), and the
+/// connection comes back: the small request after them on the same
+/// keep-alive connection is answered, and the blob is whole.
+#[test]
+fn large_transfers_run_in_the_bulk_lane_and_small_ones_do_not() {
+    let (_dir, h) = start();
+    let pid = h.pid();
+    let before = thread_ticks(pid, "hoard-bulk");
+    for i in 0..300u64 {
+        let small = noise(4096, i);
+        let hx = sha256_hex(&small);
+        assert_eq!(h.put(&format!("/cas/{hx}"), &small).status, 200);
+        assert_eq!(h.get(&format!("/cas/{hx}")).body, small);
+    }
+    let small_cost = thread_ticks(pid, "hoard-bulk") - before;
+    assert!(
+        small_cost <= 1,
+        "small requests cost the bulk lane {small_cost} ticks"
+    );
+
+    let big = noise(48 << 20, 7);
+    let big_hx = sha256_hex(&big);
+    let small = noise(4096, 1000);
+    let small_hx = sha256_hex(&small);
+    assert_eq!(h.put(&format!("/cas/{small_hx}"), &small).status, 200);
+    // One keep-alive connection: big PUT, big GET, then a small GET.
+    let mut s = TcpStream::connect(h.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "PUT /cas/{big_hx} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        big.len()
+    )
+    .unwrap();
+    s.write_all(&big).unwrap();
+    assert_eq!(read_one(&mut s).0, 200);
+    write!(s, "GET /cas/{big_hx} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let (status, body) = read_one(&mut s);
+    assert_eq!(status, 200);
+    assert!(body == big, "the large blob came back changed");
+    write!(s, "GET /cas/{small_hx} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let (status, body) = read_one(&mut s);
+    assert_eq!((status, body == small), (200, true));
+    let bulk_cost = thread_ticks(pid, "hoard-bulk") - before - small_cost;
+    assert!(
+        bulk_cost >= 3,
+        "48 MiB each way cost the bulk lane only {bulk_cost} ticks"
+    );
+}

@@ -1252,6 +1252,7 @@ impl Cache {
             (upload, Ok(()))
         });
         let mut first_err = None;
+        let mut pacer = crate::pace::Pacer::default();
         loop {
             let chunk = match self.from_client(body.next()).await {
                 Ok(Some(c)) => c,
@@ -1268,9 +1269,11 @@ impl Cache {
                             break;
                         }
                     };
+                    let n = b.len();
                     if tx.send((b, permit)).await.is_err() {
                         break; // the writer already failed; its error wins
                     }
+                    pacer.moved(n).await;
                 }
                 Err(e) => {
                     first_err = Some(e);

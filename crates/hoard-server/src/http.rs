@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use hoard_disk::{Hash, Kind};
 use hoard_proto::prost::Message;
 use hoard_proto::reapi::ActionResult;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, BodyStream, Full, StreamBody, combinators::UnsyncBoxBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::{Body as _, Frame, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -30,6 +30,7 @@ use crate::access_log::AccessLog;
 use crate::auth::{Access, parse_basic};
 use crate::cache::{Cache, Encoding, Found};
 use crate::error::CacheError;
+use crate::lanes::{self, Mark};
 use crate::listener::Listener;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -58,6 +59,9 @@ pub struct HttpState {
     pub connections: Arc<crate::listener::Connections>,
     /// TLS for both listeners, when configured.
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// The runtime bulk transfers move to ([`crate::lanes`]); None keeps
+    /// every connection where it was accepted.
+    pub bulk_lane: Option<tokio::runtime::Handle>,
 }
 
 /// Serves HTTP on `listener` until `shutdown` fires, then stops accepting,
@@ -107,19 +111,26 @@ pub async fn serve(
                     return;
                 };
                 let cache = cache.with_certificate(io.peer_common_name());
+                let mark = Arc::new(Mark::default());
+                let bulk_lane = st.bulk_lane.clone();
+                let m = Arc::clone(&mark);
                 let svc = service_fn(move |req| {
                     let st = Arc::clone(&st);
                     let cache = cache.clone();
+                    let mark = Arc::clone(&m);
                     // Boxed: a request's state machine is large, and an idle
                     // connection should not carry its room.
-                    Box::pin(
-                        async move { Ok::<_, Infallible>(handle(&st, &cache, req, peer).await) },
-                    )
+                    Box::pin(async move {
+                        Ok::<_, Infallible>(handle(&st, &cache, req, peer, &mark).await)
+                    })
                 });
                 let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc));
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
+                let conn = Box::pin(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+                crate::lanes::run(bulk_lane, mark, conn).await;
             }
             .instrument(tracing::debug_span!("http connection", %peer)),
         );
@@ -168,11 +179,25 @@ async fn handle(
     cache: &Cache,
     req: Request<Incoming>,
     peer: SocketAddr,
+    mark: &Arc<Mark>,
 ) -> Response<Body> {
     let start = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    // A large upload runs in the bulk lane while its body is read.
+    let upload = (method == Method::PUT && lanes::is_bulk(content_length(req.headers())))
+        .then(|| mark.bulk());
     let (resp, handler) = route(st, cache, req).await;
+    drop(upload);
+    // A large download runs in the bulk lane until hyper has written it.
+    let resp_len = content_length(resp.headers()).or_else(|| resp.body().size_hint().exact());
+    let resp =
+        if method == Method::GET && resp.status() == StatusCode::OK && lanes::is_bulk(resp_len) {
+            let guard = mark.bulk();
+            resp.map(|body| lanes::InBulkLane::new(body, guard).boxed_unsync())
+        } else {
+            resp
+        };
     let code = resp.status().as_u16();
     st.cache
         .metrics()
@@ -507,9 +532,9 @@ async fn serve_blob(
 /// channel and one is being written, each counted in the in-flight budget.
 /// A read error mid-body is passed to hyper as a body error, which aborts
 /// the connection, so a client can never take a truncated body for a whole
-/// one.
+/// one. Chunks go out a slice at a time ([`crate::pace`]).
 fn stream_blob(cache: Cache, blob: hoard_disk::Blob, stored: bool) -> Response<Body> {
-    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+    let (tx, rx) = mpsc::channel::<Result<Bytes, BoxError>>(1);
     tokio::spawn(async move {
         let mut blob = blob;
         if stored {
@@ -550,7 +575,7 @@ fn stream_blob(cache: Cache, blob: hoard_disk::Blob, stored: bool) -> Response<B
                     blob = Some(b);
                     // Only the chunk itself waits for the client.
                     permit.shrink_to(buf.len());
-                    if tx.send(Ok(Frame::data(permit.hold(buf)))).await.is_err() {
+                    if tx.send(Ok(permit.hold(buf))).await.is_err() {
                         return; // client went away
                     }
                 }
@@ -565,9 +590,20 @@ fn stream_blob(cache: Cache, blob: hoard_disk::Blob, stored: bool) -> Response<B
     });
     let mut rx = rx;
     let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let stream = crate::pace::Paced::new(stream).map_ok(Frame::data);
     let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
     *r.status_mut() = StatusCode::OK;
     r
+}
+
+/// The Content-Length of a request or response, if it has a valid one.
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// A header holding a decimal number, if present.

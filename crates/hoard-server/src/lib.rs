@@ -17,9 +17,11 @@ pub mod error;
 pub mod grpc;
 pub mod hot;
 pub mod http;
+pub mod lanes;
 pub mod listener;
 pub mod log_sink;
 pub mod metrics;
+pub mod pace;
 pub mod tls;
 pub mod validate;
 

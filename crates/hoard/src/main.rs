@@ -48,6 +48,7 @@ fn main() -> ExitCode {
         .enable_all()
         .thread_name("hoard-worker")
         .build()
+        .and_then(|main| Ok((main, bulk_runtime()?)))
     {
         Ok(r) => r,
         Err(e) => {
@@ -58,9 +59,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(serve::run(*cfg));
+    let (runtime, bulk) = runtime;
+    let result = runtime.block_on(serve::run(*cfg, Some(bulk.handle().clone())));
     // Worker threads still blocked on a dead bucket are not waited for.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    bulk.shutdown_timeout(std::time::Duration::from_secs(1));
     logs.drain(std::time::Duration::from_millis(500));
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -70,4 +73,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The runtime of HTTP connections in the middle of a bulk transfer (see
+/// `hoard_server::lanes`): its threads run at the lowered priority of bulk
+/// work, so small requests on the main runtime go first.
+fn bulk_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("hoard-bulk")
+        .on_thread_start(hoard_disk::lower_thread_priority)
+        .build()
 }

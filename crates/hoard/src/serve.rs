@@ -51,7 +51,7 @@ fn stop_budget(cfg: &Config) -> Duration {
         + EVICTOR_WAIT
 }
 
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, bulk_lane: Option<tokio::runtime::Handle>) -> anyhow::Result<()> {
     let disk = DiskCache::open(hoard_disk::Config {
         dir: cfg.dir.clone(),
         max_size_bytes: cfg.max_size_bytes,
@@ -214,6 +214,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cache_requests: AtomicU64::new(0),
         connections,
         tls: tls.clone(),
+        bulk_lane,
     });
     if let Some(t) = &tls {
         spawn_reload_on_hangup(Arc::clone(t))?;
