@@ -39,7 +39,10 @@ start_hoard() {
   local t0; t0=$(date +%s.%N)
   "$HOARD" --http_address=127.0.0.1:$port --access_log_level=none "$@" >"$W/$name.out" 2>"$W/$name.err" &
   pids+=($!); echo $! >"$W/$name.pid"
-  until curl -sf "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; do sleep 0.02; done
+  until curl -sf "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; do
+    kill -0 "$(cat "$W/$name.pid")" 2>/dev/null || { echo "hoard ($name) exited: $(tail -1 "$W/$name.err")" >&2; exit 1; }
+    sleep 0.02
+  done
   awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN {printf "%.2f\n", a - b}'
 }
 # start_moto PORT : moto (an S3 server) on 127.0.0.1:PORT with bucket "bench".
@@ -150,8 +153,8 @@ put)
   # On tmpfs the comparison is CPU path against CPU path; on the VM's disk
   # it includes the disk (and its throttling), with fsync on as by default.
   shm=$(mktemp -d /dev/shm/hoard-bench.XXXXXX)
-  start_hoard putshm 18092 --dir="$shm/cache" --max_size=8 >/dev/null
-  start_hoard putdisk 18093 --dir="$W/put-cache" --max_size=50 >/dev/null
+  start_hoard putshm 18092 --dir="$shm/cache" --max_size=8 --grpc_address=none >/dev/null
+  start_hoard putdisk 18093 --dir="$W/put-cache" --max_size=50 --grpc_address=none >/dev/null
   for round in 1 2 3; do
     echo "round=$round storage=tmpfs $("$BENCH" put 127.0.0.1:18092 64 4 $((round * 100)))"
     echo "round=$round $("$BENCH" reference 64 4 $((round * 100)) 2>/dev/null)"
@@ -235,7 +238,7 @@ grpc)
     | sed -E 's/.*le="([^"]+)"\} ([0-9]+)$/\1 \2/' \
     | awk -v t="$total" '$2 >= 0.99 * t { print "access_log=all findmissing_server_p99_at_most_seconds=" $1; exit }'
   stop grpclog
-  for round in 1 2; do
+  for round in 1 2 3; do
     echo "round=$round $("$BENCH" grpc-bytestream 127.0.0.1:19098 64 3 $((round * 7000)))"
     echo "round=$round $("$BENCH" reference 64 3 $((round * 7000)) 2>/dev/null)"
     # Bazel's own chunk (Chunker.DEFAULT_CHUNK_SIZE): 16 KiB messages.
