@@ -598,12 +598,7 @@ fn stream_blob(cache: Cache, blob: hoard_disk::Blob, stored: bool) -> Response<B
 
 /// The Content-Length of a request or response, if it has a valid one.
 fn content_length(h: &HeaderMap) -> Option<u64> {
-    h.get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    header_u64(h, "content-length").ok().flatten()
 }
 
 /// A header holding a decimal number, if present.
