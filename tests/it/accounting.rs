@@ -5,9 +5,6 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use hoard_proto::prost::Message;
-use hoard_proto::reapi::{ActionResult, Digest, OutputFile};
-
 use crate::clickhouse::{ClickHouse, LosingProxy};
 use crate::s3::{Bucket, Moto};
 use crate::support::{Hoard, noise, sha256_hex};
@@ -68,35 +65,7 @@ pub(crate) fn bucket_footprint(bucket: &Bucket) -> BTreeMap<String, u64> {
 }
 
 fn put_action(h: &Hoard, prefix: &str, outputs: &[Vec<u8>], action: &str) {
-    for o in outputs {
-        assert_eq!(
-            h.put(&format!("{prefix}/cas/{}", sha256_hex(o)), o).status,
-            200
-        );
-    }
-    let ar = ActionResult {
-        output_files: outputs
-            .iter()
-            .enumerate()
-            .map(|(i, o)| OutputFile {
-                path: format!("out/{i}"),
-                digest: Some(Digest {
-                    hash: sha256_hex(o),
-                    size_bytes: o.len() as i64,
-                }),
-                ..Default::default()
-            })
-            .collect(),
-        ..Default::default()
-    };
-    assert_eq!(
-        h.put(
-            &format!("{prefix}/ac/{}", sha256_hex(action.as_bytes())),
-            &ar.encode_to_vec()
-        )
-        .status,
-        200
-    );
+    crate::upload::action_with_outputs(h, prefix, outputs, action.as_bytes());
 }
 
 #[test]

@@ -24,9 +24,18 @@ use tonic::transport::Channel;
 use crate::grpc::{digest, rt};
 use crate::s3::{FORWARD, HANG, Proxy, REFUSE, SLOW, SLOW_BY};
 use crate::support::{Hoard, files_under, free_port, hoard_bin, noise, request, sha256_hex};
-use crate::upload::{action_with_output, count, drained, jobs, moto_with_bucket, s3_args, start};
+use crate::upload::{
+    action_with_output, action_with_outputs, count, drained, jobs, moto_with_bucket, s3_args, start,
+};
 
 /// Files of one kind directory (`ac.v2`, `cas.v2`) under a cache directory.
+/// A GET and how long it took.
+fn timed_get(h: &Hoard, path: &str) -> (crate::support::Resp, Duration) {
+    let t = Instant::now();
+    let r = h.get(path);
+    (r, t.elapsed())
+}
+
 fn count_files(dir: &Path, kind_dir: &str) -> usize {
     files_under(dir)
         .iter()
@@ -246,12 +255,11 @@ fn a_hanging_or_refusing_bucket_removes_no_action_result() {
 
     for (mode, name) in [(HANG, "hanging"), (REFUSE, "refusing")] {
         proxy.set(mode);
-        let t = Instant::now();
-        let r = b.get(&format!("/ac/{key}"));
+        let (r, took) = timed_get(&b, &format!("/ac/{key}"));
         println!(
             "outage: bucket {name}: GET /ac answered {} in {:.1} s",
             r.status,
-            t.elapsed().as_secs_f64()
+            took.as_secs_f64()
         );
         assert_eq!(r.status, 404, "unknown answers a miss");
         assert_eq!(
@@ -305,26 +313,7 @@ fn a_slow_bucket_costs_a_completeness_check_one_read_timeout_in_all() {
     );
     // An action result naming four outputs.
     let outs: Vec<Vec<u8>> = (0..4).map(|i| noise(3000, 900 + i)).collect();
-    for o in &outs {
-        assert_eq!(a.put(&format!("/cas/{}", sha256_hex(o)), o).status, 200);
-    }
-    let ar = ActionResult {
-        output_files: outs
-            .iter()
-            .enumerate()
-            .map(|(i, o)| OutputFile {
-                path: format!("out/{i}"),
-                digest: Some(digest(o)),
-                ..Default::default()
-            })
-            .collect(),
-        ..Default::default()
-    };
-    let key = sha256_hex(b"slow action");
-    assert_eq!(
-        a.put(&format!("/ac/{key}"), &ar.encode_to_vec()).status,
-        200
-    );
+    let key = action_with_outputs(&a, "", &outs, b"slow action");
     drained(&a);
     // Host B reads the action result through, then its bucket turns slow:
     // each answer takes 1.2 s of the 2 s read timeout, so asking about the
@@ -335,18 +324,15 @@ fn a_slow_bucket_costs_a_completeness_check_one_read_timeout_in_all() {
     let bdir = tmp.path().join("b");
     let b = start(&bdir, &args);
     // The action result itself is local once read through (a fast bucket).
-    let t = Instant::now();
-    let first = b.get(&format!("/ac/{key}"));
+    let (first, took) = timed_get(&b, &format!("/ac/{key}"));
     println!(
         "slow bucket: read-through GET /ac {} in {:.1} s",
         first.status,
-        t.elapsed().as_secs_f64()
+        took.as_secs_f64()
     );
     assert_eq!(count_files(&bdir, "ac.v2"), 1);
     proxy.set(SLOW);
-    let t = Instant::now();
-    let r = b.get(&format!("/ac/{key}"));
-    let took = t.elapsed();
+    let (r, took) = timed_get(&b, &format!("/ac/{key}"));
     println!(
         "slow bucket: GET /ac answered {} in {:.1} s ({:.1} s per bucket answer)",
         r.status,

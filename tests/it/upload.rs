@@ -257,6 +257,44 @@ pub(crate) fn action_with_output(h: &Hoard, out: &[u8], action: &[u8]) -> String
     key
 }
 
+/// Stores `outputs` (under the instance `prefix`, "" or "/name") and an
+/// action result naming them `out/0`, `out/1`, ...; returns its key.
+pub(crate) fn action_with_outputs(
+    h: &Hoard,
+    prefix: &str,
+    outputs: &[Vec<u8>],
+    action: &[u8],
+) -> String {
+    for o in outputs {
+        assert_eq!(
+            h.put(&format!("{prefix}/cas/{}", sha256_hex(o)), o).status,
+            200
+        );
+    }
+    let ar = ActionResult {
+        output_files: outputs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| OutputFile {
+                path: format!("out/{i}"),
+                digest: Some(Digest {
+                    hash: sha256_hex(o),
+                    size_bytes: o.len() as i64,
+                }),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let key = sha256_hex(action);
+    assert_eq!(
+        h.put(&format!("{prefix}/ac/{key}"), &ar.encode_to_vec())
+            .status,
+        200
+    );
+    key
+}
+
 #[test]
 fn an_object_deleted_behind_hoards_back_is_a_miss_not_a_hit_that_later_404s() {
     let (moto, bucket) = moto_with_bucket("gone");
