@@ -1,4 +1,4 @@
-//! hoard-disk: the local tier of hoard, a size-bounded LRU of content-addressed
+//! hoard-disk: the local tier of hoard, a size-bounded cache of content-addressed
 //! blobs in bazel-remote's directory layout.
 //!
 //! What it owns: files under the cache directory, the in-memory index of them,
@@ -119,7 +119,7 @@ pub enum StorageMode {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub dir: PathBuf,
-    /// Evict least recently used blobs while SizeOnDisk exceeds this.
+    /// Evict blobs (in clock order, see `index.rs`) while SizeOnDisk exceeds this.
     pub max_size_bytes: u64,
     /// Refuse writes (with [`Error::HardLimit`]) that would take SizeOnDisk
     /// plus in-flight reservations plus pending deletions above this.
@@ -130,7 +130,7 @@ pub struct Config {
     /// Upper bound on the number of namespaces (at most 2048).
     pub max_namespaces: usize,
     /// Per-namespace size limits (SizeOnDisk): a namespace over its quota
-    /// evicts its own least recently used entries, never another's.
+    /// evicts its own entries, those used longest ago first, never another's.
     pub quotas: Quotas,
     /// Fault injection for tests: the background load sleeps this long
     /// after each directory it indexes, so that requests meet a partial
@@ -178,7 +178,7 @@ pub struct Committed {
     pub kind: Kind,
     pub hash: Hash,
     pub logical_size: u64,
-    /// Stored bytes rounded up to 4 KiB: the unit of the LRU only.
+    /// Stored bytes rounded up to 4 KiB: the unit of the size limit only.
     pub size_on_disk: u64,
     /// The stored file's exact length: what an upload sends, what the
     /// bucket holds, and the unit of billing.
@@ -213,7 +213,7 @@ pub struct Stats {
     pub load_fraction: f64,
 }
 
-/// The disk LRU. Cheap to clone; all clones share one cache.
+/// The disk cache. Cheap to clone; all clones share one cache.
 #[derive(Clone)]
 pub struct DiskCache {
     shared: Arc<Shared>,
@@ -250,13 +250,12 @@ pub(crate) struct State {
     /// Files to unlink, with their SizeOnDisk.
     pub doomed: Vec<(PathBuf, u64)>,
     pub stop: bool,
-    /// While the index loads: per slot, the file's atime in seconds, or
-    /// `u32::MAX` for entries used since start (they must stay hot).
-    pub load_atime: Option<Vec<u32>>,
+    /// Which files a listing finds start as used (see `load.rs`).
+    pub atime_split: load::AtimeSplit,
     /// SizeOnDisk evicted per namespace id since start.
     pub ns_evicted: Vec<u64>,
-    /// Where the last quota walk stopped (see `evict_over_quota`).
-    pub quota_cursor: Option<(u32, NamespaceId, Kind, Hash)>,
+    /// The slot the next quota walk starts at (see `evict_over_quota`).
+    pub quota_hand: usize,
     /// Parts with writes in flight (temp files, renames not yet indexed),
     /// by namespace and part: how many.
     pub active_parts: HashMap<(NamespaceId, usize), u32>,
@@ -269,16 +268,6 @@ impl State {
             if *n == 0 {
                 self.active_parts.remove(&(ns, part));
             }
-        }
-    }
-
-    pub(crate) fn mark_hot(&mut self, slot: u32) {
-        if let Some(at) = &mut self.load_atime {
-            let s = slot as usize;
-            if at.len() <= s {
-                at.resize(s + 1, u32::MAX);
-            }
-            at[s] = u32::MAX;
         }
     }
 }
@@ -403,9 +392,9 @@ impl DiskCache {
                 pending_deletion: 0,
                 doomed: Vec::new(),
                 stop: false,
-                load_atime: None,
                 ns_evicted: Vec::new(),
-                quota_cursor: None,
+                quota_hand: 0,
+                atime_split: load::AtimeSplit::default(),
                 active_parts: HashMap::new(),
             }),
             evict_cv: Condvar::new(),
@@ -518,7 +507,6 @@ impl DiskCache {
         let mut st = self.shared.state.lock();
         let slot = st.index.find(ns, kind, hash)?;
         st.index.touch(slot);
-        st.mark_hot(slot);
         Some(st.index.entry(slot).logical())
     }
 
@@ -535,7 +523,6 @@ impl DiskCache {
             .map(|h| {
                 let slot = st.index.find(ns, kind, h)?;
                 st.index.touch(slot);
-                st.mark_hot(slot);
                 Some(st.index.entry(slot).logical())
             })
             .collect()
@@ -552,7 +539,6 @@ impl DiskCache {
                 return Ok(None);
             };
             st.index.touch(slot);
-            st.mark_hot(slot);
             Location::of(&st.index, slot)
         };
         read::open(self.clone(), loc)
@@ -563,7 +549,7 @@ impl DiskCache {
     pub fn mark_uploaded(&self, ns: NamespaceId, kind: Kind, hash: &Hash) {
         let mut st = self.shared.state.lock();
         if let Some(slot) = st.index.find(ns, kind, hash) {
-            st.index.entry_mut(slot).set_uploaded();
+            st.index.set_uploaded(slot);
         }
     }
 
@@ -577,12 +563,13 @@ impl DiskCache {
             .is_some_and(|slot| st.index.entry(slot).uploaded())
     }
 
-    /// Up to `max` blobs of `kind` not marked as in the bucket, least
-    /// recently used first: what a backfill should upload.
+    /// Up to `max` blobs of `kind` not marked as in the bucket: what a
+    /// backfill should upload. Each call looks at a bounded slice of the
+    /// index and the next goes on from there (see `Index::not_uploaded`).
     pub fn not_uploaded(&self, kind: Kind, max: usize) -> Vec<(NamespaceId, Hash)> {
-        let st = self.shared.state.lock();
-        st.index
-            .not_uploaded(kind, max)
+        let mut st = self.shared.state.lock();
+        let slots = st.index.not_uploaded(kind, max);
+        slots
             .into_iter()
             .map(|slot| {
                 let e = st.index.entry(slot);
@@ -743,10 +730,9 @@ impl DiskCache {
                 }
             }
             st.index
-                .slots_cold_to_hot()
-                .into_iter()
+                .occupied_slots()
                 .map(|slot| snapshot::Record {
-                    entry: *st.index.entry(slot),
+                    entry: st.index.entry(slot),
                     odd: st.index.odd_suffix(slot).map(Into::into),
                 })
                 .collect::<Vec<_>>()
@@ -870,8 +856,8 @@ fn create_layout(root: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Evicts least recently used entries while over `max_size`, and each
-/// namespace's own least recently used entries while it is over its quota;
+/// Evicts entries in clock order while over `max_size`, and each
+/// namespace's own entries in clock order while it is over its quota;
 /// unlinks files that left the index. Runs on its own thread so that no
 /// request waits for a deletion.
 fn evict_loop(shared: &Shared) {
@@ -891,11 +877,14 @@ fn evict_loop(shared: &Shared) {
                 shared.evict_cv.wait(&mut st);
             }
             // Once stopping, only what is already doomed is deleted.
+            let mut budget = HAND_SWEEP;
             while !st.stop
                 && st.index.size_on_disk > shared.cfg.max_size_bytes
                 && st.doomed.len() < EVICT_BATCH
             {
-                let Some(slot) = st.index.lru() else { break };
+                let Some(slot) = st.index.next_victim(&mut budget) else {
+                    break;
+                };
                 evict(shared, &mut st, slot);
             }
             if !st.stop && st.doomed.len() < EVICT_BATCH {
@@ -921,7 +910,11 @@ fn evict_loop(shared: &Shared) {
 /// Files unlinked per pass of the evictor (the index lock is released
 /// between passes).
 const EVICT_BATCH: usize = 512;
-/// Entries one quota walk visits under the index lock before letting go.
+/// Slots the clock hand passes in one pass under the index lock before
+/// letting go: when nearly every entry was used since the last sweep,
+/// finding a victim clears many bits, and other requests wait meanwhile.
+const HAND_SWEEP: usize = 64 * 1024;
+/// Slots one quota walk visits under the index lock before letting go.
 const QUOTA_WALK: usize = 16 * 1024;
 
 /// Takes `slot` out of the index and queues its file for deletion.
@@ -959,52 +952,42 @@ fn over_quota(shared: &Shared, st: &State) -> Vec<(NamespaceId, u64)> {
         .collect()
 }
 
-/// Evicts the least recently used entries of namespaces over their quota,
-/// and nothing of any other namespace.
+/// Evicts entries of namespaces over their quota, in clock order, and
+/// nothing of any other namespace.
 ///
-/// There is one LRU list for all namespaces (the global limit evicts in
-/// global LRU order), so a namespace's coldest entries are found by walking
-/// the list from its cold end and skipping other namespaces' entries. One
-/// walk visits at most `QUOTA_WALK` entries under the lock; the next pass
-/// goes on from where it stopped if that entry is still indexed, else
-/// from the cold end again. An entry used since then has moved to the hot
-/// end, so a walk may miss a victim once; the namespace stays over its
-/// quota and the evictor keeps passing until it is not.
+/// The quota walk has a hand of its own (`State::quota_hand`) that sweeps
+/// the slots like the global one but looks only at over-quota namespaces'
+/// entries: a used one loses its bit and is passed, an unused one is
+/// evicted. One walk visits at most `QUOTA_WALK` slots under the lock; the
+/// next pass goes on from there, so the namespace stays over its quota and
+/// the evictor keeps passing until it is not.
 fn evict_over_quota(shared: &Shared, st: &mut State) {
     let over = over_quota(shared, st);
     if over.is_empty() {
-        st.quota_cursor = None;
         return;
     }
     let mut excess: HashMap<NamespaceId, u64> = over.into_iter().collect();
-    let start = st
-        .quota_cursor
-        .take()
-        .filter(|(slot, ns, kind, hash)| st.index.find(*ns, *kind, hash) == Some(*slot))
-        .map(|(slot, ..)| slot);
-    let mut slot = match start.or_else(|| st.index.lru()) {
-        Some(s) => s,
-        None => return,
-    };
-    let mut visited = 0;
-    while slot != index::NIL && visited < QUOTA_WALK && st.doomed.len() < EVICT_BATCH {
-        let next = st.index.hotter(slot);
-        let e = st.index.entry(slot);
-        let ns = e.ns();
-        if let Some(left) = excess.get_mut(&ns)
+    let n = st.index.slot_count();
+    let mut pos = st.quota_hand % n.max(1);
+    for _ in 0..QUOTA_WALK.min(n) {
+        if st.doomed.len() >= EVICT_BATCH {
+            break;
+        }
+        let slot = pos as u32;
+        pos = if pos + 1 == n { 0 } else { pos + 1 };
+        let Some(e) = st.index.occupied(slot) else {
+            continue;
+        };
+        if let Some(left) = excess.get_mut(&e.ns())
             && *left > 0
+            && !st.index.second_chance(slot)
         {
             *left = left.saturating_sub(e.size_on_disk());
             evict(shared, st, slot);
             if excess.values().all(|l| *l == 0) {
-                return;
+                break;
             }
         }
-        slot = next;
-        visited += 1;
     }
-    if slot != index::NIL {
-        let e = st.index.entry(slot);
-        st.quota_cursor = Some((slot, e.ns(), e.kind(), Hash(e.hash)));
-    }
+    st.quota_hand = pos;
 }

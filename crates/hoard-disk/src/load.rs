@@ -99,6 +99,46 @@ struct Found {
     atime: u32,
 }
 
+/// Gives the files a listing finds clock counts by access time: the most
+/// recently accessed quarter starts at three, the next at two, and so on,
+/// so that after a crash the clock hand takes the files used longest ago
+/// first.
+///
+/// The quartiles are those of a sample: the first [`SAMPLE`] access times
+/// seen. Parts are listed in parallel and each holds keys spread evenly
+/// over the hash space, so the first few parts are a fair sample of all of
+/// them. Keeping a rank per entry until the end instead would cost four
+/// bytes per entry at the moment memory is tightest.
+///
+/// [`SAMPLE`]: AtimeSplit::SAMPLE
+#[derive(Default)]
+pub(crate) struct AtimeSplit {
+    sample: Vec<u32>,
+    quartiles: [u32; 3],
+}
+
+impl AtimeSplit {
+    const SAMPLE: usize = 4096;
+
+    /// Adds access times to the sample while it is not full.
+    fn observe(&mut self, atimes: impl Iterator<Item = u32>) {
+        if self.sample.len() >= Self::SAMPLE {
+            return;
+        }
+        self.sample
+            .extend(atimes.take(Self::SAMPLE - self.sample.len()));
+        let mut sorted = self.sample.clone();
+        sorted.sort_unstable();
+        let at = |q: usize| sorted.get(sorted.len() * q / 4).copied().unwrap_or(0);
+        self.quartiles = [at(1), at(2), at(3)];
+    }
+
+    /// The clock count of a file last accessed at `atime`.
+    fn uses(&self, atime: u32) -> u8 {
+        self.quartiles.iter().filter(|&&q| atime >= q).count() as u8
+    }
+}
+
 const ROOT_NAMES: &[&str] = &[
     "ac.v2",
     "cas.v2",
@@ -119,21 +159,23 @@ type Work = (NamespaceId, Kind, usize, PathBuf);
 
 impl DiskCache {
     /// Indexes every cache file under the directory. Blocking; meant for a
-    /// background thread while the daemon already serves. Entries found here
-    /// are ordered by access time, colder than anything used since start.
+    /// background thread while the daemon already serves. Files found by
+    /// listing get clock counts by access time (see [`AtimeSplit`]);
+    /// entries from the snapshot keep the counts they had.
     pub fn load(&self) -> LoadReport {
         let started = Instant::now();
         let mut report = LoadReport::default();
         let root = self.dir().to_path_buf();
-        self.shared().state.lock().load_atime = Some(Vec::new());
 
         report.foreign_files += check_root(&root);
         let mut work: Vec<Work> = Vec::new();
         let mut roots = vec![(NamespaceId::DEFAULT, root.clone())];
         roots.extend(self.discover_namespaces(&root, &mut report));
         for (ns, nsroot) in roots {
-            for kind in Kind::ALL {
-                for i in 0..SUBDIRS {
+            // Kinds interleaved, so that the parts done at any moment are
+            // a fair sample of all of them (see `insert_found`).
+            for i in 0..SUBDIRS {
+                for kind in Kind::ALL {
                     let dir = nsroot.join(kind.dir_name()).join(format!("{i:02x}"));
                     work.push((ns, kind, i, dir));
                 }
@@ -180,21 +222,14 @@ impl DiskCache {
             while parts.loading > 0 {
                 shared.parts_cv.wait(&mut parts);
             }
-            let relink_started = Instant::now();
+            let compact_started = Instant::now();
             let mut st = shared.state.lock();
-            let atimes = st.load_atime.take().unwrap_or_default();
-            let mut order = st.index.slots_cold_to_hot();
-            // Stable: entries used since start keep their relative order at
-            // the hot end.
-            order.sort_by_key(|s| atimes.get(*s as usize).copied().unwrap_or(u32::MAX));
-            st.index.relink(&order);
-            drop(order);
             st.index.compact();
             report.entries = st.index.len() as u64;
             report.size_on_disk = st.index.size_on_disk;
             tracing::debug!(
-                seconds = relink_started.elapsed().as_secs_f64(),
-                "index ordered by last use"
+                seconds = compact_started.elapsed().as_secs_f64(),
+                "index packed"
             );
             // Under the parts lock: a lookup either saw a part's state or
             // sees `loaded`, never neither.
@@ -268,19 +303,20 @@ impl DiskCache {
             }
         }
         const CHUNK: usize = 64 * 1024;
-        const RANK_BASE: u32 = 4_000_000_000;
         let mut n = 0u64;
         // One allocation for all of it: growing step by step would rehash
         // the table several times over.
-        shared.state.lock().index.reserve(snap.records.len());
-        // Hottest first, each at the cold end: the list is in LRU order at
-        // every moment of the load, so an evictor that runs before the
-        // final reordering (the cache may be over max_size already) takes
-        // the coldest entries, not the hottest.
-        let mut records = snap.records.iter().enumerate().rev().peekable();
+        {
+            let mut st = shared.state.lock();
+            let total = st.index.len() + snap.records.len();
+            st.index.reserve_total(total);
+        }
+        // Each entry keeps the clock count it had at the stop, so the hand
+        // resumes with the same chances left.
+        let mut records = snap.records.iter().peekable();
         while records.peek().is_some() {
             let mut st = shared.state.lock();
-            for (i, r) in records.by_ref().take(CHUNK) {
+            for r in records.by_ref().take(CHUNK) {
                 let e = &r.entry;
                 let Some(ns) = ids.get(e.ns().index()).copied().flatten() else {
                     continue;
@@ -303,18 +339,8 @@ impl DiskCache {
                     e.suffix,
                     r.odd.is_some(),
                 );
-                let slot = st.index.insert(entry, r.odd.clone(), true);
-                // Ordered as in the snapshot (its position, coldest 0),
-                // above any file time the scan finds, below entries used
-                // since start.
-                if let Some(at) = &mut st.load_atime {
-                    let s = slot as usize;
-                    if at.len() <= s {
-                        at.resize(s + 1, u32::MAX);
-                    }
-                    let rank = u32::try_from(i).unwrap_or(u32::MAX);
-                    at[s] = RANK_BASE.saturating_add(rank).min(u32::MAX - 1);
-                }
+                st.index
+                    .insert(entry.with_uses(e.uses()), r.odd.clone(), true);
                 n += 1;
             }
         }
@@ -441,8 +467,12 @@ impl DiskCache {
     /// Lists one part's directory and indexes what it holds. Only the
     /// holder of the part's claim calls this.
     fn load_part(&self, ns: NamespaceId, kind: Kind, dir: &Path) -> LoadReport {
+        // Found files go into the index a few hundred at a time: a batch
+        // per directory would make each of the many listing threads hold
+        // (and its allocator keep) a directory's worth at once.
+        const BATCH: usize = 256;
         let mut report = LoadReport::default();
-        let mut batch: Vec<Found> = Vec::new();
+        let mut batch: Vec<Found> = Vec::with_capacity(BATCH);
         let own_tmp = format!("-{:08x}.tmp", self.shared().token);
         let mut foreign_logged = 0;
         if let Ok(rd) = fs::read_dir(dir) {
@@ -480,6 +510,9 @@ impl DiskCache {
                         );
                         let atime = m.atime().clamp(0, u32::MAX as i64 - 1) as u32;
                         batch.push(Found { entry, odd, atime });
+                        if batch.len() == BATCH {
+                            report.duplicates_removed += self.insert_found(&mut batch);
+                        }
                     }
                     _ => {
                         report.foreign_files += 1;
@@ -503,8 +536,22 @@ impl DiskCache {
     fn insert_found(&self, batch: &mut Vec<Found>) -> u64 {
         let mut dupes = Vec::new();
         {
-            let mut st = self.shared().state.lock();
-            st.index.reserve(batch.len());
+            let shared = self.shared();
+            let mut st = shared.state.lock();
+            // The count the parts indexed so far predict, plus 1%: the
+            // index grows once to about its final size rather than a
+            // quarter at a time. The entries of parts still being listed
+            // make it high by a few percent, which the final `compact`
+            // takes back; so it waits for a sixth of the parts.
+            let done = shared.dirs_done.load(Ordering::Relaxed);
+            let total = shared.dirs_total.load(Ordering::Relaxed);
+            let expected = if done >= 128 && done * 6 >= total {
+                (st.index.len() as u128 * total as u128 * 101 / (done as u128 * 100)) as usize
+            } else {
+                0
+            };
+            st.index.reserve_toward(batch.len(), expected);
+            st.atime_split.observe(batch.iter().map(|f| f.atime));
             for f in batch.drain(..) {
                 let hash = Hash(f.entry.hash);
                 if let Some(slot) = st.index.find(f.entry.ns(), f.entry.kind(), &hash) {
@@ -515,14 +562,8 @@ impl DiskCache {
                     }
                     continue;
                 }
-                let slot = st.index.insert(f.entry, f.odd, true);
-                if let Some(at) = &mut st.load_atime {
-                    let s = slot as usize;
-                    if at.len() <= s {
-                        at.resize(s + 1, u32::MAX);
-                    }
-                    at[s] = f.atime;
-                }
+                let uses = st.atime_split.uses(f.atime);
+                st.index.insert(f.entry.with_uses(uses), f.odd, true);
             }
         }
         for p in &dupes {

@@ -22,15 +22,16 @@
 //! a checksum that does not match or a record that does not parse is
 //! ignored as a whole (logged), and the start lists every directory.
 //!
-//! # Format (version 1, little endian)
+//! # Format (version 2, little endian)
 //!
 //! ```text
 //! "HOARDIDX" u32 version
 //! u32 namespaces, each: u16 length, name bytes
 //! u32 parts, each: u16 namespace, u16 part, i64 mtime seconds, u32 nanoseconds
-//! u64 entries, coldest first, each:
-//!     [32] hash, u16 namespace, u8 kind, u8 format, u64 logical size,
-//!     u32 blocks, u32 suffix, u8 odd-suffix length, odd-suffix bytes
+//! u64 entries, each:
+//!     [32] hash, u16 namespace, u8 kind, u8 format, u8 clock count (0-3),
+//!     u64 logical size, u32 blocks, u32 suffix, u8 odd-suffix length,
+//!     odd-suffix bytes
 //! [32] SHA-256 of everything before it
 //! ```
 
@@ -48,7 +49,7 @@ use crate::key::{Hash, Kind, NamespaceId};
 pub(crate) const FILE: &str = "index.snapshot";
 pub(crate) const TMP_FILE: &str = "index.snapshot.tmp";
 const MAGIC: &[u8; 8] = b"HOARDIDX";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// Stands for "no time recorded": such a part is always listed.
 const NO_TIME: i64 = i64::MIN;
 
@@ -67,7 +68,7 @@ pub(crate) struct Record {
 }
 
 /// What a snapshot says: namespaces by name, each part's recorded time,
-/// and the entries coldest first (namespace ids are the snapshot's own,
+/// and the entries (namespace ids are the snapshot's own,
 /// indices into `namespaces`).
 pub(crate) struct Snapshot {
     pub namespaces: Vec<String>,
@@ -78,7 +79,7 @@ pub(crate) struct Snapshot {
 /// Writes `snap` to `<dir>/index.snapshot` (through a temp file, fsynced,
 /// renamed).
 pub(crate) fn write(dir: &Path, snap: &Snapshot) -> io::Result<()> {
-    let mut buf = Vec::with_capacity(64 + snap.records.len() * 52);
+    let mut buf = Vec::with_capacity(64 + snap.records.len() * 56);
     buf.extend_from_slice(MAGIC);
     buf.extend_from_slice(&VERSION.to_le_bytes());
     buf.extend_from_slice(&(snap.namespaces.len() as u32).to_le_bytes());
@@ -100,6 +101,7 @@ pub(crate) fn write(dir: &Path, snap: &Snapshot) -> io::Result<()> {
         buf.extend_from_slice(&e.ns().0.to_le_bytes());
         buf.push(e.kind().bits() as u8);
         buf.push(e.format().bits() as u8);
+        buf.push(e.uses());
         buf.extend_from_slice(&e.logical().to_le_bytes());
         buf.extend_from_slice(&e.blocks.to_le_bytes());
         buf.extend_from_slice(&e.suffix.to_le_bytes());
@@ -207,9 +209,9 @@ fn parse(body: &[u8]) -> Result<Snapshot, Unusable> {
         parts.insert((ns, part), (secs, nanos));
     }
     let n = c.u64("entry count")? as usize;
-    // Each record is at least 53 bytes: a count beyond what the file holds
+    // Each record is at least 54 bytes: a count beyond what the file holds
     // is a bad file, not an allocation.
-    if n > c.0.len() / 53 {
+    if n > c.0.len() / 54 {
         return Err(Unusable::Record("entry count"));
     }
     let mut records = Vec::with_capacity(n);
@@ -219,6 +221,7 @@ fn parse(body: &[u8]) -> Result<Snapshot, Unusable> {
         let ns = c.u16("entry")?;
         let kind = c.u8("entry")?;
         let format = c.u8("entry")?;
+        let uses = c.u8("entry")?;
         let logical = c.u64("entry")?;
         let blocks = c.u32("entry")?;
         let suffix = c.u32("entry")?;
@@ -231,7 +234,12 @@ fn parse(body: &[u8]) -> Result<Snapshot, Unusable> {
                     .into(),
             ),
         };
-        if ns as usize >= namespaces.len() || kind > 2 || format > 2 {
+        if ns as usize >= namespaces.len()
+            || kind > 2
+            || format > 2
+            || uses > crate::index::FRESH_USES
+            || (odd.is_none() && suffix > 999_999_999)
+        {
             return Err(Unusable::Record("entry"));
         }
         let entry = Entry::new(
@@ -243,7 +251,8 @@ fn parse(body: &[u8]) -> Result<Snapshot, Unusable> {
             blocks,
             suffix,
             odd.is_some(),
-        );
+        )
+        .with_uses(uses);
         records.push(Record { entry, odd });
     }
     if !c.0.is_empty() {

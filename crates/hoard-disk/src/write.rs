@@ -375,7 +375,6 @@ impl Writer {
                 Some(slot) if self.kind != Kind::Ac => {
                     // Another writer committed the same content first.
                     st.index.touch(slot);
-                    st.mark_hot(slot);
                     false
                 }
                 existing => {
@@ -386,8 +385,7 @@ impl Writer {
                         st.pending_deletion += old.size_on_disk;
                         st.doomed.push((shared.path_of(&old), old.size_on_disk));
                     }
-                    let slot = st.index.insert(entry, None, false);
-                    st.mark_hot(slot);
+                    st.index.insert(entry, None, false);
                     true
                 }
             };

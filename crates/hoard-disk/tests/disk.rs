@@ -243,48 +243,63 @@ fn concurrent_writers_of_one_blob_leave_one_file_and_one_commit() {
     );
 }
 
-#[test]
-fn eviction_keeps_the_size_under_max_and_removes_least_recently_used_first() {
-    let dir = tempfile::tempdir().unwrap();
-    // Room for about four 16 KiB blobs of incompressible-ish data.
-    let cache = DiskCache::open(cfg(dir.path(), 70 * 1024)).unwrap();
-    let blobs: Vec<Vec<u8>> = (0..8u32).map(|i| noise(16_000, i)).collect();
-    for (i, b) in blobs.iter().enumerate() {
-        put(&cache, NamespaceId::DEFAULT, Kind::Cas, b).unwrap();
-        // Keep blob 0 hot.
-        if i > 0 {
-            assert!(
-                cache
-                    .contains(NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[0]))
-                    .is_some()
-            );
-        }
-    }
-    for _ in 0..100 {
-        if cache.stats().size_on_disk <= 70 * 1024 && cache.stats().pending_deletion == 0 {
-            break;
+/// Waits until the evictor has brought the cache under `max` and deleted
+/// what it took.
+fn settle(cache: &DiskCache, max: u64) {
+    for _ in 0..500 {
+        let st = cache.stats();
+        if st.size_on_disk <= max && st.pending_deletion == 0 {
+            return;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+    panic!("eviction did not settle: {:?}", cache.stats());
+}
+
+/// The hashes of the cache's CAS entries, found without marking any of
+/// them used (nothing in these tests is uploaded).
+fn present(cache: &DiskCache) -> Vec<Hash> {
+    cache
+        .not_uploaded(Kind::Cas, 10_000)
+        .into_iter()
+        .map(|(_, h)| h)
+        .collect()
+}
+
+#[test]
+fn eviction_keeps_the_size_under_max_and_takes_what_was_used_longest_ago() {
+    let dir = tempfile::tempdir().unwrap();
+    // Room for four 16 KiB blobs of incompressible data, not five.
+    let max = 70 * 1024;
+    let cache = DiskCache::open(cfg(dir.path(), max)).unwrap();
+    let blobs: Vec<Vec<u8>> = (0..6u32).map(|i| noise(16_000, i)).collect();
+    for b in &blobs[..5] {
+        put(&cache, NamespaceId::DEFAULT, Kind::Cas, b).unwrap();
+    }
+    // All five were new, so their clock counts were full: the hand took
+    // every count down to zero on its way round to the one victim.
+    settle(&cache, max);
     let st = cache.stats();
-    assert!(st.size_on_disk <= 70 * 1024, "{st:?}");
-    assert!(st.evicted_bytes_total > 0);
+    assert_eq!(st.entries, 4, "{st:?}");
+    assert!(st.evicted_bytes_total > 0, "{st:?}");
+    let survivors = present(&cache);
+    let hot = survivors[0];
     assert!(
         cache
-            .contains(NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[0]))
+            .contains(NamespaceId::DEFAULT, Kind::Cas, &hot)
             .is_some()
     );
+    // The next victim is one of the three not used since: never `hot`,
+    // never the new blob.
+    put(&cache, NamespaceId::DEFAULT, Kind::Cas, &blobs[5]).unwrap();
+    settle(&cache, max);
+    let now = present(&cache);
+    assert_eq!(now.len(), 4, "{now:?}");
     assert!(
-        cache
-            .contains(NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[1]))
-            .is_none()
+        now.contains(&hot),
+        "the entry used since the hand passed stays"
     );
-    assert!(
-        cache
-            .contains(NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[7]))
-            .is_some()
-    );
-    assert_eq!(files_under(dir.path()).len() as u64, st.entries);
+    assert!(now.contains(&sha(&blobs[5])), "the new entry stays");
 }
 
 /// `n` bytes of noise from `seed` (zstd cannot shrink them).
@@ -310,22 +325,50 @@ fn a_namespace_over_its_quota_evicts_only_its_own_entries() {
     let quiet = cache.namespace("quiet").unwrap();
     let noisy = cache.namespace("noisy").unwrap();
     let big = cache.namespace("big").unwrap();
-    // The quiet tenant's entries are the least recently used of all: a
-    // global LRU would take them first.
+    // The quiet tenant's entries are the oldest of all and never used
+    // again: a global eviction would take them first.
     let quiet_blobs: Vec<Vec<u8>> = (0..5).map(|i| noise(16_000, 1000 + i)).collect();
     for b in &quiet_blobs {
         put(&cache, quiet, Kind::Cas, b).unwrap();
     }
     let noisy_blobs: Vec<Vec<u8>> = (0..200).map(|i| noise(16_000, i)).collect();
-    for (i, b) in noisy_blobs.iter().enumerate() {
-        put(&cache, noisy, Kind::Cas, b).unwrap();
-        if i == 0 {
-            // Its first entry stays hot.
-            continue;
+    let noisy_settled = || {
+        let s = cache.namespace_stats();
+        let n = s.iter().find(|n| n.name == "noisy").unwrap();
+        n.size_on_disk <= 200 * 1024 && cache.stats().pending_deletion == 0
+    };
+    // Each write waits for its eviction, as on a cache whose evictor
+    // keeps up: one behind by a dozen writes would see them all as new as
+    // `hot`, and two bits of age cannot tell them apart.
+    let settle_noisy = || {
+        for _ in 0..500 {
+            if noisy_settled() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
+        panic!("noisy did not settle: {:?}", cache.namespace_stats());
+    };
+    // Over its quota once: every entry is new, so the first victims are
+    // whichever the hand reaches first. One that survived is used from
+    // then on, after each further write.
+    for b in &noisy_blobs[..20] {
+        put(&cache, noisy, Kind::Cas, b).unwrap();
+    }
+    settle_noisy();
+    let hot = (0..20)
+        .find(|&i| {
+            cache
+                .contains(noisy, Kind::Cas, &sha(&noisy_blobs[i]))
+                .is_some()
+        })
+        .unwrap();
+    for b in &noisy_blobs[20..] {
+        put(&cache, noisy, Kind::Cas, b).unwrap();
+        settle_noisy();
         assert!(
             cache
-                .contains(noisy, Kind::Cas, &sha(&noisy_blobs[0]))
+                .contains(noisy, Kind::Cas, &sha(&noisy_blobs[hot]))
                 .is_some()
         );
     }
@@ -357,17 +400,17 @@ fn a_namespace_over_its_quota_evicts_only_its_own_entries() {
             Some(&b[..])
         );
     }
-    // Its own least recently used went first; its hot entry stayed.
+    // Its old entries went; its hot entry stayed.
     assert!(
         cache
-            .contains(noisy, Kind::Cas, &sha(&noisy_blobs[0]))
+            .contains(noisy, Kind::Cas, &sha(&noisy_blobs[hot]))
             .is_some()
     );
-    assert!(
-        cache
-            .contains(noisy, Kind::Cas, &sha(&noisy_blobs[1]))
-            .is_none()
-    );
+    for (i, b) in noisy_blobs[..50].iter().enumerate() {
+        if i != hot {
+            assert!(cache.contains(noisy, Kind::Cas, &sha(b)).is_none());
+        }
+    }
     assert!(
         cache
             .contains(noisy, Kind::Cas, &sha(&noisy_blobs[199]))
@@ -734,35 +777,39 @@ fn a_clean_stop_leaves_a_snapshot_that_the_next_start_trusts_only_where_nothing_
 }
 
 #[test]
-fn the_snapshot_keeps_the_lru_order() {
+fn the_snapshot_keeps_the_clock_counts() {
     let dir = tempfile::tempdir().unwrap();
-    let blobs: Vec<Vec<u8>> = (0..8).map(|i| noise(16_000, 77 + i)).collect();
+    // Room for sixteen 16 KiB blobs, not seventeen.
+    let max = 260 * 1024;
+    let blobs: Vec<Vec<u8>> = (0..17).map(|i| noise(16_000, 77 + i)).collect();
+    let hot: Vec<Hash>;
     {
-        let cache = DiskCache::open(cfg(dir.path(), 1 << 30)).unwrap();
+        let cache = DiskCache::open(cfg(dir.path(), max)).unwrap();
         cache.load();
         for b in &blobs {
             put(&cache, NamespaceId::DEFAULT, Kind::Cas, b).unwrap();
         }
-        // Blob 0, written first, is used last: the hottest.
-        assert!(read(&cache, NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[0])).is_some());
+        // One eviction took every clock count to zero; half the survivors
+        // are used again before the stop.
+        settle(&cache, max);
+        let survivors = present(&cache);
+        assert_eq!(survivors.len(), 16);
+        hot = survivors.iter().step_by(2).copied().collect();
+        for h in &hot {
+            assert!(read(&cache, NamespaceId::DEFAULT, Kind::Cas, h).is_some());
+        }
         cache.shutdown(std::time::Duration::from_secs(10));
     }
-    // Restarted with room for about four: the coldest go (1, 2, 3, ...),
-    // blob 0 stays.
-    let cache = DiskCache::open(cfg(dir.path(), 70 * 1024)).unwrap();
+    // Restarted with room for eight: the eight not used go, the eight used
+    // stay. Without the counts the chance of that is 1 in 12,870.
+    let max = 130 * 1024;
+    let cache = DiskCache::open(cfg(dir.path(), max)).unwrap();
     let report = cache.load();
-    assert_eq!(report.from_snapshot, 8);
-    for _ in 0..200 {
-        if cache.stats().size_on_disk <= 70 * 1024 && cache.stats().pending_deletion == 0 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    let has = |i: usize| {
-        cache
-            .contains(NamespaceId::DEFAULT, Kind::Cas, &sha(&blobs[i]))
-            .is_some()
-    };
-    assert!(has(0) && has(7), "the hot ones stay");
-    assert!(!has(1) && !has(2), "the cold ones go first");
+    assert_eq!(report.from_snapshot, 16);
+    settle(&cache, max);
+    let mut now = present(&cache);
+    let mut want = hot.clone();
+    now.sort();
+    want.sort();
+    assert_eq!(now, want, "the used ones stay, the others go");
 }

@@ -567,7 +567,7 @@ pub const SETTINGS: &[Setting] = &[
         ["HOARD_NAMESPACES_MAX_SIZE"],
         Str,
         "",
-        "quota of every namespace in GiB (fractions allowed, e.g. 0.5): a namespace over it evicts its own least recently used entries, never another's; empty: none (max_size still holds for all)"
+        "quota of every namespace in GiB (fractions allowed, e.g. 0.5): a namespace over it evicts its own entries, those used longest ago first, never another's; empty: none (max_size still holds for all)"
     ),
     s!(
         "namespaces.max_size_overrides",
