@@ -86,6 +86,9 @@ end
 LUA
 }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$(cat "$W/$1.pid")/status"; }
+# Anonymous memory only: RSS without the pages of the binary itself, which
+# a process that ran more of its code has more of.
+anon_kib() { awk '/^RssAnon/ {print $2}' "/proc/$(cat "$W/$1.pid")/status"; }
 hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$(cat "$W/$1.pid")/status"; }
 stop() { kill "$(cat "$W/$1.pid")"; while kill -0 "$(cat "$W/$1.pid")" 2>/dev/null; do sleep 0.05; done; }
 
@@ -168,22 +171,22 @@ load)
   echo "== startup with 1,000,000 entries: time to /readyz and RSS per entry"
   "$BENCH" mkcache "$W/big" 1000000
   start_hoard empty 18094 --dir="$W/empty" >/dev/null
-  sleep 1; base=$(rss_kib empty); stop empty
+  sleep 1; base=$(rss_kib empty); abase=$(anon_kib empty); stop empty
   # No snapshot yet: what a start after a crash does, page cache dropped.
   sync; echo 3 >/proc/sys/vm/drop_caches
   secs=$(start_hoard big 18095 --dir="$W/big")
-  sleep 1; big=$(rss_kib big)
+  sleep 1; big=$(rss_kib big); abig=$(anon_kib big)
   status=$(curl -s http://127.0.0.1:18095/status)
   files=$(echo "$status" | awk -F': ' '/"NumFiles"/ {gsub(",","",$2); print $2; exit}')
   heap=$(echo "$status" | awk -F': ' '/"IndexHeapBytes"/ {gsub(",","",$2); print $2}')
   echo "entries=$files scan_cold_ready_seconds=$secs rss_empty_kib=$base rss_loaded_kib=$big"
-  echo "rss_bytes_per_entry=$(( (big - base) * 1024 / files )) index_heap_bytes_per_entry=$(( heap / files ))"
+  echo "rss_bytes_per_entry=$(( (big - base) * 1024 / files )) anon_bytes_per_entry=$(( (abig - abase) * 1024 / files )) index_heap_bytes_per_entry=$(( heap / files ))"
   # A clean stop writes the index snapshot; the next start reads it.
   t0=$(date +%s.%N); stop big
   echo "clean_stop_seconds=$(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN {printf "%.2f", a - b}') snapshot_bytes=$(stat -c %s "$W/big/index.snapshot")"
   secs=$(start_hoard snap 18096 --dir="$W/big")
   sleep 1
-  echo "snapshot_ready_seconds=$secs rss_bytes_per_entry=$(( ($(rss_kib snap) - base) * 1024 / files ))"
+  echo "snapshot_ready_seconds=$secs rss_bytes_per_entry=$(( ($(rss_kib snap) - base) * 1024 / files )) anon_bytes_per_entry=$(( ($(anon_kib snap) - abase) * 1024 / files ))"
   stop snap
   sync; echo 3 >/proc/sys/vm/drop_caches
   secs=$(start_hoard snapcold 18097 --dir="$W/big")

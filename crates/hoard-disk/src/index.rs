@@ -510,6 +510,24 @@ impl Index {
         self.insert_in(entry, odd_suffix, cold, ab)
     }
 
+    /// [`Index::insert`] unless the key is present: then `Err` with the
+    /// slot that holds it, and the odd suffix back. One hash and one pair
+    /// of buckets for both, for a load that inserts a million keys under
+    /// the lock.
+    pub fn insert_if_absent(
+        &mut self,
+        entry: Entry,
+        odd_suffix: Option<Box<str>>,
+        cold: bool,
+    ) -> Result<u32, (u32, Option<Box<str>>)> {
+        self.reserve(1);
+        let ab = self.buckets_of(&entry.hash, entry.key_tag());
+        match self.find_at(entry.key_tag(), &entry.hash, ab) {
+            Some(i) => Err((i as u32, odd_suffix)),
+            None => Ok(self.insert_in(entry, odd_suffix, cold, ab)),
+        }
+    }
+
     /// Inserts into a table with room to spare, given the key's buckets.
     fn insert_in(
         &mut self,

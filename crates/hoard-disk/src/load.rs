@@ -553,17 +553,19 @@ impl DiskCache {
             st.index.reserve_toward(batch.len(), expected);
             st.atime_split.observe(batch.iter().map(|f| f.atime));
             for f in batch.drain(..) {
-                let hash = Hash(f.entry.hash);
-                if let Some(slot) = st.index.find(f.entry.ns(), f.entry.kind(), &hash) {
+                let uses = st.atime_split.uses(f.atime);
+                let entry = f.entry.with_uses(uses);
+                if let Err((slot, odd)) = st.index.insert_if_absent(entry, f.odd, true) {
                     let existing = Location::of(&st.index, slot);
-                    let this = found_location(&f);
+                    let this = found_location(&Found {
+                        entry,
+                        odd,
+                        atime: f.atime,
+                    });
                     if existing.suffix != this.suffix || existing.format != this.format {
                         dupes.push(self.path_of(&this));
                     }
-                    continue;
                 }
-                let uses = st.atime_split.uses(f.atime);
-                st.index.insert(f.entry.with_uses(uses), f.odd, true);
             }
         }
         for p in &dupes {
