@@ -11,6 +11,8 @@
 //!                                                it ended `error` but may have created the
 //!                                                object with that writer nonce
 //! ? <ns> <kind> <hash> <nonce>                   such a nonce, still unresolved (after a compaction)
+//! ~ <ns> <kind> <hash> <nonce>                   an earlier writer nonce of a key still queued
+//!                                                (after a compaction; see below)
 //! ! <seq> <ns> <kind> <status> <bytes> <unix secs>
 //!                                                a counted event with no job (rejected)
 //! - <ns> <kind> <hash>                           a job ended (older journals)
@@ -32,7 +34,18 @@
 //!
 //! At start the journal is replayed: jobs queued and not ended are queued
 //! again, and outcomes are handed back for accounting to pick up what it
-//! had not spooled. While running, the journal is compacted once it holds
+//! had not spooled.
+//!
+//! A key queued twice replays as two jobs with the latest nonce, and an
+//! outcome record does not say which of them it ended. So when a key still
+//! has jobs queued, every writer nonce it was queued with since its last
+//! `created` outcome comes back as unresolved: one of those jobs may have
+//! created the object and died before its outcome was written, and the
+//! object's writer tag then names that job, not the latest. This cannot
+//! count an object twice: a job whose request created an object ends
+//! `created` (or `error` with its nonce unresolved), so a nonce whose job
+//! ended otherwise is on no object, and a `created` outcome drops the
+//! key's nonces. While running, the journal is compacted once it holds
 //! many dead records: it is rewritten (temp file + rename) with the header,
 //! the pending jobs and the outcomes not yet consumed. When a rewrite cannot
 //! be made (a full disk), the journal is kept as it is and appended to, so a
@@ -99,8 +112,19 @@ struct State {
     /// that may have created the object: a later job that finds the object
     /// with one of these tags counts it `created` (it never was).
     unresolved: HashMap<JobKey, Vec<u64>>,
+    /// Per key with jobs queued: every writer nonce it was queued with
+    /// since its last `created` outcome (see the module doc).
+    writers: HashMap<JobKey, Vec<u64>>,
     order: u64,
     written: u64,
+}
+
+/// Notes that `key` was queued with `nonce`.
+fn add_writer(writers: &mut HashMap<JobKey, Vec<u64>>, key: &JobKey, nonce: u64) {
+    let w = writers.entry(key.clone()).or_default();
+    if !w.contains(&nonce) {
+        w.push(nonce);
+    }
 }
 
 fn parse_kind(s: &str) -> Option<Kind> {
@@ -155,6 +179,7 @@ impl Journal {
             order: replayed.order,
             written: 0,
             unresolved: replayed.unresolved.clone(),
+            writers: replayed.writers.clone(),
         };
         if !retain {
             st.outcomes.clear();
@@ -218,6 +243,7 @@ impl Journal {
         e.1 = bytes;
         e.2 += 1;
         e.3 = nonce;
+        add_writer(&mut st.writers, k, nonce);
         self.after_write(&mut st);
         Ok(())
     }
@@ -271,10 +297,14 @@ impl Journal {
             st.unresolved.entry(k.clone()).or_default().push(n);
         }
         let written = st.file.write_all(line.as_bytes());
+        if status == "created" {
+            st.writers.remove(k);
+        }
         if let Some(e) = st.pending.get_mut(k) {
             e.2 = e.2.saturating_sub(1);
             if e.2 == 0 {
                 st.pending.remove(k);
+                st.writers.remove(k);
             }
         }
         if st.retain && written.is_ok() {
@@ -341,6 +371,12 @@ impl Journal {
         let tmp = self.path.with_extension("journal.tmp");
         let written = (|| {
             let mut text = header(st.epoch, st.next_seq);
+            // Outcomes first: replayed after the live jobs, an outcome of an
+            // earlier job of the same key would end a live one, and a
+            // `created` or `already_exists` would settle nonces still open.
+            for line in st.outcomes.values() {
+                text.push_str(line);
+            }
             let mut live: Vec<(&JobKey, &Live)> = st.pending.iter().collect();
             live.sort_by_key(|(_, v)| v.0);
             for (k, (_, bytes, count, nonce)) in live {
@@ -352,6 +388,16 @@ impl Journal {
                         k.hash
                     ));
                 }
+                for n in st.writers.get(k).into_iter().flatten() {
+                    if n != nonce {
+                        text.push_str(&format!(
+                            "~ {} {} {} {n:x}\n",
+                            ns_field(&k.namespace),
+                            k.kind.as_str(),
+                            k.hash
+                        ));
+                    }
+                }
             }
             for (k, nonces) in &st.unresolved {
                 for n in nonces {
@@ -362,9 +408,6 @@ impl Journal {
                         k.hash
                     ));
                 }
-            }
-            for line in st.outcomes.values() {
-                text.push_str(line);
             }
             let mut f = File::create(&tmp)?;
             f.write_all(text.as_bytes())?;
@@ -403,6 +446,8 @@ struct Replayed {
     outcomes: Vec<(Recorded, String)>,
     order: u64,
     unresolved: HashMap<JobKey, Vec<u64>>,
+    /// As `State::writers`.
+    writers: HashMap<JobKey, Vec<u64>>,
 }
 
 /// Replays any text as a journal and checks what the replay promises: it
@@ -450,6 +495,7 @@ fn replay(text: &str) -> Replayed {
                     kind,
                     hash,
                 };
+                add_writer(&mut r.writers, &key, nonce);
                 let e = r.pending.entry(key).or_insert((r.order, bytes, 0, nonce));
                 e.1 = bytes;
                 e.2 += 1;
@@ -479,6 +525,9 @@ fn replay(text: &str) -> Replayed {
                 end_job(&mut r.pending, &key);
                 if matches!(*status, "created" | "already_exists") {
                     r.unresolved.remove(&key);
+                }
+                if *status == "created" || !r.pending.contains_key(&key) {
+                    r.writers.remove(&key);
                 }
                 if let Some(n) = maybe {
                     r.unresolved.entry(key.clone()).or_default().push(n);
@@ -536,9 +585,38 @@ fn replay(text: &str) -> Replayed {
                         hash,
                     };
                     end_job(&mut r.pending, &key);
+                    if !r.pending.contains_key(&key) {
+                        r.writers.remove(&key);
+                    }
+                }
+            }
+            ["~", ns, kind, hash, nonce] => {
+                if let (Some(kind), Ok(hash), Ok(n)) = (
+                    parse_kind(kind),
+                    Hash::parse(hash),
+                    u64::from_str_radix(nonce, 16),
+                ) {
+                    let key = JobKey {
+                        namespace: ns_of(ns),
+                        kind,
+                        hash,
+                    };
+                    add_writer(&mut r.writers, &key, n);
                 }
             }
             _ => {}
+        }
+    }
+    // Keys still queued: each of their writer nonces may be on an object
+    // whose outcome was never written (see the module doc).
+    r.writers.retain(|k, _| r.pending.contains_key(k));
+    for (k, nonces) in &r.writers {
+        let latest = r.pending.get(k).map(|e| e.3);
+        let u = r.unresolved.entry(k.clone()).or_default();
+        for n in nonces {
+            if Some(*n) != latest && !u.contains(n) {
+                u.push(*n);
+            }
         }
     }
     r.outcomes = outcomes.into_values().collect();
@@ -578,6 +656,58 @@ mod tests {
     }
 
     const T: SystemTime = UNIX_EPOCH;
+
+    /// A key queued twice replays as two jobs with the latest nonce; the
+    /// object an earlier one may have created carries the earlier nonce,
+    /// so that nonce must come back unresolved, whatever else happened to
+    /// the key, and only while it may be on an uncounted object.
+    #[test]
+    fn earlier_writers_of_a_key_still_queued_come_back_unresolved() {
+        let d = dir("writers");
+        let path = d.join("upload.journal");
+        let (k, other, third) = (key(1, Kind::Ac), key(2, Kind::Ac), key(3, Kind::Ac));
+        {
+            let (j, _, _) = Journal::open(&path, true).unwrap();
+            // Two jobs of `k`; the first may have created the object and
+            // died before its outcome, the second found it and said so.
+            j.added(&k, 83, 0xa).unwrap();
+            j.added(&k, 83, 0xb).unwrap();
+            j.done(&k, "already_exists", 0, T, None, |_| {}).unwrap();
+            // `other` was created and counted, then queued again.
+            j.added(&other, 83, 0xc).unwrap();
+            j.done(&other, "created", 83, T, None, |_| {}).unwrap();
+            j.added(&other, 83, 0xd).unwrap();
+            // `third`: both jobs ended, nothing queued.
+            j.added(&third, 83, 0xe).unwrap();
+            j.added(&third, 83, 0xf).unwrap();
+            j.done(&third, "already_exists", 0, T, None, |_| {})
+                .unwrap();
+            j.done(&third, "already_exists", 0, T, None, |_| {})
+                .unwrap();
+        }
+        let (j, pending, _) = Journal::open(&path, true).unwrap();
+        assert_eq!(pending.len(), 2, "{pending:?}");
+        assert_eq!(j.unresolved(&k), vec![0xa]);
+        assert!(j.unresolved(&other).is_empty(), "counted: nothing open");
+        assert!(j.unresolved(&third).is_empty(), "nothing queued");
+        // Across the compaction `open` makes, and another start.
+        drop(j);
+        let (j, _, _) = Journal::open(&path, true).unwrap();
+        assert_eq!(j.unresolved(&k), vec![0xa]);
+        // A compaction while both jobs are live keeps the earlier nonce.
+        let k2 = key(4, Kind::Cas);
+        j.added(&k2, 4096, 0x11).unwrap();
+        j.added(&k2, 4096, 0x12).unwrap();
+        j.compact(&mut j.state.lock()).unwrap();
+        drop(j);
+        let (j, _, _) = Journal::open(&path, true).unwrap();
+        assert_eq!(j.unresolved(&k2), vec![0x11]);
+        // Once one job counts it `created`, the question is settled.
+        j.done(&k2, "created", 4096, T, None, |_| {}).unwrap();
+        drop(j);
+        let (j, _, _) = Journal::open(&path, true).unwrap();
+        assert!(j.unresolved(&k2).is_empty());
+    }
 
     #[test]
     fn pending_jobs_and_outcomes_survive_reopen() {
