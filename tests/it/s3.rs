@@ -171,6 +171,21 @@ impl Bucket {
             .expect("putting an object");
     }
 
+    /// Puts an object as a hoard upload tagged `writer` would have.
+    pub fn put_tagged(&self, key: &str, data: &[u8], writer: &str) {
+        self.rt
+            .block_on(
+                self.client
+                    .put_object()
+                    .bucket(&self.name)
+                    .key(key)
+                    .metadata("hoard-writer", writer)
+                    .body(ByteStream::from(data.to_vec()))
+                    .send(),
+            )
+            .expect("putting an object");
+    }
+
     pub fn multipart_uploads(&self) -> usize {
         self.rt
             .block_on(

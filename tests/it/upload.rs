@@ -182,6 +182,44 @@ fn two_hoards_sharing_a_bucket_create_each_blob_once_and_read_through_each_other
     );
 }
 
+/// What a `kill -9` between a PUT that created the object and its outcome
+/// leaves, when the blob then leaves the local cache before the restart
+/// replays the job: the attempt may have created the object, and no later
+/// job of the key will ever ask. The bucket is asked: an object with this
+/// host's writer tag is counted `created` at its length; one tagged by
+/// another host is `already_exists`.
+#[test]
+fn a_replayed_upload_whose_blob_is_gone_counts_the_object_it_created() {
+    let (moto, bucket) = moto_with_bucket("replay-gone");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cache");
+    let args = s3_args(&moto.endpoint(), &bucket.name, "host-a");
+    start(&dir, &args).stop();
+    let ours = noise(5_000, 31);
+    let theirs = noise(7_000, 32);
+    let mut journal = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("upload.journal"))
+        .unwrap();
+    for (data, writer, nonce) in [(&ours, "host-a/abc", "abc"), (&theirs, "host-b/abd", "abd")] {
+        let hash = sha256_hex(data);
+        bucket.put_tagged(&format!("cas.v2/{}/{hash}", &hash[..2]), data, writer);
+        use std::io::Write;
+        writeln!(journal, "+ . cas {hash} {} {nonce}", data.len()).unwrap();
+    }
+    drop(journal);
+    let h = start(&dir, &args);
+    let o = drained(&h);
+    assert_eq!(count(&o, "cas", "created"), 1.0, "{o:?}");
+    assert_eq!(count(&o, "cas", "already_exists"), 1.0, "{o:?}");
+    assert_eq!(count(&o, "cas", "error"), 0.0, "{o:?}");
+    let created: f64 = metric(&h, "bazelre_cache_upload_bytes_created")
+        .values()
+        .sum();
+    assert_eq!(created, ours.len() as f64, "counted at the object's length");
+    h.stop();
+}
+
 #[test]
 fn kill_9_with_a_full_queue_loses_no_upload() {
     let tmp = tempfile::tempdir().unwrap();

@@ -645,11 +645,11 @@ impl Backend {
             Ok(Some(b)) => b,
             Ok(None) => {
                 tracing::warn!(kind = %k.kind, hash = %k.hash, "blob left the local cache before its upload");
-                return Some(Status::Error);
+                return self.without_blob(job).await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot open a blob to upload it");
-                return Some(Status::Error);
+                return self.without_blob(job).await;
             }
         };
         let format = if blob.is_casblob() {
@@ -685,7 +685,14 @@ impl Backend {
                         .or_default()
                         .push(k.clone());
                 }
-                return Some(Status::Error);
+                // A replayed job's attempt before the restart may have
+                // created the object: its nonce stays open for the job
+                // queued once that blob is up.
+                return if job.replayed {
+                    None
+                } else {
+                    Some(Status::Error)
+                };
             }
             return self
                 .put_with_retries(job, &key, Source::Bytes(bytes.into()), len)
@@ -824,6 +831,38 @@ impl Backend {
             let jitter = i.random.hash_one((key, attempt, Instant::now())) % cap.max(1);
             tokio::time::sleep(Duration::from_millis(jitter.max(20))).await;
         }
+    }
+
+    /// The outcome of a job whose blob cannot be read. A fresh job sent
+    /// nothing: `error`. A replayed one may have created the object before
+    /// the restart, and with its blob gone no later job of the key may
+    /// ever ask, so the bucket is asked now: an object with this host's tag
+    /// is `created` and counted at the object's length; without an answer
+    /// the outcome stays open.
+    async fn without_blob(&self, job: &Job) -> Option<Status> {
+        if !job.replayed {
+            return Some(Status::Error);
+        }
+        let i = &self.inner;
+        let k = &job.key;
+        let writer = format!("{}/{:x}", i.cfg.host_id, job.nonce);
+        let earlier = i.journal.unresolved(k);
+        for &format in formats_of(k.kind) {
+            let key = self.key_for(&k.namespace, k.kind, &k.hash, format);
+            match i.store.head(&i.metrics, &key).await {
+                Ok(Some(h)) if self.written_by_us(&h, &writer, &earlier) => {
+                    job.bytes.store(h.len, Ordering::Relaxed);
+                    return Some(Status::Created);
+                }
+                Ok(Some(_)) => return Some(Status::AlreadyExists),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "cannot ask the bucket about a replayed upload whose blob is gone");
+                    return None;
+                }
+            }
+        }
+        Some(Status::Error)
     }
 
     /// Whether an object's writer tag is this job's or that of an earlier
