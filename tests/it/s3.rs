@@ -159,31 +159,25 @@ impl Bucket {
     }
 
     pub fn put(&self, key: &str, data: &[u8]) {
-        self.rt
-            .block_on(
-                self.client
-                    .put_object()
-                    .bucket(&self.name)
-                    .key(key)
-                    .body(ByteStream::from(data.to_vec()))
-                    .send(),
-            )
-            .expect("putting an object");
+        self.put_as(key, data, None);
     }
 
     /// Puts an object as a hoard upload tagged `writer` would have.
     pub fn put_tagged(&self, key: &str, data: &[u8], writer: &str) {
-        self.rt
-            .block_on(
-                self.client
-                    .put_object()
-                    .bucket(&self.name)
-                    .key(key)
-                    .metadata("hoard-writer", writer)
-                    .body(ByteStream::from(data.to_vec()))
-                    .send(),
-            )
-            .expect("putting an object");
+        self.put_as(key, data, Some(writer));
+    }
+
+    fn put_as(&self, key: &str, data: &[u8], writer: Option<&str>) {
+        let mut put = self
+            .client
+            .put_object()
+            .bucket(&self.name)
+            .key(key)
+            .body(ByteStream::from(data.to_vec()));
+        if let Some(w) = writer {
+            put = put.metadata("hoard-writer", w);
+        }
+        self.rt.block_on(put.send()).expect("putting an object");
     }
 
     pub fn multipart_uploads(&self) -> usize {

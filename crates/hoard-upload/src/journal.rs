@@ -563,7 +563,7 @@ fn replay(text: &str) -> Replayed {
                 };
                 outcomes.insert(seq, (rec, line.to_string()));
             }
-            ["?", ns, kind, hash, nonce] => {
+            [tag @ ("?" | "~"), ns, kind, hash, nonce] => {
                 if let (Some(kind), Ok(hash), Ok(n)) = (
                     parse_kind(kind),
                     Hash::parse(hash),
@@ -574,7 +574,11 @@ fn replay(text: &str) -> Replayed {
                         kind,
                         hash,
                     };
-                    r.unresolved.entry(key).or_default().push(n);
+                    if *tag == "?" {
+                        r.unresolved.entry(key).or_default().push(n);
+                    } else {
+                        add_writer(&mut r.writers, &key, n);
+                    }
                 }
             }
             ["-", ns, kind, hash] => {
@@ -588,20 +592,6 @@ fn replay(text: &str) -> Replayed {
                     if !r.pending.contains_key(&key) {
                         r.writers.remove(&key);
                     }
-                }
-            }
-            ["~", ns, kind, hash, nonce] => {
-                if let (Some(kind), Ok(hash), Ok(n)) = (
-                    parse_kind(kind),
-                    Hash::parse(hash),
-                    u64::from_str_radix(nonce, 16),
-                ) {
-                    let key = JobKey {
-                        namespace: ns_of(ns),
-                        kind,
-                        hash,
-                    };
-                    add_writer(&mut r.writers, &key, n);
                 }
             }
             _ => {}
