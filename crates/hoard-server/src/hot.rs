@@ -7,8 +7,8 @@
 //!   proves every byte it returns, see `hoard_disk::Blob::next_chunk`), so
 //!   the hot set never holds bytes that do not match their digest.
 //! * An entry is served only while the disk index still holds the blob
-//!   (the caller asks the index first, which also keeps the disk LRU
-//!   honest): the hot set is a faster way to the same answer, never a
+//!   (the caller asks the index first, which also marks the blob used
+//!   for the disk's eviction order): the hot set is a faster way to the same answer, never a
 //!   second source of truth, and eviction or a dropped corrupt file on
 //!   disk ends its life here too.
 //! * Its size is bounded by `max_bytes`; replacement is CLOCK (second

@@ -643,7 +643,7 @@ pub fn find_by_flag(flag: &str) -> Option<&'static Setting> {
 /// The `--help` text.
 pub fn help() -> String {
     let mut out = String::from(
-        "hoard: a Bazel remote cache (HTTP and gRPC, disk LRU, S3 write-behind)\n\n\
+        "hoard: a Bazel remote cache (HTTP and gRPC, disk cache, S3 write-behind)\n\n\
          usage: hoard [--flag=value ...]          serve\n\
          \x20      hoard drift [--flag=value ...]    compare the bucket with the reported footprint\n\n\
          Settings merge in this order: YAML file (--config_file), then environment\n\
