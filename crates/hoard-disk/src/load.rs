@@ -557,11 +557,7 @@ impl DiskCache {
                 let entry = f.entry.with_uses(uses);
                 if let Err((slot, odd)) = st.index.insert_if_absent(entry, f.odd, true) {
                     let existing = Location::of(&st.index, slot);
-                    let this = found_location(&Found {
-                        entry,
-                        odd,
-                        atime: f.atime,
-                    });
+                    let this = found_location(&entry, odd);
                     if existing.suffix != this.suffix || existing.format != this.format {
                         dupes.push(self.path_of(&this));
                     }
@@ -576,18 +572,19 @@ impl DiskCache {
     }
 }
 
-fn found_location(f: &Found) -> Location {
+/// Where a file the listing found is, from its entry and odd suffix.
+fn found_location(entry: &Entry, odd: Option<Box<str>>) -> Location {
     Location {
-        ns: f.entry.ns(),
-        kind: f.entry.kind(),
-        hash: Hash(f.entry.hash),
-        format: f.entry.format(),
-        logical: f.entry.logical(),
-        suffix: match &f.odd {
-            Some(s) => Suffix::Odd(s.clone()),
-            None => Suffix::Num(f.entry.suffix),
+        ns: entry.ns(),
+        kind: entry.kind(),
+        hash: Hash(entry.hash),
+        format: entry.format(),
+        logical: entry.logical(),
+        suffix: match odd {
+            Some(s) => Suffix::Odd(s),
+            None => Suffix::Num(entry.suffix),
         },
-        size_on_disk: f.entry.size_on_disk(),
+        size_on_disk: entry.size_on_disk(),
     }
 }
 
