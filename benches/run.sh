@@ -331,16 +331,23 @@ mixed)
     out=$(wrk -t1 -c4 -d10s --latency -s "$W/mcycle.lua" http://127.0.0.1:18110)
     echo "round=$round load=none req_per_s=$(echo "$out" | awk '/Requests\/sec/ {print $2}') p99=$(echo "$out" | awk '$1 == "99%" {print $2}')"
     loops=()
+    : >"$W/moved"
     for i in 1 2 3 4; do
-      ( while :; do nice -n "$bulk_nice" curl -s -o /dev/null "http://127.0.0.1:18110/cas/$bh"; done ) & loops+=($!)
+      ( while :; do nice -n "$bulk_nice" curl -s -o /dev/null -w '%{size_download}\n' "http://127.0.0.1:18110/cas/$bh" >>"$W/moved"; done ) & loops+=($!)
       # Each PUT is of a blob already stored after its first round: the
       # body is still received, hashed and verified in full.
       h=$(sha256sum "$W/big$i" | cut -d' ' -f1)
-      ( while :; do nice -n "$bulk_nice" curl -s -o /dev/null -T "$W/big$i" "http://127.0.0.1:18110/cas/$h"; done ) & loops+=($!)
+      ( while :; do nice -n "$bulk_nice" curl -s -o /dev/null -w '%{size_upload}\n' -T "$W/big$i" "http://127.0.0.1:18110/cas/$h" >>"$W/moved"; done ) & loops+=($!)
     done
     sleep 2
+    # Bulk bytes moved (counted per finished transfer) while wrk runs.
+    moved() { awk '{ s += $1 } END { printf "%.0f", s }' "$W/moved"; }
+    m0=$(moved)
     out=$(wrk -t1 -c4 -d10s --latency -s "$W/mcycle.lua" http://127.0.0.1:18110)
-    echo "round=$round load=8x64MiB bulk_clients_nice=$bulk_nice req_per_s=$(echo "$out" | awk '/Requests\/sec/ {print $2}') p99=$(echo "$out" | awk '$1 == "99%" {print $2}')"
+    m1=$(moved)
+    echo "round=$round load=8x64MiB bulk_clients_nice=$bulk_nice req_per_s=$(echo "$out" | awk '/Requests\/sec/ {print $2}') p99=$(echo "$out" | awk '$1 == "99%" {print $2}') bulk_mb_per_s=$(( (m1 - m0) / 10000000 ))"
+    sleep 10
+    echo "round=$round load=8x64MiB_alone bulk_clients_nice=$bulk_nice bulk_mb_per_s=$(( ($(moved) - m1) / 10000000 ))"
     for p in "${loops[@]}"; do kill "$p" 2>/dev/null || true; done
     wait "${loops[@]}" 2>/dev/null || true
     pkill -f "127.0.0.1:18110/cas/" || true

@@ -705,3 +705,60 @@ fn large_transfers_run_in_the_bulk_lane_and_small_ones_do_not() {
         "48 MiB each way cost the bulk lane only {bulk_cost} ticks"
     );
 }
+
+/// While small requests keep the main runtime busy, bulk hashing and
+/// decoding take turns and rest (and say so in
+/// `hoard_bulk_rest_seconds_total`); what they move still arrives whole.
+#[test]
+fn bulk_work_rests_while_small_requests_keep_hoard_busy() {
+    let (_dir, h) = start();
+    let rested = |h: &Hoard| crate::upload::metric(h, "hoard_bulk_rest_seconds_total");
+    assert_eq!(rested(&h).get(""), Some(&0.0), "{:?}", rested(&h));
+    let small: Vec<(String, Vec<u8>)> = (0..50u64)
+        .map(|i| {
+            let b = noise(4096, 5000 + i);
+            (sha256_hex(&b), b)
+        })
+        .collect();
+    for (hx, b) in &small {
+        assert_eq!(h.put(&format!("/cas/{hx}"), b).status, 200);
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..4)
+        .map(|t| {
+            let (addr, small, stop) = (h.addr, small.clone(), std::sync::Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut n = 0usize;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (hx, b) = &small[(n + t) % small.len()];
+                    let r = request(addr, "GET", &format!("/cas/{hx}"), &[], b"");
+                    assert_eq!((r.status, &r.body == b), (200, true));
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut round = 0u64;
+    while rested(&h).get("").copied().unwrap_or(0.0) == 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bulk work never rested beside four busy small-GET clients"
+        );
+        let big = noise(16 << 20, 900 + round);
+        let hx = sha256_hex(&big);
+        assert_eq!(h.put(&format!("/cas/{hx}"), &big).status, 200);
+        let back = h.get(&format!("/cas/{hx}"));
+        assert!(
+            back.status == 200 && back.body == big,
+            "a large blob came back changed"
+        );
+        round += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        let served = r.join().unwrap();
+        assert!(served > 0);
+    }
+}

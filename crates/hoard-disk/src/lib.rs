@@ -52,6 +52,7 @@ mod key;
 mod load;
 mod read;
 mod snapshot;
+pub mod turns;
 mod write;
 
 pub use error::Error;
@@ -77,12 +78,12 @@ use index::{Format, Index};
 
 /// Lowers the calling thread's CPU priority (nice 10), once per thread.
 ///
-/// Bulk work (hashing, compressing and decompressing large blobs) runs on
-/// threads that call this first, so that on a saturated host it yields the
-/// CPU to the threads answering small requests: a client streaming 64 MiB
-/// must not add its hashing to everyone's latency. Linux keeps the nice
-/// value per thread. Failing to lower it costs fairness, never
-/// correctness, so the result is ignored.
+/// Bulk work (hashing, compressing and decompressing large blobs, and the
+/// socket copies of large transfers) runs on threads that call this first,
+/// so that on a saturated host it yields the CPU to the threads answering
+/// small requests: a client streaming 64 MiB must not add its hashing to
+/// everyone's latency. Linux keeps the nice value per thread. Failing to
+/// lower it costs fairness, never correctness, so the result is ignored.
 pub fn lower_thread_priority() {
     thread_local! {
         static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -94,6 +95,15 @@ pub fn lower_thread_priority() {
             l.set(true);
         }
     });
+}
+
+/// Makes the calling thread a bulk worker: its priority is lowered, and
+/// its large hashing, compressing and decompressing steps take turns with
+/// every other bulk worker's ([`turns`]). For threads that may block, never
+/// for an async runtime's workers.
+pub fn bulk_worker_thread() {
+    lower_thread_priority();
+    turns::mark_thread();
 }
 
 /// The nice value of bulk-work threads (see [`lower_thread_priority`]).

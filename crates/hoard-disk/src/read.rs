@@ -280,7 +280,7 @@ impl Blob {
         self.hash_through(at)?;
         let done = match &mut self.digest {
             Some((h, upto)) if *upto == at => {
-                h.update(piece);
+                crate::turns::step(piece.len(), || h.update(piece));
                 *upto += piece.len() as u64;
                 *upto == self.loc.logical
             }
@@ -309,7 +309,7 @@ impl Blob {
             }
             buf.truncate((target - upto).min(buf.len() as u64) as usize);
             if let Some((h, u)) = &mut self.digest {
-                h.update(&buf);
+                crate::turns::step(buf.len(), || h.update(&buf));
                 *u += buf.len() as u64;
             }
         }
@@ -393,8 +393,13 @@ impl Blob {
         // Frame header descriptor, bit 2: the frame ends in a checksum of
         // its content, which the decoder verifies.
         let checked = h.compression == Compression::Zstd && bytes.len() > 4 && bytes[4] & 0x04 != 0;
-        let decoded = with_decompressor(|d| h.decode_chunk(i, bytes, d, out))
-            .map_err(|e| Error::io(self.cache.path_of(&self.loc), e))?;
+        // The chunk's decoded length, which is what decoding costs.
+        let len =
+            (self.loc.logical.saturating_sub(pos - skip as u64)).min(h.chunk_size as u64) as usize;
+        let decoded = crate::turns::step(len, || {
+            with_decompressor(|d| h.decode_chunk(i, bytes, d, out))
+        })
+        .map_err(|e| Error::io(self.cache.path_of(&self.loc), e))?;
         if let Err(e) = decoded {
             return Err(self.corrupt(e.to_string()));
         }

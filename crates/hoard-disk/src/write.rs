@@ -250,7 +250,7 @@ impl Writer {
         }
         self.received = received;
         if let Some(h) = &mut self.hasher {
-            h.update(data);
+            crate::turns::step(data.len(), || h.update(data));
         }
         let Some(sink) = &mut self.sink else {
             return Ok(());
@@ -511,7 +511,7 @@ impl Sink {
         let handle = std::thread::Builder::new()
             .name("hoard-compress".into())
             .spawn(move || {
-                crate::lower_thread_priority();
+                crate::bulk_worker_thread();
                 let mut compressed = Vec::new();
                 let mut unsynced = 0u64;
                 for mut chunk in rx {
@@ -613,7 +613,7 @@ fn compress_and_write(
 ) -> std::io::Result<()> {
     compressed.clear();
     compressed.reserve(zstd::zstd_safe::compress_bound(chunk.len()));
-    c.compress_to_buffer(chunk, compressed)?;
+    crate::turns::step(chunk.len(), || c.compress_to_buffer(chunk, compressed))?;
     offsets.push(*pos);
     file.write_all_at(compressed, *pos)?;
     *pos += compressed.len() as u64;

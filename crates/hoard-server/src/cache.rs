@@ -1193,7 +1193,7 @@ impl Cache {
     pub async fn commit(&self, upload: Upload) -> Result<WriteOutcome, CacheError> {
         let (ns, kind, counted) = (upload.ns, upload.kind, upload.counted);
         let r = tokio::task::spawn_blocking(move || {
-            hoard_disk::lower_thread_priority();
+            hoard_disk::bulk_worker_thread();
             upload.finish()
         })
         .await
@@ -1242,7 +1242,7 @@ impl Cache {
     {
         let (tx, mut rx) = mpsc::channel::<(Vec<Bytes>, Permit)>(4);
         let task = tokio::task::spawn_blocking(move || {
-            hoard_disk::lower_thread_priority();
+            hoard_disk::bulk_worker_thread();
             let mut upload = upload;
             while let Some((batch, _permit)) = rx.blocking_recv() {
                 for b in &batch {

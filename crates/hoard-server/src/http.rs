@@ -553,7 +553,7 @@ fn stream_blob(cache: Cache, blob: hoard_disk::Blob, stored: bool) -> Response<B
             };
             let Some(mut b) = blob.take() else { return };
             let read = tokio::task::spawn_blocking(move || {
-                hoard_disk::lower_thread_priority();
+                hoard_disk::bulk_worker_thread();
                 let mut buf = Vec::new();
                 let r = if stored {
                     b.next_stored(&mut buf)

@@ -3,8 +3,8 @@
 //! bazel-remote does not measure.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use hoard_disk::DiskCache;
@@ -25,6 +25,7 @@ pub struct Metrics {
     index_bytes: IntGauge,
     index_progress: Gauge,
     corrupt_dropped: IntCounter,
+    bulk_rested: Counter,
     pub inflight_bytes: IntGauge,
     pub open_connections: IntGauge,
     pub refused_connections: IntCounter,
@@ -143,6 +144,13 @@ impl Metrics {
                 IntCounter::new(
                     "hoard_corrupt_blobs_dropped_total",
                     "Stored files that failed format checks and were dropped.",
+                )?,
+            ),
+            bulk_rested: reg(
+                &r,
+                Counter::new(
+                    "hoard_bulk_rest_seconds_total",
+                    "Time bulk hashing and (de)compression waited for a turn or rested while small requests kept the main runtime busy.",
                 )?,
             ),
             auth_failures: reg(
@@ -290,6 +298,10 @@ impl Metrics {
         self.index_bytes.set(s.index_heap_bytes as i64);
         self.index_progress.set(s.load_fraction);
         catch_up(&self.corrupt_dropped, s.corrupt_dropped_total);
+        let rested = hoard_disk::turns::rested().as_secs_f64();
+        if rested > self.bulk_rested.get() {
+            self.bulk_rested.inc_by(rested - self.bulk_rested.get());
+        }
         let mut out = Vec::new();
         let mut families = self.registry.gather();
         for f in &mut families {

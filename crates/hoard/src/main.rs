@@ -60,6 +60,9 @@ fn main() -> ExitCode {
         }
     };
     let (runtime, bulk) = runtime;
+    if let Err(e) = hoard_server::lanes::watch_main_runtime(runtime.handle().clone()) {
+        tracing::warn!(error = %e, "cannot watch the main runtime; bulk work will not rest while small requests wait");
+    }
     let result = runtime.block_on(serve::run(*cfg, Some(bulk.handle().clone())));
     // Worker threads still blocked on a dead bucket are not waited for.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));

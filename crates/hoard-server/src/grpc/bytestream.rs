@@ -457,7 +457,7 @@ async fn produce(
                 .await
                 .map_err(to_status)?;
             let (b, r) = tokio::task::spawn_blocking(move || {
-                hoard_disk::lower_thread_priority();
+                hoard_disk::bulk_worker_thread();
                 blob.seek(offset);
                 let mut out = Vec::new();
                 let r = blob.next_chunk(&mut out).map(|_| out);
@@ -481,7 +481,7 @@ async fn produce(
                 .await
                 .map_err(to_status)?;
             let (b, r) = tokio::task::spawn_blocking(move || {
-                hoard_disk::lower_thread_priority();
+                hoard_disk::bulk_worker_thread();
                 let mut buf = Vec::new();
                 let r = blob.next_stored(&mut buf).map(|more| (more, buf));
                 (blob, r)
@@ -506,7 +506,7 @@ async fn produce(
             .await
             .map_err(to_status)?;
         let (b, r) = tokio::task::spawn_blocking(move || {
-            hoard_disk::lower_thread_priority();
+            hoard_disk::bulk_worker_thread();
             let mut out = Vec::new();
             let r = blob.next_chunk(&mut out).map(|more| (more, out));
             (blob, r)
@@ -523,7 +523,7 @@ async fn produce(
             // A range that ends before the blob does is proved by the
             // digest of the whole, when its chunks carry no checksum.
             let (b, r) = tokio::task::spawn_blocking(move || {
-                hoard_disk::lower_thread_priority();
+                hoard_disk::bulk_worker_thread();
                 let r = blob.verify_all();
                 (blob, r)
             })
