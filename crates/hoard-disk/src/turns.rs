@@ -218,22 +218,27 @@ mod tests {
         assert_eq!(t.rested_ns.load(Ordering::Relaxed), 0);
     }
 
+    /// Contends `t` and has another thread take a turn and hold it for
+    /// `hold`; returns once the turn is taken.
+    fn hold_a_turn(t: &Arc<Turns>, hold: Duration) -> std::thread::JoinHandle<()> {
+        t.set_contended(true);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = Arc::clone(t);
+        let holder = std::thread::spawn(move || {
+            t.step(MIN_BYTES, true, || {
+                let _ = tx.send(());
+                std::thread::sleep(hold);
+            })
+        });
+        assert!(rx.recv_timeout(Duration::from_secs(5)).is_ok());
+        holder
+    }
+
     /// Threads waiting for a turn when contention ends go on at once.
     #[test]
     fn the_end_of_contention_releases_waiters() {
         let t = Arc::new(Turns::new(1));
-        t.set_contended(true);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let holder = {
-            let t = Arc::clone(&t);
-            std::thread::spawn(move || {
-                t.step(MIN_BYTES, true, || {
-                    let _ = tx.send(());
-                    std::thread::sleep(Duration::from_millis(300));
-                })
-            })
-        };
-        assert!(rx.recv_timeout(Duration::from_secs(5)).is_ok());
+        let holder = hold_a_turn(&t, Duration::from_millis(300));
         let waiter = {
             let t = Arc::clone(&t);
             std::thread::spawn(move || {
@@ -257,18 +262,7 @@ mod tests {
     #[test]
     fn small_steps_and_other_threads_never_take_turns() {
         let t = Arc::new(Turns::new(1));
-        t.set_contended(true);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let holder = {
-            let t = Arc::clone(&t);
-            std::thread::spawn(move || {
-                t.step(MIN_BYTES, true, || {
-                    let _ = tx.send(());
-                    std::thread::sleep(Duration::from_millis(500));
-                })
-            })
-        };
-        assert!(rx.recv_timeout(Duration::from_secs(5)).is_ok());
+        let holder = hold_a_turn(&t, Duration::from_millis(500));
         let asked = Instant::now();
         t.step(usize::MAX, false, || ());
         t.step(MIN_BYTES - 1, true, || ());
