@@ -97,13 +97,15 @@ pub fn lower_thread_priority() {
     });
 }
 
-/// Makes the calling thread a bulk worker: its priority is lowered, and
-/// its large hashing, compressing and decompressing steps take turns with
-/// every other bulk worker's ([`turns`]). For threads that may block, never
-/// for an async runtime's workers.
-pub fn bulk_worker_thread() {
+/// Makes the calling thread work for a transfer of `bytes` bytes until the
+/// guard drops: its priority is lowered, and if the transfer is bulk
+/// ([`turns::MIN_TRANSFER`]) its large hashing, compressing and
+/// decompressing steps take turns with every other bulk transfer's
+/// ([`turns`]). For threads that may block, never for an async runtime's
+/// workers.
+pub fn bulk_work(bytes: u64) -> turns::BulkWork {
     lower_thread_priority();
-    turns::mark_thread();
+    turns::enter(bytes)
 }
 
 /// The nice value of bulk-work threads (see [`lower_thread_priority`]).

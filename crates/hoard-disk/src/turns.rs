@@ -2,7 +2,7 @@
 //! threads hash, compress and decompress one turn at a time, and rest
 //! after each step.
 //!
-//! Bulk threads run at nice 10 ([`crate::lower_thread_priority`]) so that
+//! Bulk work runs at nice 10 ([`crate::lower_thread_priority`]) so that
 //! the threads answering small requests win a contended core. On a small
 //! host that is not enough. The kernel weighs threads, not work: ten
 //! runnable nice-10 threads (four 64 MiB uploads hashing, four downloads
@@ -27,10 +27,11 @@
 //!   a holder always gives its turn back, so turns cannot deadlock, and a
 //!   compressing thread and the hashing thread feeding it each take their
 //!   own.
-//! * Only bulk worker threads ([`crate::bulk_worker_thread`]) take turns,
-//!   and only for steps of at least [`MIN_BYTES`]: a small request's hashing
-//!   never waits behind a bulk transfer's, and an async runtime's worker,
-//!   which must never block, never waits at all.
+//! * Only threads working for a transfer of [`MIN_TRANSFER`] or more
+//!   ([`crate::bulk_work`]) take turns, and only for steps of at least
+//!   [`MIN_BYTES`]: a small or medium request's hashing never waits behind
+//!   a bulk transfer's, and an async runtime's worker, which must never
+//!   block, never waits at all.
 //! * Waiters are woken in the order they came (parking_lot's queue is
 //!   first come, first served), so no transfer starves; when contention
 //!   ends every waiter is woken and goes on without a turn.
@@ -56,9 +57,32 @@ thread_local! {
     static TAKES_TURNS: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Marks the calling thread as one whose large steps take turns.
-pub(crate) fn mark_thread() {
-    TAKES_TURNS.with(|t| t.set(true));
+/// Transfers of at least this many bytes are bulk: their steps take turns.
+/// The same line as the server's bulk lane (`hoard_server::lanes`), so a
+/// 512 KiB GET, answered on the main runtime, never waits for a turn.
+pub const MIN_TRANSFER: u64 = 1 << 20;
+
+/// The calling thread works for one transfer until this is dropped (see
+/// [`crate::bulk_work`]); blocking-pool threads serve many tasks in turn,
+/// so the mark is set per task and put back after it.
+pub struct BulkWork {
+    was: bool,
+    /// The mark is the thread's own: the guard must be dropped there.
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for BulkWork {
+    fn drop(&mut self) {
+        TAKES_TURNS.with(|t| t.set(self.was));
+    }
+}
+
+/// Marks the calling thread as working for a transfer of `bytes` bytes.
+pub(crate) fn enter(bytes: u64) -> BulkWork {
+    BulkWork {
+        was: TAKES_TURNS.with(|t| t.replace(bytes >= MIN_TRANSFER)),
+        _thread: std::marker::PhantomData,
+    }
 }
 
 /// How many bulk steps may run at once while contended: half the cores, at
@@ -268,5 +292,23 @@ mod tests {
         t.step(MIN_BYTES - 1, true, || ());
         assert!(asked.elapsed() < Duration::from_millis(400));
         assert!(holder.join().is_ok());
+    }
+
+    /// Only a bulk transfer's work takes turns, and the mark ends with the
+    /// task, so the next task on a pooled thread starts unmarked.
+    #[test]
+    fn only_bulk_transfers_mark_their_thread_and_only_while_they_work() {
+        let marked = || TAKES_TURNS.with(|t| t.get());
+        assert!(!marked());
+        {
+            let _bulk = enter(MIN_TRANSFER);
+            assert!(marked());
+            {
+                let _medium = enter(MIN_TRANSFER - 1);
+                assert!(!marked());
+            }
+            assert!(marked());
+        }
+        assert!(!marked());
     }
 }

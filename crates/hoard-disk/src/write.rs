@@ -511,7 +511,8 @@ impl Sink {
         let handle = std::thread::Builder::new()
             .name("hoard-compress".into())
             .spawn(move || {
-                crate::bulk_worker_thread();
+                // A pipeline runs only for blobs of more than one chunk.
+                let _bulk = crate::bulk_work(crate::turns::MIN_TRANSFER);
                 let mut compressed = Vec::new();
                 let mut unsynced = 0u64;
                 for mut chunk in rx {

@@ -229,7 +229,7 @@ impl Auth {
             .map_err(|_| CacheError::new(ErrorKind::Unavailable, "server is shutting down"))?;
         let password = creds.password.clone();
         let ok = tokio::task::spawn_blocking(move || {
-            hoard_disk::bulk_worker_thread();
+            hoard_disk::lower_thread_priority();
             bcrypt::verify(password, &hash)
         })
         .await

@@ -1193,7 +1193,7 @@ impl Cache {
     pub async fn commit(&self, upload: Upload) -> Result<WriteOutcome, CacheError> {
         let (ns, kind, counted) = (upload.ns, upload.kind, upload.counted);
         let r = tokio::task::spawn_blocking(move || {
-            hoard_disk::bulk_worker_thread();
+            let _bulk = hoard_disk::bulk_work(upload.size);
             upload.finish()
         })
         .await
@@ -1241,8 +1241,9 @@ impl Cache {
         S: Stream<Item = Result<Bytes, CacheError>> + Unpin,
     {
         let (tx, mut rx) = mpsc::channel::<(Vec<Bytes>, Permit)>(4);
+        let size = upload.size;
         let task = tokio::task::spawn_blocking(move || {
-            hoard_disk::bulk_worker_thread();
+            let _bulk = hoard_disk::bulk_work(size);
             let mut upload = upload;
             while let Some((batch, _permit)) = rx.blocking_recv() {
                 for b in &batch {

@@ -537,6 +537,7 @@ fn stream_blob(cache: Cache, blob: hoard_disk::Blob, stored: bool) -> Response<B
     let (tx, rx) = mpsc::channel::<Result<Bytes, BoxError>>(1);
     tokio::spawn(async move {
         let mut blob = blob;
+        let size = blob.logical_size();
         if stored {
             blob.seek_stored(0);
         }
@@ -553,7 +554,7 @@ fn stream_blob(cache: Cache, blob: hoard_disk::Blob, stored: bool) -> Response<B
             };
             let Some(mut b) = blob.take() else { return };
             let read = tokio::task::spawn_blocking(move || {
-                hoard_disk::bulk_worker_thread();
+                let _bulk = hoard_disk::bulk_work(size);
                 let mut buf = Vec::new();
                 let r = if stored {
                     b.next_stored(&mut buf)

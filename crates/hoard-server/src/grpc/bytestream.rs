@@ -447,6 +447,7 @@ async fn produce(
     let blocking_err =
         |e: tokio::task::JoinError| Status::internal(format!("read task failed: {e}"));
     let mut blob = blob;
+    let size = blob.logical_size();
     if compressed && blob.is_zstd_stream() {
         let chunk = blob.chunk_size().unwrap_or(1 << 20) as u64;
         let mut first_stored = (offset / chunk) as usize;
@@ -457,7 +458,7 @@ async fn produce(
                 .await
                 .map_err(to_status)?;
             let (b, r) = tokio::task::spawn_blocking(move || {
-                hoard_disk::bulk_worker_thread();
+                let _bulk = hoard_disk::bulk_work(size);
                 blob.seek(offset);
                 let mut out = Vec::new();
                 let r = blob.next_chunk(&mut out).map(|_| out);
@@ -481,7 +482,7 @@ async fn produce(
                 .await
                 .map_err(to_status)?;
             let (b, r) = tokio::task::spawn_blocking(move || {
-                hoard_disk::bulk_worker_thread();
+                let _bulk = hoard_disk::bulk_work(size);
                 let mut buf = Vec::new();
                 let r = blob.next_stored(&mut buf).map(|more| (more, buf));
                 (blob, r)
@@ -506,7 +507,7 @@ async fn produce(
             .await
             .map_err(to_status)?;
         let (b, r) = tokio::task::spawn_blocking(move || {
-            hoard_disk::bulk_worker_thread();
+            let _bulk = hoard_disk::bulk_work(size);
             let mut out = Vec::new();
             let r = blob.next_chunk(&mut out).map(|more| (more, out));
             (blob, r)
@@ -523,7 +524,7 @@ async fn produce(
             // A range that ends before the blob does is proved by the
             // digest of the whole, when its chunks carry no checksum.
             let (b, r) = tokio::task::spawn_blocking(move || {
-                hoard_disk::bulk_worker_thread();
+                let _bulk = hoard_disk::bulk_work(size);
                 let r = blob.verify_all();
                 (blob, r)
             })
