@@ -298,10 +298,7 @@ impl Metrics {
         self.index_bytes.set(s.index_heap_bytes as i64);
         self.index_progress.set(s.load_fraction);
         catch_up(&self.corrupt_dropped, s.corrupt_dropped_total);
-        let rested = hoard_disk::turns::rested().as_secs_f64();
-        if rested > self.bulk_rested.get() {
-            self.bulk_rested.inc_by(rested - self.bulk_rested.get());
-        }
+        catch_up(&self.bulk_rested, hoard_disk::turns::rested().as_secs_f64());
         let mut out = Vec::new();
         let mut families = self.registry.gather();
         for f in &mut families {
@@ -326,9 +323,11 @@ impl Metrics {
 }
 
 /// Advances a counter mirrored from a monotonic source to the source's value.
-fn catch_up(c: &IntCounter, now: u64) {
+fn catch_up<P: prometheus::core::Atomic>(c: &prometheus::core::GenericCounter<P>, now: P::T) {
     let cur = c.get();
     if now > cur {
-        c.inc_by(now - cur);
+        let mut by = now;
+        by -= cur;
+        c.inc_by(by);
     }
 }
