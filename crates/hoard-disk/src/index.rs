@@ -258,6 +258,9 @@ pub(crate) struct Index {
     pub size_on_disk: u64,
     /// Sum of logical sizes rounded up to 4 KiB, as bazel-remote reports it.
     pub logical_bytes: u64,
+    /// The same sum over the entries with no stored size: what the hard
+    /// limit counts for them while the load sizes them (see `load.rs`).
+    pub unsized_logical_bytes: u64,
     /// Per namespace id: entries and SizeOnDisk.
     ns_usage: Vec<(u64, u64)>,
 }
@@ -278,6 +281,7 @@ impl Index {
             big: HashMap::new(),
             size_on_disk: 0,
             logical_bytes: 0,
+            unsized_logical_bytes: 0,
             ns_usage: Vec::new(),
         };
         idx.reserve(n);
@@ -538,6 +542,9 @@ impl Index {
     ) -> u32 {
         self.size_on_disk += entry.size_on_disk();
         self.logical_bytes += crate::round_up_block(entry.logical());
+        if entry.blocks == 0 {
+            self.unsized_logical_bytes += crate::round_up_block(entry.logical());
+        }
         let ns = entry.ns().index();
         if self.ns_usage.len() <= ns {
             self.ns_usage.resize(ns + 1, (0, 0));
@@ -599,11 +606,55 @@ impl Index {
         true
     }
 
+    /// Whether the entry in `slot` records no stored size: a file of no
+    /// bytes, or one the startup listing indexed before its size was known
+    /// (see `load.rs`).
+    pub fn size_unknown(&self, slot: u32) -> bool {
+        let r = &self.slots[slot as usize];
+        if r.suffix & BIG != 0 {
+            return self.big.get(&r.key()).is_none_or(|&(_, b)| b == 0);
+        }
+        r.meta >> BLOCKS_SHIFT == 0
+    }
+
+    /// Records the stored size of an entry the startup listing indexed
+    /// before its size was known, and raises its clock count to `uses`
+    /// (a use since then keeps its higher count). An entry that already
+    /// has a size keeps it: a write since the listing sized it exactly.
+    pub fn set_size(&mut self, slot: u32, blocks: u32, uses: u8) {
+        if blocks > 0 && self.size_unknown(slot) {
+            let e = self.entry(slot);
+            let r = &mut self.slots[slot as usize];
+            if r.suffix & BIG != 0 || blocks > MAX_INLINE_BLOCKS {
+                // The size field moves to `big` with the logical size.
+                r.suffix |= BIG;
+                r.size = 0;
+                let key = r.key();
+                self.big.insert(key, (e.logical, blocks));
+            } else {
+                r.meta |= blocks << BLOCKS_SHIFT;
+            }
+            let bytes = blocks as u64 * crate::BLOCK_SIZE;
+            self.unsized_logical_bytes -= crate::round_up_block(e.logical());
+            self.size_on_disk += bytes;
+            self.ns_usage[e.ns().index()].1 += bytes;
+        }
+        let m = &mut self.slots[slot as usize].meta;
+        let uses = (uses.min(FRESH_USES) as u32) << USES_SHIFT;
+        if uses > *m & USES {
+            *m = (*m & !USES) | uses;
+        }
+    }
+
     /// Advances the clock hand to the next victim: the first occupied slot
-    /// whose clock count is zero, taking one from each count it passes. Looks at no
-    /// more than `budget` slots (the caller holds the lock meanwhile) and
-    /// gives `None` when they run out or the index is empty.
-    pub fn next_victim(&mut self, budget: &mut usize) -> Option<u32> {
+    /// whose clock count is zero, taking one from each count it passes.
+    /// With `skip_unsized`, entries with no stored size are passed over
+    /// untouched: while the startup load is still sizing files, evicting
+    /// one would free bytes the limit never counted, so the evictor would
+    /// go on deleting without getting under it. Looks at no more than
+    /// `budget` slots (the caller holds the lock meanwhile) and gives
+    /// `None` when they run out or the index is empty.
+    pub fn next_victim(&mut self, budget: &mut usize, skip_unsized: bool) -> Option<u32> {
         let n = self.slots.len();
         if self.len == 0 || n == 0 {
             return None;
@@ -613,7 +664,7 @@ impl Index {
             let i = self.hand % n;
             self.hand = i + 1;
             let r = &self.slots[i];
-            if r.is_empty() {
+            if r.is_empty() || (skip_unsized && self.size_unknown(i as u32)) {
                 continue;
             }
             if !self.second_chance(i as u32) {
@@ -629,6 +680,9 @@ impl Index {
         self.slots[slot as usize] = EMPTY;
         self.size_on_disk -= e.size_on_disk();
         self.logical_bytes -= crate::round_up_block(e.logical());
+        if e.blocks == 0 {
+            self.unsized_logical_bytes -= crate::round_up_block(e.logical());
+        }
         let usage = &mut self.ns_usage[e.ns().index()];
         usage.0 -= 1;
         usage.1 -= e.size_on_disk();
@@ -705,6 +759,94 @@ mod tests {
             self.0 ^= self.0 << 17;
             self.0
         }
+    }
+
+    /// An entry the startup listing indexed without a size, in the given
+    /// namespace, with a logical size of `logical`.
+    fn unsized_entry(i: u32, ns: u16, logical: u64) -> Entry {
+        Entry::new(
+            NamespaceId(ns),
+            Kind::Cas,
+            h(i),
+            Format::Casblob,
+            logical,
+            0,
+            i,
+            false,
+        )
+    }
+
+    #[test]
+    fn sizes_found_after_the_listing_add_up_inline_and_big_and_only_raise_counts() {
+        let mut idx = Index::with_capacity(0);
+        let small = idx.insert(unsized_entry(1, 0, 100), None, true);
+        idx.insert(unsized_entry(2, 1, 1 << 33), None, true);
+        idx.insert(unsized_entry(3, 1, 1 << 30), None, true);
+        idx.insert(e(4, 1), None, false);
+        assert_eq!(
+            idx.size_on_disk,
+            crate::BLOCK_SIZE,
+            "only the sized entry counts"
+        );
+        let bound = 4096 + (1 << 33) + (1 << 30);
+        assert_eq!(idx.unsized_logical_bytes, bound);
+        assert!(
+            idx.size_unknown(small)
+                && !idx.size_unknown(idx.find(NamespaceId(1), Kind::Cas, &h(4)).unwrap())
+        );
+        idx.set_size(small, 2, 1);
+        let s2 = idx.find(NamespaceId(1), Kind::Cas, &h(2)).unwrap();
+        idx.set_size(s2, 7, 0);
+        let s3 = idx.find(NamespaceId(1), Kind::Cas, &h(3)).unwrap();
+        // 4 GiB on disk: too large for the record's field.
+        idx.set_size(s3, MAX_INLINE_BLOCKS + 9, 3);
+        let got = |idx: &Index, i: u32, ns: u16| {
+            let x = idx.entry(idx.find(NamespaceId(ns), Kind::Cas, &h(i)).unwrap());
+            (x.logical(), x.blocks, x.uses())
+        };
+        assert_eq!(got(&idx, 1, 0), (100, 2, 1));
+        assert_eq!(got(&idx, 2, 1), (1 << 33, 7, 0));
+        assert_eq!(got(&idx, 3, 1), (1 << 30, MAX_INLINE_BLOCKS + 9, 3));
+        let blocks = 1 + 2 + 7 + MAX_INLINE_BLOCKS as u64 + 9;
+        assert_eq!(idx.size_on_disk, blocks * crate::BLOCK_SIZE);
+        assert_eq!(idx.ns_usage(NamespaceId(0)), (1, 2 * crate::BLOCK_SIZE));
+        // A second sizing neither adds nor lowers; a use since keeps its count.
+        let s4 = idx.find(NamespaceId(1), Kind::Cas, &h(4)).unwrap();
+        idx.set_size(s4, 50, 0);
+        let small = idx.find(NamespaceId(0), Kind::Cas, &h(1)).unwrap();
+        idx.touch(small);
+        idx.set_size(small, 2, 1);
+        assert_eq!(got(&idx, 1, 0), (100, 2, FRESH_USES));
+        assert_eq!(got(&idx, 4, 1).1, 1);
+        assert_eq!(idx.size_on_disk, blocks * crate::BLOCK_SIZE);
+        // Removal takes back exactly what was added, `big` included.
+        for (i, ns) in [(1, 0), (2, 1), (3, 1), (4, 1)] {
+            let s = idx.find(NamespaceId(ns), Kind::Cas, &h(i)).unwrap();
+            idx.remove(s);
+        }
+        assert_eq!((idx.size_on_disk, idx.big.len()), (0, 0));
+        assert_eq!(idx.unsized_logical_bytes, 0);
+    }
+
+    #[test]
+    fn the_hand_passes_over_entries_without_a_size_while_told_to() {
+        let mut idx = Index::with_capacity(0);
+        for i in 0..8 {
+            idx.insert(unsized_entry(i, 0, 10), None, true);
+        }
+        idx.insert(e(100, 0), None, true);
+        let mut budget = 1000;
+        let v = idx.next_victim(&mut budget, true).unwrap();
+        assert_eq!(key_of(&idx, v).0, 100, "the only sized entry");
+        idx.remove(v);
+        let mut budget = 1000;
+        assert_eq!(idx.next_victim(&mut budget, true), None);
+        for i in 0..8 {
+            let s = idx.find(NamespaceId(0), Kind::Cas, &h(i)).unwrap();
+            assert_eq!(idx.entry(s).uses(), 0, "passed over, not aged");
+        }
+        let mut budget = 1000;
+        assert!(idx.next_victim(&mut budget, false).is_some());
     }
 
     #[test]
@@ -873,14 +1015,18 @@ mod tests {
             .collect();
         assert_eq!(counts, [0, 1, 2, 3]);
         let mut order = Vec::new();
-        while let Some(s) = idx.next_victim(&mut budget) {
+        while let Some(s) = idx.next_victim(&mut budget, false) {
             order.push(key_of(&idx, s).0);
             idx.remove(s);
         }
         assert_eq!(order, [0, 1, 2, 3]);
         let mut none = 0;
         idx.insert(e(9, 0), None, false);
-        assert_eq!(idx.next_victim(&mut none), None, "no budget, no victim");
+        assert_eq!(
+            idx.next_victim(&mut none, false),
+            None,
+            "no budget, no victim"
+        );
     }
 
     /// Replays a trace through an index of a fixed byte budget (evicting
@@ -900,7 +1046,7 @@ mod tests {
                     idx.insert(e(k, 0), None, false);
                     while idx.len() > capacity {
                         let mut budget = usize::MAX;
-                        let v = idx.next_victim(&mut budget).unwrap();
+                        let v = idx.next_victim(&mut budget, false).unwrap();
                         idx.remove(v);
                     }
                 }

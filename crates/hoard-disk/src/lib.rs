@@ -148,6 +148,11 @@ pub struct Config {
     /// after each directory it indexes, so that requests meet a partial
     /// index. `None` in production.
     pub load_pause: Option<std::time::Duration>,
+    /// Fault injection for tests: the sizing pass after the load (see
+    /// `load.rs`) sleeps this long before each directory it sizes, so that
+    /// requests meet a ready cache whose sizes are not all known. `None`
+    /// in production.
+    pub sizing_pause: Option<std::time::Duration>,
 }
 
 /// Per-namespace size limits, in bytes of SizeOnDisk.
@@ -223,6 +228,10 @@ pub struct Stats {
     pub index_heap_bytes: u64,
     pub loaded: bool,
     pub load_fraction: f64,
+    /// Every entry's stored size is known (see `load.rs`): until then
+    /// `size_on_disk` and the namespaces' usage count only the files sized
+    /// so far.
+    pub sizes_known: bool,
 }
 
 /// The disk cache. Cheap to clone; all clones share one cache.
@@ -237,6 +246,10 @@ pub(crate) struct Shared {
     pub evict_cv: Condvar,
     pub namespaces: RwLock<Namespaces>,
     pub loaded: AtomicBool,
+    /// Set once the load has sized every file it indexed from its name
+    /// alone (see `load.rs`); until then the evictor passes over entries
+    /// without a size.
+    pub sized: AtomicBool,
     pub dirs_total: AtomicU64,
     pub dirs_done: AtomicU64,
     pub evicted_bytes: AtomicU64,
@@ -412,6 +425,7 @@ impl DiskCache {
             evict_cv: Condvar::new(),
             namespaces: RwLock::new(namespaces),
             loaded: AtomicBool::new(false),
+            sized: AtomicBool::new(false),
             dirs_total: AtomicU64::new(0),
             dirs_done: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
@@ -452,6 +466,12 @@ impl DiskCache {
     /// True once [`DiskCache::load`] has indexed every file found at start.
     pub fn is_loaded(&self) -> bool {
         self.shared.loaded.load(Ordering::Acquire)
+    }
+
+    /// True once [`DiskCache::load`] knows the stored size of every file
+    /// it indexed (some after [`DiskCache::is_loaded`]; see `load.rs`).
+    pub fn sizes_known(&self) -> bool {
+        self.shared.sized.load(Ordering::Acquire)
     }
 
     /// Resolves a namespace name, creating its directories on first use.
@@ -667,6 +687,7 @@ impl DiskCache {
                 // too, so clamp.
                 (self.shared.dirs_done.load(Ordering::Relaxed) as f64 / total as f64).min(0.999)
             },
+            sizes_known: self.sizes_known(),
         }
     }
 
@@ -728,6 +749,12 @@ impl DiskCache {
                     part_of_dir.insert(dir, (i as u16, part as u16));
                 }
             }
+        }
+        // Parts whose files the load has not sized yet are listed (and
+        // sized) at the next start too. Taken before the copy: a part
+        // leaves this set only after its sizes are in the index.
+        for (ns, part) in self.shared.parts.lock().unsized_parts() {
+            parts.insert((ns.0, part as u16), snapshot::no_time());
         }
         let records = {
             let st = self.shared.state.lock();
@@ -890,11 +917,12 @@ fn evict_loop(shared: &Shared) {
             }
             // Once stopping, only what is already doomed is deleted.
             let mut budget = HAND_SWEEP;
+            let skip_unsized = !shared.sized.load(Ordering::Acquire);
             while !st.stop
                 && st.index.size_on_disk > shared.cfg.max_size_bytes
                 && st.doomed.len() < EVICT_BATCH
             {
-                let Some(slot) = st.index.next_victim(&mut budget) else {
+                let Some(slot) = st.index.next_victim(&mut budget, skip_unsized) else {
                     break;
                 };
                 evict(shared, &mut st, slot);
@@ -979,6 +1007,8 @@ fn evict_over_quota(shared: &Shared, st: &mut State) {
         return;
     }
     let mut excess: HashMap<NamespaceId, u64> = over.into_iter().collect();
+    // As the clock hand does: no entry without a size while sizing.
+    let skip_unsized = !shared.sized.load(Ordering::Acquire);
     let n = st.index.slot_count();
     let mut pos = st.quota_hand % n.max(1);
     for _ in 0..QUOTA_WALK.min(n) {
@@ -992,6 +1022,7 @@ fn evict_over_quota(shared: &Shared, st: &mut State) {
         };
         if let Some(left) = excess.get_mut(&e.ns())
             && *left > 0
+            && !(skip_unsized && e.blocks == 0)
             && !st.index.second_chance(slot)
         {
             *left = left.saturating_sub(e.size_on_disk());

@@ -22,6 +22,31 @@
 //! * [`DiskCache::is_loaded`] turns true only after every part is `Loaded`,
 //!   which is when callers that act on absence (completeness removal,
 //!   upload replay) may start.
+//!
+//! # Sizes come second
+//!
+//! A casblob's name holds its logical size, so listing a directory is
+//! enough to index it: the entry is complete for every lookup and read.
+//! What only `stat` gives is the file's stored size (the unit of the size
+//! limit) and its access time (its clock count). With the page cache cold,
+//! `stat` is most of the start: on a million files here, listing took
+//! 1.5 s and listing with `stat` 6.8 s, both cores busy in the kernel
+//! building inodes. So the listing indexes casblobs with no stored size
+//! and a clock count of zero, and once every part is loaded (the cache is
+//! ready) a second pass lists the parts again and sizes them. Other files
+//! (action results, `.v1` blobs) have no size in their name and are sized
+//! by the listing itself. Until the second pass is done:
+//!
+//! * the size limit and quotas count only the sized files, and the
+//!   evictor passes over entries without a size. Unknown is not small:
+//!   evicting one would free bytes the limit never counted, so the evictor
+//!   would go on deleting without getting under it. The cache may stand
+//!   over its limit by what the sizing has not reached, for the seconds
+//!   it takes, and is evicted down once the sizes are in;
+//! * an index snapshot written meanwhile marks the parts not sized yet as
+//!   changed, so the next start lists and sizes them rather than trusting
+//!   the missing sizes;
+//! * [`DiskCache::sizes_known`] is false.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -45,11 +70,18 @@ pub struct LoadReport {
     pub temp_files_removed: u64,
     pub foreign_files: u64,
     pub duplicates_removed: u64,
+    /// Files indexed from their names alone and sized after the cache was
+    /// ready (see the module doc).
+    pub sizes_deferred: u64,
+    /// From the start of the load to ready: every file indexed.
+    pub ready_after: Duration,
+    /// The whole load, sizing included.
     pub elapsed: Duration,
 }
 
 impl LoadReport {
     fn add(&mut self, o: &LoadReport) {
+        self.sizes_deferred += o.sizes_deferred;
         self.temp_files_removed += o.temp_files_removed;
         self.foreign_files += o.foreign_files;
         self.duplicates_removed += o.duplicates_removed;
@@ -72,9 +104,17 @@ const PARTS_PER_NS: usize = 3 * SUBDIRS;
 pub(crate) struct Parts {
     by_ns: Vec<Vec<Part>>,
     loading: usize,
+    /// Loaded parts with files indexed from their names alone, which the
+    /// second pass has not sized yet.
+    to_size: std::collections::BTreeSet<(NamespaceId, usize)>,
 }
 
 impl Parts {
+    /// The parts whose files are not all sized yet.
+    pub(crate) fn unsized_parts(&self) -> Vec<(NamespaceId, usize)> {
+        self.to_size.iter().copied().collect()
+    }
+
     fn state(&mut self, ns: NamespaceId, part: usize) -> &mut Part {
         let n = ns.index();
         if self.by_ns.len() <= n {
@@ -96,7 +136,8 @@ pub(crate) fn part_index(kind: Kind, subdir: usize) -> usize {
 struct Found {
     entry: Entry,
     odd: Option<Box<str>>,
-    atime: u32,
+    /// None for a file indexed from its name alone, sized later.
+    atime: Option<u32>,
 }
 
 /// Gives the files a listing finds clock counts by access time: the most
@@ -226,7 +267,6 @@ impl DiskCache {
             let mut st = shared.state.lock();
             st.index.compact();
             report.entries = st.index.len() as u64;
-            report.size_on_disk = st.index.size_on_disk;
             tracing::debug!(
                 seconds = compact_started.elapsed().as_secs_f64(),
                 "index packed"
@@ -237,18 +277,136 @@ impl DiskCache {
         }
         shared.parts_cv.notify_all();
         shared.evict_cv.notify_one();
-        report.elapsed = started.elapsed();
+        report.ready_after = started.elapsed();
         tracing::info!(
             entries = report.entries,
-            size_on_disk = report.size_on_disk,
             temp_files_removed = report.temp_files_removed,
             foreign_files = report.foreign_files,
             duplicates_removed = report.duplicates_removed,
             from_snapshot = report.from_snapshot,
-            seconds = report.elapsed.as_secs_f64(),
+            sizes_to_read = report.sizes_deferred,
+            seconds = report.ready_after.as_secs_f64(),
             "cache index loaded"
         );
+        let sizing_started = Instant::now();
+        let sized = self.size_parts();
+        report.size_on_disk = shared.state.lock().index.size_on_disk;
+        report.elapsed = started.elapsed();
+        // A stop cuts the pass short; the sizes are then still unknown.
+        if !shared.parts.lock().to_size.is_empty() {
+            tracing::info!(files = sized, "sizing of cache files stopped by shutdown");
+            return report;
+        }
+        shared.sized.store(true, Ordering::Release);
+        // The sizes just added may put the cache over its limit.
+        shared.evict_cv.notify_one();
+        tracing::info!(
+            files = sized,
+            size_on_disk = report.size_on_disk,
+            seconds = sizing_started.elapsed().as_secs_f64(),
+            "cache sizes known"
+        );
         report
+    }
+
+    /// The second pass (see the module doc): lists each part the first
+    /// left unsized again and gives its casblobs their stored size and a
+    /// clock count by access time. Runs while the cache serves, so as
+    /// bulk work: a thread per core at the bulk priority, each batch of
+    /// `stat`s a step that takes turns and rests while requests keep the
+    /// daemon busy (`turns.rs`). `stat` of cold files is kernel CPU; more
+    /// threads would only take it from requests. Returns the files sized.
+    fn size_parts(&self) -> u64 {
+        let shared = self.shared();
+        let todo = shared.parts.lock().unsized_parts();
+        if todo.is_empty() {
+            return 0;
+        }
+        let next = AtomicUsize::new(0);
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .clamp(1, 4);
+        let pause = shared.cfg.sizing_pause;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        // Bulk work: lower priority, and turns and rests
+                        // while requests keep the daemon busy (`turns`).
+                        let _bulk = crate::bulk_work(crate::turns::MIN_TRANSFER);
+                        let mut sized = 0;
+                        while let Some(&(ns, part)) = todo.get(next.fetch_add(1, Ordering::Relaxed))
+                        {
+                            if let Some(p) = pause {
+                                std::thread::sleep(p);
+                            }
+                            if shared.state.lock().stop {
+                                break;
+                            }
+                            sized += self.size_part(ns, part);
+                            // Out of the set only once its sizes are in the
+                            // index (see `save_snapshot`).
+                            shared.parts.lock().to_size.remove(&(ns, part));
+                        }
+                        sized
+                    })
+                })
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).sum()
+        })
+    }
+
+    /// Sizes the casblobs of one part that the listing indexed from their
+    /// names. A file evicted, replaced or found twice since is no longer
+    /// the entry's file (other key or suffix) and is passed over; an entry
+    /// written since has its size already and keeps it.
+    fn size_part(&self, ns: NamespaceId, part: usize) -> u64 {
+        const BATCH: usize = 256;
+        let (kind, sub) = (Kind::ALL[part / SUBDIRS], part % SUBDIRS);
+        let dir = self.dir_of(ns, kind, &Hash([sub as u8; 32]));
+        let Ok(rd) = fs::read_dir(&dir) else {
+            return 0;
+        };
+        let mut sized = 0;
+        let mut batch: Vec<(ParsedName, u32, u32)> = Vec::with_capacity(BATCH);
+        let mut flush = |batch: &mut Vec<(ParsedName, u32, u32)>| {
+            let mut st = self.shared().state.lock();
+            st.atime_split.observe(batch.iter().map(|b| b.2));
+            for (p, blocks, atime) in batch.drain(..) {
+                let Some(slot) = st.index.find(ns, kind, &p.hash) else {
+                    continue;
+                };
+                let at = Location::of(&st.index, slot);
+                if at.suffix != p.suffix || at.format != p.format {
+                    continue;
+                }
+                let uses = st.atime_split.uses(atime);
+                st.index.set_size(slot, blocks, uses);
+                sized += 1;
+            }
+        };
+        let mut casblobs = rd.flatten().filter_map(|de| {
+            let p = parse_name(&de.file_name().to_string_lossy(), kind)?;
+            (p.format == Format::Casblob).then_some((p, de))
+        });
+        loop {
+            let chunk: Vec<_> = casblobs.by_ref().take(BATCH).collect();
+            if chunk.is_empty() {
+                return sized;
+            }
+            // The `stat`s are the step that takes turns: kernel CPU that
+            // requests would otherwise wait behind.
+            crate::turns::step(crate::turns::MIN_BYTES, || {
+                for (p, de) in chunk {
+                    if let Some(m) = de.metadata().ok().filter(|m| m.is_file()) {
+                        let blocks = m.len().div_ceil(crate::BLOCK_SIZE) as u32;
+                        batch.push((p, blocks, atime_of(&m)));
+                    }
+                }
+            });
+            flush(&mut batch);
+        }
     }
 
     /// Takes what the index snapshot can vouch for: each part whose
@@ -345,7 +503,7 @@ impl DiskCache {
             }
         }
         for (ns, part) in &taken {
-            self.finish_part(*ns, *part);
+            self.finish_part(*ns, *part, false);
         }
         report.from_snapshot = n;
         report.parts_from_snapshot = taken.len() as u64;
@@ -369,9 +527,9 @@ impl DiskCache {
         let part = part_index(kind, hash.0[0] as usize);
         if self.claim_part(ns, part, true) {
             let dir = self.dir_of(ns, kind, hash);
-            self.load_part(ns, kind, &dir);
+            let r = self.load_part(ns, kind, &dir);
             tracing::debug!(dir = %dir.display(), "indexed a directory on demand");
-            self.finish_part(ns, part);
+            self.finish_part(ns, part, r.sizes_deferred > 0);
         }
     }
 
@@ -398,12 +556,15 @@ impl DiskCache {
         }
     }
 
-    fn finish_part(&self, ns: NamespaceId, part: usize) {
+    fn finish_part(&self, ns: NamespaceId, part: usize, to_size: bool) {
         let shared = self.shared();
         {
             let mut parts = shared.parts.lock();
             *parts.state(ns, part) = Part::Loaded;
             parts.loading -= 1;
+            if to_size {
+                parts.to_size.insert((ns, part));
+            }
         }
         shared.dirs_done.fetch_add(1, Ordering::Relaxed);
         shared.parts_cv.notify_all();
@@ -455,8 +616,9 @@ impl DiskCache {
             let part = part_index(*kind, *sub);
             // A part a lookup already claimed is that lookup's to load.
             if self.claim_part(*ns, part, false) {
-                report.add(&self.load_part(*ns, *kind, dir));
-                self.finish_part(*ns, part);
+                let r = self.load_part(*ns, *kind, dir);
+                self.finish_part(*ns, part, r.sizes_deferred > 0);
+                report.add(&r);
             }
             if let Some(p) = pause {
                 std::thread::sleep(p);
@@ -487,10 +649,20 @@ impl DiskCache {
                     continue;
                 }
                 let parsed = parse_name(&name, kind);
-                let meta = de.metadata().ok().filter(|m| m.is_file());
+                // A casblob's name says all a lookup needs; `stat` waits
+                // for the second pass (see the module doc).
+                let deferred = parsed.as_ref().is_some_and(|p| p.format == Format::Casblob);
+                let meta = if deferred {
+                    de.file_type().is_ok_and(|t| t.is_file()).then_some(None)
+                } else {
+                    de.metadata().ok().filter(|m| m.is_file()).map(Some)
+                };
                 match (parsed, meta) {
                     (Some(p), Some(m)) => {
-                        let logical = p.logical.unwrap_or(m.len());
+                        let logical = p.logical.or(m.as_ref().map(|m| m.len())).unwrap_or(0);
+                        let blocks = m
+                            .as_ref()
+                            .map_or(0, |m| m.len().div_ceil(crate::BLOCK_SIZE) as u32);
                         let odd = match &p.suffix {
                             Suffix::Odd(s) => Some(s.clone()),
                             Suffix::Num(_) => None,
@@ -501,14 +673,15 @@ impl DiskCache {
                             p.hash,
                             p.format,
                             logical,
-                            m.len().div_ceil(crate::BLOCK_SIZE) as u32,
+                            blocks,
                             match p.suffix {
                                 Suffix::Num(n) => n,
                                 Suffix::Odd(_) => 0,
                             },
                             odd.is_some(),
                         );
-                        let atime = m.atime().clamp(0, u32::MAX as i64 - 1) as u32;
+                        let atime = m.map(|m| atime_of(&m));
+                        report.sizes_deferred += atime.is_none() as u64;
                         batch.push(Found { entry, odd, atime });
                         if batch.len() == BATCH {
                             report.duplicates_removed += self.insert_found(&mut batch);
@@ -551,9 +724,10 @@ impl DiskCache {
                 0
             };
             st.index.reserve_toward(batch.len(), expected);
-            st.atime_split.observe(batch.iter().map(|f| f.atime));
+            st.atime_split.observe(batch.iter().filter_map(|f| f.atime));
             for f in batch.drain(..) {
-                let uses = st.atime_split.uses(f.atime);
+                // Zero until sized: the evictor passes over it meanwhile.
+                let uses = f.atime.map_or(0, |t| st.atime_split.uses(t));
                 let entry = f.entry.with_uses(uses);
                 if let Err((slot, odd)) = st.index.insert_if_absent(entry, f.odd, true) {
                     let existing = Location::of(&st.index, slot);
@@ -570,6 +744,11 @@ impl DiskCache {
         }
         dupes.len() as u64
     }
+}
+
+/// A file's access time in whole seconds, as the clock counts use it.
+fn atime_of(m: &fs::Metadata) -> u32 {
+    m.atime().clamp(0, u32::MAX as i64 - 1) as u32
 }
 
 /// Where a file the listing found is, from its entry and odd suffix.

@@ -222,7 +222,12 @@ impl Writer {
         let limit = cfg.hard_limit_bytes;
         let mut st = self.cache.shared().state.lock();
         if let Some(limit) = limit {
-            let used = st.index.size_on_disk + st.reserved + st.pending_deletion;
+            let mut used = st.index.size_on_disk + st.reserved + st.pending_deletion;
+            // Files the load has not sized yet count at their logical
+            // size: the limit is there to keep the disk from filling.
+            if !self.cache.sizes_known() {
+                used += st.index.unsized_logical_bytes;
+            }
             let more = check.saturating_sub(self.reservation);
             if used.saturating_add(more) > limit {
                 return Err(Error::HardLimit {

@@ -21,6 +21,7 @@ fn cfg(dir: &Path, max: u64) -> Config {
         max_namespaces: 16,
         quotas: Default::default(),
         load_pause: None,
+        sizing_pause: None,
     }
 }
 
@@ -812,4 +813,193 @@ fn the_snapshot_keeps_the_clock_counts() {
     now.sort();
     want.sort();
     assert_eq!(now, want, "the used ones stay, the others go");
+}
+
+/// Opens the cache, runs its load on a thread and returns once the cache
+/// is ready (every directory listed), with the thread still sizing.
+fn load_until_ready(c: Config) -> (DiskCache, std::thread::JoinHandle<hoard_disk::LoadReport>) {
+    let cache = DiskCache::open(c).unwrap();
+    let loader = {
+        let cache = cache.clone();
+        std::thread::spawn(move || cache.load())
+    };
+    while !cache.is_loaded() {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    (cache, loader)
+}
+
+#[test]
+fn a_start_after_a_crash_serves_from_names_first_and_counts_every_size_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs: Vec<Vec<u8>> = (0..40)
+        .map(|i| noise(3000 + 997 * i as usize, 500 + i))
+        .collect();
+    let acs: Vec<Vec<u8>> = (0..5).map(|i| data(200 + i, i as u8)).collect();
+    let team_usage = |c: &DiskCache| {
+        c.namespace_stats()
+            .into_iter()
+            .find(|n| n.name == "team")
+            .map(|n| (n.entries, n.size_on_disk))
+            .unwrap()
+    };
+    let (size, team) = {
+        let cache = DiskCache::open(cfg(dir.path(), 1 << 30)).unwrap();
+        cache.load();
+        let team = cache.namespace("team").unwrap();
+        for (i, b) in blobs.iter().enumerate() {
+            put(&cache, ns_of(i, team), Kind::Cas, b).unwrap();
+        }
+        for a in &acs {
+            put(&cache, team, Kind::Ac, a).unwrap();
+        }
+        let out = (cache.stats().size_on_disk, team_usage(&cache));
+        cache.shutdown(std::time::Duration::from_secs(10));
+        out
+    };
+    // A crash leaves no snapshot.
+    fs::remove_file(dir.path().join("index.snapshot")).unwrap();
+    let mut c = cfg(dir.path(), 1 << 30);
+    c.sizing_pause = Some(std::time::Duration::from_millis(30));
+    let (cache, loader) = load_until_ready(c);
+    // Ready, with the casblobs indexed from their names alone: about 20
+    // parts at 30 ms each are left to size.
+    assert!(!cache.sizes_known(), "{:?}", cache.stats());
+    let early = cache.stats();
+    assert!(!early.sizes_known && early.size_on_disk < size, "{early:?}");
+    assert_eq!(early.entries, 45, "{early:?}");
+    let team_id = cache.namespace("team").unwrap();
+    for (i, b) in blobs.iter().enumerate() {
+        let got = read(&cache, ns_of(i, team_id), Kind::Cas, &sha(b));
+        assert_eq!(got.as_deref(), Some(&b[..]), "blob {i} while sizing");
+    }
+    for a in &acs {
+        assert_eq!(
+            read(&cache, team_id, Kind::Ac, &sha(a)).as_deref(),
+            Some(&a[..])
+        );
+    }
+    let report = loader.join().unwrap();
+    assert!(cache.sizes_known());
+    assert_eq!(report.sizes_deferred, 40, "{report:?}");
+    assert!(report.ready_after < report.elapsed, "{report:?}");
+    assert_eq!(report.size_on_disk, size, "{report:?}");
+    assert_eq!(cache.stats().size_on_disk, size);
+    assert_eq!(team_usage(&cache), team);
+}
+
+#[test]
+fn a_snapshot_written_before_the_sizes_are_in_sends_the_next_start_to_list_those_parts() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs: Vec<Vec<u8>> = (0..40).map(|i| noise(5000 + i as usize, 700 + i)).collect();
+    let size = {
+        let cache = DiskCache::open(cfg(dir.path(), 1 << 30)).unwrap();
+        cache.load();
+        for b in &blobs {
+            put(&cache, NamespaceId::DEFAULT, Kind::Cas, b).unwrap();
+        }
+        let size = cache.stats().size_on_disk;
+        cache.shutdown(std::time::Duration::from_secs(10));
+        size
+    };
+    fs::remove_file(dir.path().join("index.snapshot")).unwrap();
+    let mut c = cfg(dir.path(), 1 << 30);
+    c.sizing_pause = Some(std::time::Duration::from_millis(50));
+    {
+        let (cache, loader) = load_until_ready(c);
+        // A clean stop while sizing: the snapshot holds entries without
+        // their sizes, and says their directories changed.
+        assert!(!cache.sizes_known());
+        cache.shutdown(std::time::Duration::from_secs(10));
+        assert!(cache.stats().size_on_disk < size);
+        loader.join().unwrap();
+        assert!(!cache.sizes_known(), "the stop cut the sizing short");
+    }
+    let cache = DiskCache::open(cfg(dir.path(), 1 << 30)).unwrap();
+    let report = cache.load();
+    assert!(report.parts_from_snapshot > 0, "{report:?}");
+    assert!(report.sizes_deferred > 0, "{report:?}");
+    assert_eq!(report.entries, 40, "{report:?}");
+    assert_eq!(cache.stats().size_on_disk, size, "{report:?}");
+}
+
+/// 300 files of 16,000 bytes in `cas.v2/00` as a crash leaves them (no
+/// snapshot): every other one last used a day ago. Their bytes are not a
+/// casblob and are never read. Returns the names of the old ones.
+fn crashed_directory(dir: &Path) -> std::collections::HashSet<String> {
+    {
+        let cache = DiskCache::open(cfg(dir, 1 << 30)).unwrap();
+        cache.load();
+        cache.shutdown(std::time::Duration::from_secs(10));
+    }
+    let _ = fs::remove_file(dir.join("index.snapshot"));
+    let part = dir.join("cas.v2").join("00");
+    let day_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(86_400);
+    let mut old = std::collections::HashSet::new();
+    for i in 0..300u32 {
+        let mut hash = sha(&i.to_le_bytes()).0;
+        hash[0] = 0;
+        let name = format!("{}-16000-{i:09}", Hash(hash).to_hex());
+        let path = part.join(&name);
+        fs::write(&path, vec![7u8; 16_000]).unwrap();
+        if i % 2 == 0 {
+            fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_times(fs::FileTimes::new().set_accessed(day_ago))
+                .unwrap();
+            old.insert(name);
+        }
+    }
+    old
+}
+
+#[test]
+fn after_a_crash_the_sizes_come_in_and_the_files_used_longest_ago_go_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = crashed_directory(dir.path());
+    let part = dir.path().join("cas.v2").join("00");
+    // Room for 250 of them (4 blocks each).
+    let max = 250 * 16 * 1024;
+    let cache = DiskCache::open(cfg(dir.path(), max)).unwrap();
+    let report = cache.load();
+    assert_eq!((report.entries, report.sizes_deferred), (300, 300));
+    settle(&cache, max);
+    let left: std::collections::HashSet<String> = fs::read_dir(&part)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left.len(), 250);
+    assert_eq!(cache.stats().size_on_disk, 250 * 16 * 1024);
+    let gone: Vec<&String> = old.iter().filter(|n| !left.contains(*n)).collect();
+    assert_eq!(
+        gone.len(),
+        50,
+        "only files last used a day ago were evicted"
+    );
+}
+
+#[test]
+fn while_sizes_are_unknown_the_hard_limit_counts_those_files_at_their_logical_size() {
+    let dir = tempfile::tempdir().unwrap();
+    crashed_directory(dir.path());
+    // 300 files of 4 blocks: 4,915,200 bytes, which the limit leaves
+    // 84,800 bytes beside.
+    let mut c = cfg(dir.path(), 1 << 30);
+    c.hard_limit_bytes = Some(5_000_000);
+    c.sizing_pause = Some(std::time::Duration::from_millis(500));
+    let (cache, loader) = load_until_ready(c);
+    assert_eq!(cache.stats().size_on_disk, 0, "nothing sized yet");
+    let big = noise(200_000, 1);
+    match put(&cache, NamespaceId::DEFAULT, Kind::Cas, &big) {
+        Err(Error::HardLimit { .. }) => {}
+        other => panic!("expected the hard limit, got {other:?}"),
+    }
+    let small = noise(40_000, 2);
+    assert!(put(&cache, NamespaceId::DEFAULT, Kind::Cas, &small).unwrap());
+    assert!(!cache.sizes_known(), "both writes ran while sizing");
+    loader.join().unwrap();
+    assert_eq!(cache.stats().size_on_disk, 4_915_200 + 40 * 1024);
 }

@@ -66,6 +66,10 @@ pub async fn run(cfg: Config, bulk_lane: Option<tokio::runtime::Handle>) -> anyh
             .ok()
             .and_then(|v| v.parse().ok())
             .map(Duration::from_millis),
+        sizing_pause: std::env::var("HOARD_TEST_INDEX_SIZING_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis),
     })
     .with_context(|| format!("opening cache directory {}", cfg.dir.display()))?;
     let budget = stop_budget(&cfg);
