@@ -558,6 +558,7 @@ fn data_survives_a_restart_and_sigterm_exits_cleanly() {
         "hoard_index_entries",
         "hoard_inflight_bytes",
         "hoard_index_load_progress",
+        "hoard_index_sizes_known",
     ] {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }

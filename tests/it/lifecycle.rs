@@ -420,6 +420,80 @@ fn a_full_disk_with_pending_uploads_starts_serves_reads_and_recovers() {
     );
 }
 
+fn status_of(h: &Hoard) -> serde_json::Value {
+    serde_json::from_slice(&h.get("/status").body).unwrap()
+}
+
+#[test]
+fn after_kill_9_hits_come_before_the_sizes_are_read_and_the_size_is_the_same_after() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cache");
+    let h = Hoard::start(&dir, &[]);
+    h.wait_ready();
+    let blobs: Vec<Vec<u8>> = (0..30)
+        .map(|i| noise(2000 + 7919 * i, 6100 + i as u64))
+        .collect();
+    for b in &blobs {
+        assert_eq!(h.put(&format!("/cas/{}", sha256_hex(b)), b).status, 200);
+    }
+    let before = status_of(&h);
+    h.kill9();
+
+    // The sizing pass waits 300 ms before each of about 30 directories,
+    // on two threads: seconds of a ready cache whose sizes are not in.
+    let h = Hoard::start_env(&dir, &[], &[("HOARD_TEST_INDEX_SIZING_PAUSE_MS", "300")]);
+    h.wait_ready();
+    let early = status_of(&h);
+    assert_eq!(early["IndexSizesKnown"], false, "{early}");
+    assert_eq!(early["NumFiles"], before["NumFiles"]);
+    assert!(
+        early["CurrSize"].as_u64() < before["CurrSize"].as_u64(),
+        "{early} vs {before}"
+    );
+    assert!(
+        h.get("/metrics")
+            .text()
+            .contains("hoard_index_sizes_known 0")
+    );
+    let runtime = rt();
+    let ch = runtime.block_on(h.channel());
+    for b in &blobs {
+        let hash = sha256_hex(b);
+        let r = h.get(&format!("/cas/{hash}"));
+        assert!(r.status == 200 && r.body == *b, "HTTP hit while sizing");
+        let res = format!("blobs/{hash}/{}", b.len());
+        assert_eq!(
+            runtime.block_on(bytestream(&ch, res, 0, 0)).as_deref(),
+            Some(&b[..]),
+            "ByteStream hit while sizing"
+        );
+        assert_eq!(
+            runtime.block_on(batch(&ch, digest(b), false)).as_deref(),
+            Some(&b[..]),
+            "BatchReadBlobs hit while sizing"
+        );
+    }
+    assert_eq!(
+        status_of(&h)["IndexSizesKnown"],
+        false,
+        "the reads did not all meet unknown sizes"
+    );
+    let t = Instant::now();
+    while status_of(&h)["IndexSizesKnown"] != true {
+        assert!(t.elapsed() < Duration::from_secs(60), "sizing never ended");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = status_of(&h);
+    assert_eq!(after["CurrSize"], before["CurrSize"], "{after}");
+    assert_eq!(after["NumFiles"], before["NumFiles"]);
+    assert!(
+        h.get("/metrics")
+            .text()
+            .contains("hoard_index_sizes_known 1")
+    );
+    assert_eq!(h.stop(), Some(0));
+}
+
 /// Flips a byte two thirds into, or cuts the end off, the stored file of
 /// `hash`.
 fn damage(dir: &Path, hash: &str, truncate: bool) {

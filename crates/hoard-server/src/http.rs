@@ -756,6 +756,9 @@ struct Status {
     storage_mode: &'static str,
     index_loaded: bool,
     index_load_progress: f64,
+    /// False while a start after a crash is still reading the stored sizes
+    /// of the files it indexed by name: `CurrSize` counts those sized.
+    index_sizes_known: bool,
     index_heap_bytes: u64,
     evicted_bytes: u64,
     pending_deletion_bytes: u64,
@@ -814,6 +817,7 @@ fn status_page(st: &HttpState, cache: &Cache) -> Response<Body> {
         storage_mode: st.storage_mode,
         index_loaded: s.loaded,
         index_load_progress: s.load_fraction,
+        index_sizes_known: s.sizes_known,
         index_heap_bytes: s.index_heap_bytes,
         evicted_bytes: s.evicted_bytes_total,
         pending_deletion_bytes: s.pending_deletion,

@@ -24,6 +24,7 @@ pub struct Metrics {
     index_entries: IntGauge,
     index_bytes: IntGauge,
     index_progress: Gauge,
+    index_sizes_known: IntGauge,
     corrupt_dropped: IntCounter,
     bulk_rested: Counter,
     pub inflight_bytes: IntGauge,
@@ -137,6 +138,13 @@ impl Metrics {
                 Gauge::new(
                     "hoard_index_load_progress",
                     "Fraction of cache directories indexed at startup (1 = ready).",
+                )?,
+            ),
+            index_sizes_known: reg(
+                &r,
+                IntGauge::new(
+                    "hoard_index_sizes_known",
+                    "1 once the stored size of every file indexed at startup is known; until then the disk size figures count only the files sized.",
                 )?,
             ),
             corrupt_dropped: reg(
@@ -297,6 +305,7 @@ impl Metrics {
         self.index_entries.set(s.entries as i64);
         self.index_bytes.set(s.index_heap_bytes as i64);
         self.index_progress.set(s.load_fraction);
+        self.index_sizes_known.set(s.sizes_known as i64);
         catch_up(&self.corrupt_dropped, s.corrupt_dropped_total);
         catch_up(&self.bulk_rested, hoard_disk::turns::rested().as_secs_f64());
         let mut out = Vec::new();
