@@ -67,7 +67,11 @@ fn run(args: &[String]) -> Res<()> {
         Some("concurrent-get") => {
             concurrent_get(arg(args, 1, "ADDR")?, &args[2], arg(args, 3, "N")?)
         }
-        Some("mkcache") => mkcache(Path::new(&args[1]), arg(args, 2, "N")?),
+        Some("mkcache") => mkcache(
+            Path::new(&args[1]),
+            arg(args, 2, "N")?,
+            arg(args, 3, "AC_EVERY").unwrap_or(0),
+        ),
         Some("grpc-findmissing") => {
             grpc::find_missing(&args[1], arg(args, 2, "N")?, arg(args, 3, "ROUNDS")?)
         }
@@ -281,22 +285,34 @@ fn concurrent_get(addr: SocketAddr, path: &str, n: usize) -> Res<()> {
     Ok(())
 }
 
-/// N small CAS entries laid out as bazel-remote does (`cas.v2/<hh>/<hash>-<size>-<random>`).
+/// N small entries laid out as bazel-remote does: CAS as
+/// `cas.v2/<hh>/<hash>-<size>-<random>`, and with `ac_every` > 0 every
+/// `ac_every`-th entry an action result, `ac.v2/<hh>/<hash>-<random>`
+/// (whose name holds no size, so startup must `stat` it).
 /// The files are empty: startup never opens them, it only lists and stats.
-fn mkcache(dir: &Path, n: u64) -> Res<()> {
-    let cas = dir.join("cas.v2");
+fn mkcache(dir: &Path, n: u64, ac_every: u64) -> Res<()> {
+    let (cas, ac) = (dir.join("cas.v2"), dir.join("ac.v2"));
     for i in 0..256 {
         std::fs::create_dir_all(cas.join(format!("{i:02x}")))?;
+        std::fs::create_dir_all(ac.join(format!("{i:02x}")))?;
     }
     let mut p = PathBuf::new();
+    let mut acs = 0;
     for i in 0..n {
         let h = hex::encode(Sha256::digest(i.to_le_bytes()));
         p.clear();
-        p.push(&cas);
-        p.push(&h[..2]);
-        p.push(format!("{h}-{}-{:09}", 100 + i % 4000, i % 1_000_000_000));
+        if ac_every > 0 && i % ac_every == 0 {
+            p.push(&ac);
+            p.push(&h[..2]);
+            p.push(format!("{h}-{:09}", i % 1_000_000_000));
+            acs += 1;
+        } else {
+            p.push(&cas);
+            p.push(&h[..2]);
+            p.push(format!("{h}-{}-{:09}", 100 + i % 4000, i % 1_000_000_000));
+        }
         std::fs::File::create(&p)?;
     }
-    println!("entries={n}");
+    println!("entries={n} action_results={acs}");
     Ok(())
 }
