@@ -87,13 +87,26 @@ impl Hash {
         Self::parse_bytes(s.as_bytes())
     }
 
+    /// FindMissingBlobs parses one hash per digest, 10,000 to a call, so
+    /// this is a table lookup per character with one check at the end
+    /// rather than a branch per character.
     pub(crate) fn parse_bytes(s: &[u8]) -> Result<Hash, HashError> {
         if s.len() != 64 {
             return Err(HashError::Length(s.len()));
         }
         let mut out = [0u8; 32];
-        for (i, pair) in s.chunks_exact(2).enumerate() {
-            out[i] = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+        let mut seen = 0u8;
+        for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+            let (hi, lo) = (NIBBLE[pair[0] as usize], NIBBLE[pair[1] as usize]);
+            seen |= hi | lo;
+            *o = (hi << 4) | lo;
+        }
+        if seen & NOT_HEX != 0 {
+            let c = s
+                .iter()
+                .find(|c| NIBBLE[**c as usize] == NOT_HEX)
+                .map_or('?', |c| *c as char);
+            return Err(HashError::NotLowerHex(c));
         }
         Ok(Hash(out))
     }
@@ -108,13 +121,24 @@ impl Hash {
     }
 }
 
-fn nibble(c: u8) -> Result<u8, HashError> {
-    match c {
-        b'0'..=b'9' => Ok(c - b'0'),
-        b'a'..=b'f' => Ok(c - b'a' + 10),
-        _ => Err(HashError::NotLowerHex(c as char)),
+/// Marks a byte that is not a lower-case hex digit in [`NIBBLE`].
+const NOT_HEX: u8 = 0x10;
+
+/// The value of each lower-case hex digit; [`NOT_HEX`] for every other byte.
+const NIBBLE: [u8; 256] = {
+    let mut t = [NOT_HEX; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
     }
-}
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
 
 impl FromStr for Hash {
     type Err = HashError;
@@ -241,6 +265,22 @@ mod tests {
         let mut bad = h.clone();
         bad.replace_range(0..1, "/");
         assert!(Hash::parse(&bad).is_err());
+        // Every byte, first and last: only 0-9 and a-f parse, to their value.
+        for at in [0, 63] {
+            for c in 0..=255u8 {
+                let mut b = h.clone().into_bytes();
+                b[at] = c;
+                let want = match c {
+                    b'0'..=b'9' | b'a'..=b'f' => Ok(hex::decode(&b).unwrap()),
+                    _ => Err(HashError::NotLowerHex(c as char)),
+                };
+                assert_eq!(
+                    Hash::parse_bytes(&b).map(|x| x.0.to_vec()),
+                    want,
+                    "{c} at {at}"
+                );
+            }
+        }
     }
 
     #[test]
