@@ -562,6 +562,63 @@ async fn batch(ch: &Channel, d: Digest, zstd: bool) -> Delivered {
 }
 
 #[test]
+fn a_small_blob_once_read_is_served_from_memory_on_every_front_end_while_the_index_holds_it() {
+    let runtime = rt();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cache");
+    let h = Hoard::start(&dir, &[]);
+    h.wait_ready();
+    let ch = runtime.block_on(h.channel());
+    for (i, path) in ["http", "bytestream", "bytestream range", "batch"]
+        .iter()
+        .enumerate()
+    {
+        let data = noise(4000, 7700 + i as u64);
+        let hash = sha256_hex(&data);
+        assert_eq!(h.put(&format!("/cas/{hash}"), &data).status, 200);
+        let read = |want: &[u8]| -> bool {
+            let got = match *path {
+                "http" => {
+                    let r = h.get(&format!("/cas/{hash}"));
+                    (r.status == 200).then_some(r.body)
+                }
+                "bytestream" => {
+                    runtime.block_on(bytestream(&ch, format!("blobs/{hash}/4000"), 0, 0))
+                }
+                "bytestream range" => {
+                    runtime.block_on(bytestream(&ch, format!("blobs/{hash}/4000"), 100, 50))
+                }
+                _ => runtime.block_on(batch(&ch, digest(&data), false)),
+            };
+            got.as_deref() == Some(want)
+        };
+        let want: &[u8] = if *path == "bytestream range" {
+            &data[100..150]
+        } else {
+            &data
+        };
+        assert!(read(want), "{path}: first read, from the file");
+        // The file is damaged behind hoard's back, but the verified copy
+        // the first read kept is what the next read gets.
+        damage(&dir, &hash, false);
+        assert!(read(want), "{path}: second read, from memory");
+        // A read that must go to the file (stored zstd frames) finds the
+        // damage and drops the blob: from then on it is gone everywhere,
+        // memory included.
+        let frames = runtime.block_on(bytestream(
+            &ch,
+            format!("compressed-blobs/zstd/{hash}/4000"),
+            0,
+            0,
+        ));
+        assert!(frames.is_none(), "{path}: the damaged frames are refused");
+        assert!(!read(want), "{path}: not served once the index dropped it");
+        assert_eq!(h.get(&format!("/cas/{hash}")).status, 404);
+    }
+    assert_eq!(h.stop(), Some(0));
+}
+
+#[test]
 fn damaged_files_are_never_served_as_a_complete_success_on_any_read_path() {
     let paths = [
         "http",

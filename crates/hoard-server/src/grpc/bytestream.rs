@@ -28,7 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::resource::{BlobResource, parse_read, parse_write};
 use super::{BoxStream, Shared, to_status};
-use crate::cache::{Encoding, Found, Upload};
+use crate::cache::{Encoding, Found, HOT_BLOB_MAX, Upload};
 use crate::error::CacheError;
 
 pub(crate) struct ByteStreamService(pub Shared);
@@ -345,21 +345,32 @@ impl ByteStreamService {
             )));
         }
         let not_found = || Status::not_found(format!("blob {}/{} not found", res.hash, res.size));
-        let blob = match self
-            .0
-            .cache
-            .cas_get(ns, &res.hash)
-            .await
-            .map_err(to_status)?
-        {
-            Some(Found::Empty) if res.size == 0 => None,
-            Some(Found::Blob(b)) if b.logical_size() == res.size => Some(*b),
-            _ => return Err(not_found()),
+        // A hot blob costs no file at all; compressed reads want frames,
+        // so they go to the file.
+        let hot = match res.compressed {
+            false => self.0.cache.cas_hot(ns, &res.hash),
+            true => None,
+        };
+        let source = match hot {
+            Some(bytes) if bytes.len() as u64 == res.size => Source::Hot(bytes),
+            Some(_) => return Err(not_found()),
+            None => match self
+                .0
+                .cache
+                .cas_get(ns, &res.hash)
+                .await
+                .map_err(to_status)?
+            {
+                Some(Found::Empty) if res.size == 0 => Source::Empty,
+                Some(Found::Blob(b)) if b.logical_size() == res.size => Source::Blob(b),
+                _ => return Err(not_found()),
+            },
         };
         let limit = match req.read_limit {
             0 => res.size - offset,
             n => (n as u64).min(res.size - offset),
         };
+        let range = offset as usize..(offset + limit) as usize;
         let (tx, mut rx) = mpsc::channel::<Result<ReadResponse, Status>>(1);
         let cache = self.0.cache.clone();
         let log = self.0.access_log.clone();
@@ -371,13 +382,30 @@ impl ByteStreamService {
         let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let finished_tx = Arc::clone(&finished);
         tokio::spawn(async move {
-            let r = match blob {
-                None if res.compressed => {
+            let r = match source {
+                Source::Empty if res.compressed => {
                     let frame = zstd::bulk::compress(&[], 1).unwrap_or_default();
                     send(&cache, &tx, frame.into()).await
                 }
-                None => Ok(()),
-                Some(b) => produce(cache.clone(), b, res.compressed, offset, limit, &tx).await,
+                Source::Empty => Ok(()),
+                Source::Hot(bytes) => send_whole(&cache, &tx, bytes.slice(range)).await,
+                // A small file was read whole when it was opened: this
+                // decompresses it and keeps it in the hot set.
+                Source::Blob(mut b) if !res.compressed && res.size <= HOT_BLOB_MAX => {
+                    match cache.reserve_inflight(res.size as usize).await {
+                        Ok(permit) => match cache.cas_read_small(ns, &res.hash, &mut b) {
+                            Ok(_) if range.is_empty() => Ok(()),
+                            Ok(bytes) => {
+                                send(&cache, &tx, permit.hold_shared(bytes.slice(range))).await
+                            }
+                            Err(e) => Err(data_loss(e)),
+                        },
+                        Err(e) => Err(to_status(e)),
+                    }
+                }
+                Source::Blob(b) => {
+                    produce(cache.clone(), *b, res.compressed, offset, limit, &tx).await
+                }
             };
             if r.is_ok() {
                 finished_tx.store(true, std::sync::atomic::Ordering::Release);
@@ -431,6 +459,31 @@ async fn send(
         Ok(Err(_)) => Err(Status::cancelled("reader went away")),
         Err(e) => Err(to_status(e)),
     }
+}
+
+/// What a ByteStream read serves from.
+enum Source {
+    Empty,
+    /// The whole content, from the hot set.
+    Hot(Bytes),
+    Blob(Box<hoard_disk::Blob>),
+}
+
+/// Sends `data` (at most [`HOT_BLOB_MAX`] bytes) as one message, counted
+/// against the in-flight budget until it is sent; nothing for no bytes.
+async fn send_whole(
+    cache: &crate::Cache,
+    tx: &mpsc::Sender<Result<ReadResponse, Status>>,
+    data: Bytes,
+) -> Result<(), Status> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    let permit = cache
+        .reserve_inflight(data.len())
+        .await
+        .map_err(to_status)?;
+    send(cache, tx, permit.hold_shared(data)).await
 }
 
 /// Streams a blob's content. `compressed` reads send zstd frames: the stored

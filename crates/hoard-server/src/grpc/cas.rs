@@ -239,24 +239,43 @@ impl CasService {
                 format!("blob {}/{} not found", p.hash, p.size),
             )
         };
+        // The budget permit rides on the first blob with bytes.
+        let mut held = |v: Bytes| match permit.take() {
+            Some(p) if !v.is_empty() => p.hold_shared(v),
+            p => {
+                *permit = p;
+                v
+            }
+        };
+        // A hot blob costs no file at all. A client that accepts zstd gets
+        // the stored frames instead, as a compressed ByteStream read does.
+        let hot = match zstd_ok {
+            false => self.0.cache.cas_hot(ns, &p.hash),
+            true => None,
+        };
+        if let Some(bytes) = hot {
+            if bytes.len() as u64 == p.size {
+                r.data = held(bytes);
+                r.status = ok_status();
+            } else {
+                r.status = not_found();
+            }
+            return r;
+        }
         match self.0.cache.cas_get(ns, &p.hash).await {
             Ok(Some(Found::Empty)) => r.status = ok_status(),
             Ok(Some(Found::Blob(mut b))) if b.logical_size() == p.size => {
                 let data = if zstd_ok && b.is_zstd_stream() {
                     r.compressor = compressor::Value::Zstd as i32;
-                    read_stored(&mut b)
+                    read_stored(&mut b).map(Bytes::from)
+                } else if p.size <= crate::cache::HOT_BLOB_MAX {
+                    self.0.cache.cas_read_small(ns, &p.hash, &mut b)
                 } else {
-                    b.read_to_vec()
+                    b.read_to_vec().map(Bytes::from)
                 };
                 match data {
                     Ok(v) => {
-                        r.data = match permit.take() {
-                            Some(p) if !v.is_empty() => p.hold(v),
-                            p => {
-                                *permit = p;
-                                v.into()
-                            }
-                        };
+                        r.data = held(v);
                         r.status = ok_status();
                     }
                     Err(hoard_disk::Error::Corrupt { .. }) => r.status = not_found(),
