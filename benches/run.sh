@@ -261,6 +261,7 @@ grpc)
     echo "round=$round chunk=16KiB $("$BENCH" grpc-bytestream 127.0.0.1:19098 64 3 $((round * 7000 + 500)) 16)"
   done
   "$BENCH" grpc-batchread 127.0.0.1:19098 10 4
+  "$BENCH" grpc-smallread 127.0.0.1:19098 10 4
   stop grpc; rm -rf "$shm"
   ;;
 s3)

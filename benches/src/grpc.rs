@@ -210,3 +210,62 @@ pub fn batch_read(addr: &str, secs: u64, conc: usize) -> Res<()> {
         Ok(())
     })
 }
+
+/// ByteStream reads of distinct 4 KiB blobs, one blob per call (as Bazel
+/// downloads outputs), for `secs` seconds from `conc` concurrent callers.
+pub fn small_reads(addr: &str, secs: u64, conc: usize) -> Res<()> {
+    runtime()?.block_on(async {
+        let ch = connect(addr).await?;
+        let mut cas = ContentAddressableStorageClient::new(ch.clone());
+        let blobs: Vec<Vec<u8>> = (0..1000).map(|i| noise(4096, 95_000 + i)).collect();
+        upload_small(&mut cas, &blobs).await?;
+        let names: Vec<String> = blobs
+            .iter()
+            .map(|b| {
+                let d = digest(b);
+                format!("blobs/{}/{}", d.hash, d.size_bytes)
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut tasks = Vec::new();
+        for w in 0..conc {
+            let mut bs = ByteStreamClient::new(ch.clone());
+            let names = names.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                let mut i = w * 250;
+                while Instant::now() < deadline {
+                    let mut s = bs
+                        .read(ReadRequest {
+                            resource_name: names[i % names.len()].clone(),
+                            read_offset: 0,
+                            read_limit: 0,
+                        })
+                        .await?
+                        .into_inner();
+                    let mut got = 0;
+                    while let Some(m) = s.message().await? {
+                        got += m.data.len();
+                    }
+                    if got != 4096 {
+                        return Err::<u64, Box<dyn std::error::Error + Send + Sync>>(
+                            format!("read {got} of 4096 bytes").into(),
+                        );
+                    }
+                    i += 1;
+                    n += 1;
+                }
+                Ok(n)
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await??;
+        }
+        println!(
+            "bytestream_small_reads_per_s={:.0}",
+            total as f64 / secs as f64
+        );
+        Ok(())
+    })
+}

@@ -12,6 +12,7 @@
 //! hoard-bench grpc-findmissing ADDR N ROUNDS FindMissingBlobs of N present digests
 //! hoard-bench grpc-bytestream ADDR MIB COUNT SEED [CHUNK_KIB]  ByteStream write then read, MB/s
 //! hoard-bench grpc-batchread ADDR SECS CONC  BatchReadBlobs of 100 x 4 KiB, blobs/s
+//! hoard-bench grpc-smallread ADDR SECS CONC  ByteStream reads of one 4 KiB blob each, reads/s
 //! hoard-bench s3-upload ADDR SIZE COUNT SEED  uploads/s until every outcome is in
 //! hoard-bench s3-put-latency ADDR COUNT SEED   p50/p99 of sequential 4 KiB PUTs
 //! hoard-bench s3-heads ADDR_A ADDR_B ACTIONS ROUNDS  bucket HEADs per GET on a second host
@@ -112,6 +113,9 @@ fn run(args: &[String]) -> Res<()> {
         ),
         Some("grpc-batchread") => {
             grpc::batch_read(&args[1], arg(args, 2, "SECS")?, arg(args, 3, "CONC")?)
+        }
+        Some("grpc-smallread") => {
+            grpc::small_reads(&args[1], arg(args, 2, "SECS")?, arg(args, 3, "CONC")?)
         }
         _ => Err("usage: see the doc comment at the top of benches/src/main.rs".into()),
     }
