@@ -133,18 +133,7 @@ pub fn bytestream(addr: &str, mib: usize, count: u64, seed: u64, chunk_kib: usiz
             bs.write(futures_util::stream::iter(reqs)).await?;
             wsecs += t.elapsed().as_secs_f64();
             let t = Instant::now();
-            let mut s = bs
-                .read(ReadRequest {
-                    resource_name: format!("blobs/{}/{}", d.hash, d.size_bytes),
-                    read_offset: 0,
-                    read_limit: 0,
-                })
-                .await?
-                .into_inner();
-            let mut got = 0;
-            while let Some(m) = s.message().await? {
-                got += m.data.len();
-            }
+            let got = read_whole(&mut bs, format!("blobs/{}/{}", d.hash, d.size_bytes)).await?;
             rsecs += t.elapsed().as_secs_f64();
             if got != size {
                 return Err(format!("read {got} of {size} bytes").into());
@@ -160,21 +149,64 @@ pub fn bytestream(addr: &str, mib: usize, count: u64, seed: u64, chunk_kib: usiz
     })
 }
 
+/// Reads a whole blob over ByteStream; returns the bytes received.
+async fn read_whole(bs: &mut ByteStreamClient<Channel>, resource_name: String) -> Res<usize> {
+    let mut s = bs
+        .read(ReadRequest {
+            resource_name,
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await?
+        .into_inner();
+    let mut got = 0;
+    while let Some(m) = s.message().await? {
+        got += m.data.len();
+    }
+    Ok(got)
+}
+
+/// Uploads 1,000 distinct 4 KiB blobs made from `seed` on.
+async fn small_blobs(ch: &Channel, seed: u64) -> Res<Vec<Vec<u8>>> {
+    let blobs: Vec<Vec<u8>> = (0..1000).map(|i| noise(4096, seed + i)).collect();
+    upload_small(
+        &mut ContentAddressableStorageClient::new(ch.clone()),
+        &blobs,
+    )
+    .await?;
+    Ok(blobs)
+}
+
+/// Runs `caller(w, deadline)` for callers `w` in `0..conc` at once; each
+/// returns how many blobs it read before `deadline`, `secs` from now.
+/// Gives the blobs read per second by all of them.
+async fn per_second<F, Fut>(secs: u64, conc: usize, mut caller: F) -> Res<f64>
+where
+    F: FnMut(usize, Instant) -> Fut,
+    Fut: std::future::Future<Output = Res<u64>> + Send + 'static,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let tasks: Vec<_> = (0..conc)
+        .map(|w| tokio::spawn(caller(w, deadline)))
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total as f64 / secs as f64)
+}
+
 /// BatchReadBlobs of 100 distinct 4 KiB blobs per call, for `secs` seconds,
 /// from `conc` concurrent callers.
 pub fn batch_read(addr: &str, secs: u64, conc: usize) -> Res<()> {
     runtime()?.block_on(async {
         let ch = connect(addr).await?;
-        let mut cas = ContentAddressableStorageClient::new(ch.clone());
-        let blobs: Vec<Vec<u8>> = (0..1000).map(|i| noise(4096, 90_000 + i)).collect();
-        upload_small(&mut cas, &blobs).await?;
+        let blobs = small_blobs(&ch, 90_000).await?;
         let digests: Vec<Digest> = blobs.iter().map(|b| digest(b)).collect();
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        let mut tasks = Vec::new();
-        for w in 0..conc {
+        let rate = per_second(secs, conc, |w, deadline| {
             let mut cas = ContentAddressableStorageClient::new(ch.clone());
             let digests = digests.clone();
-            tasks.push(tokio::spawn(async move {
+            async move {
                 let mut n = 0u64;
                 let mut i = w * 100;
                 while Instant::now() < deadline {
@@ -193,20 +225,15 @@ pub fn batch_read(addr: &str, secs: u64, conc: usize) -> Res<()> {
                         .iter()
                         .any(|x| x.status.as_ref().is_some_and(|s| s.code != 0))
                     {
-                        return Err::<u64, Box<dyn std::error::Error + Send + Sync>>(
-                            "a read failed".into(),
-                        );
+                        return Err("a read failed".into());
                     }
                     n += r.responses.len() as u64;
                 }
                 Ok(n)
-            }));
-        }
-        let mut total = 0;
-        for t in tasks {
-            total += t.await??;
-        }
-        println!("batchread_blobs_per_s={:.0}", total as f64 / secs as f64);
+            }
+        })
+        .await?;
+        println!("batchread_blobs_per_s={rate:.0}");
         Ok(())
     })
 }
@@ -216,9 +243,7 @@ pub fn batch_read(addr: &str, secs: u64, conc: usize) -> Res<()> {
 pub fn small_reads(addr: &str, secs: u64, conc: usize) -> Res<()> {
     runtime()?.block_on(async {
         let ch = connect(addr).await?;
-        let mut cas = ContentAddressableStorageClient::new(ch.clone());
-        let blobs: Vec<Vec<u8>> = (0..1000).map(|i| noise(4096, 95_000 + i)).collect();
-        upload_small(&mut cas, &blobs).await?;
+        let blobs = small_blobs(&ch, 95_000).await?;
         let names: Vec<String> = blobs
             .iter()
             .map(|b| {
@@ -226,46 +251,25 @@ pub fn small_reads(addr: &str, secs: u64, conc: usize) -> Res<()> {
                 format!("blobs/{}/{}", d.hash, d.size_bytes)
             })
             .collect();
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        let mut tasks = Vec::new();
-        for w in 0..conc {
+        let rate = per_second(secs, conc, |w, deadline| {
             let mut bs = ByteStreamClient::new(ch.clone());
             let names = names.clone();
-            tasks.push(tokio::spawn(async move {
+            async move {
                 let mut n = 0u64;
                 let mut i = w * 250;
                 while Instant::now() < deadline {
-                    let mut s = bs
-                        .read(ReadRequest {
-                            resource_name: names[i % names.len()].clone(),
-                            read_offset: 0,
-                            read_limit: 0,
-                        })
-                        .await?
-                        .into_inner();
-                    let mut got = 0;
-                    while let Some(m) = s.message().await? {
-                        got += m.data.len();
-                    }
+                    let got = read_whole(&mut bs, names[i % names.len()].clone()).await?;
                     if got != 4096 {
-                        return Err::<u64, Box<dyn std::error::Error + Send + Sync>>(
-                            format!("read {got} of 4096 bytes").into(),
-                        );
+                        return Err(format!("read {got} of 4096 bytes").into());
                     }
                     i += 1;
                     n += 1;
                 }
                 Ok(n)
-            }));
-        }
-        let mut total = 0;
-        for t in tasks {
-            total += t.await??;
-        }
-        println!(
-            "bytestream_small_reads_per_s={:.0}",
-            total as f64 / secs as f64
-        );
+            }
+        })
+        .await?;
+        println!("bytestream_small_reads_per_s={rate:.0}");
         Ok(())
     })
 }
