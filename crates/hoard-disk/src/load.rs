@@ -43,6 +43,8 @@
 //!   would go on deleting without getting under it. The cache may stand
 //!   over its limit by what the sizing has not reached, for the seconds
 //!   it takes, and is evicted down once the sizes are in;
+//! * the hard limit counts each entry without a size at its logical size,
+//!   so that an undercount never lets the disk fill;
 //! * an index snapshot written meanwhile marks the parts not sized yet as
 //!   changed, so the next start lists and sizes them rather than trusting
 //!   the missing sizes;
@@ -365,8 +367,14 @@ impl DiskCache {
         const BATCH: usize = 256;
         let (kind, sub) = (Kind::ALL[part / SUBDIRS], part % SUBDIRS);
         let dir = self.dir_of(ns, kind, &Hash([sub as u8; 32]));
-        let Ok(rd) = fs::read_dir(&dir) else {
-            return 0;
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) => {
+                // Its entries keep no size: they count nothing against the
+                // limit and are evicted like any other once sizing ends.
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot list a cache directory to size its files");
+                return 0;
+            }
         };
         let mut sized = 0;
         let mut batch: Vec<(ParsedName, u32, u32)> = Vec::with_capacity(BATCH);
