@@ -267,6 +267,14 @@ pub(crate) struct Shared {
     _lock: File,
 }
 
+impl Shared {
+    /// Whether some entries still lack the stored size the load's second
+    /// pass reads (see `load.rs`).
+    pub(crate) fn sizing(&self) -> bool {
+        !self.sized.load(Ordering::Acquire)
+    }
+}
+
 pub(crate) struct State {
     pub index: Index,
     pub reserved: u64,
@@ -471,7 +479,7 @@ impl DiskCache {
     /// True once [`DiskCache::load`] knows the stored size of every file
     /// it indexed (some after [`DiskCache::is_loaded`]; see `load.rs`).
     pub fn sizes_known(&self) -> bool {
-        self.shared.sized.load(Ordering::Acquire)
+        !self.shared.sizing()
     }
 
     /// Resolves a namespace name, creating its directories on first use.
@@ -917,7 +925,7 @@ fn evict_loop(shared: &Shared) {
             }
             // Once stopping, only what is already doomed is deleted.
             let mut budget = HAND_SWEEP;
-            let skip_unsized = !shared.sized.load(Ordering::Acquire);
+            let skip_unsized = shared.sizing();
             while !st.stop
                 && st.index.size_on_disk > shared.cfg.max_size_bytes
                 && st.doomed.len() < EVICT_BATCH
@@ -1008,7 +1016,7 @@ fn evict_over_quota(shared: &Shared, st: &mut State) {
     }
     let mut excess: HashMap<NamespaceId, u64> = over.into_iter().collect();
     // As the clock hand does: no entry without a size while sizing.
-    let skip_unsized = !shared.sized.load(Ordering::Acquire);
+    let skip_unsized = shared.sizing();
     let n = st.index.slot_count();
     let mut pos = st.quota_hand % n.max(1);
     for _ in 0..QUOTA_WALK.min(n) {
@@ -1022,7 +1030,7 @@ fn evict_over_quota(shared: &Shared, st: &mut State) {
         };
         if let Some(left) = excess.get_mut(&e.ns())
             && *left > 0
-            && !(skip_unsized && e.blocks == 0)
+            && !(skip_unsized && st.index.size_unknown(slot))
             && !st.index.second_chance(slot)
         {
             *left = left.saturating_sub(e.size_on_disk());
